@@ -1,0 +1,280 @@
+"""The interconnect: levels of (devices, bandwidth, latency) from the innermost out, and memory.
+
+``--gpus 8`` is one level of 8 devices; ``--gpus 16 --gpus-per-node 8`` is two levels: 8 devices
+per server, 2 servers. Rank ``r`` sits at position ``r % 8`` in server ``r // 8``; two ranks talk
+over the innermost level that contains both.
+
+Example:
+    >>> t = Topology.from_args(gpus=16, gpus_per_node=8, bandwidth_gbps=25, inter_node_bandwidth_gbps=10)
+    >>> t.num_devices, t.link_level(0, 7), t.link_level(0, 8)
+    (16, 0, 1)
+    >>> t.span_level([8, 9, 10])
+    0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner._io import atomic_write_text, load_json
+from planner.errors import TopologyError
+
+__all__ = [
+    "DEFAULT_BANDWIDTH_GBPS",
+    "DEFAULT_INTER_NODE_BANDWIDTH_GBPS",
+    "DEFAULT_MEMORY_GB",
+    "PRESETS",
+    "Level",
+    "Topology",
+    "parse_bandwidth",
+]
+
+GB = 1e9
+GIB = 1024**3
+DEFAULT_BANDWIDTH_GBPS = 25.0
+DEFAULT_INTER_NODE_BANDWIDTH_GBPS = 10.0
+DEFAULT_MEMORY_GB = 16.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Level:
+    """One tier of the interconnect.
+
+    Attributes:
+        devices: How many units of the level below (or devices, for level 0) one unit holds.
+        bandwidth_bytes_per_s: Point-to-point bandwidth of a link at this level, bytes/s.
+        latency_s: Per-message latency of a link at this level, seconds.
+    """
+
+    devices: int
+    bandwidth_bytes_per_s: float
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.devices, int) or self.devices < 1:
+            raise TopologyError(f"a level needs at least 1 device, got {self.devices!r}")
+        if not math.isfinite(self.bandwidth_bytes_per_s) or self.bandwidth_bytes_per_s <= 0:
+            raise TopologyError(
+                f"bandwidth must be positive, got {self.bandwidth_bytes_per_s!r} bytes/s"
+            )
+        if not math.isfinite(self.latency_s) or self.latency_s < 0:
+            raise TopologyError(f"latency must be zero or positive, got {self.latency_s!r} s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """Devices arranged in levels, innermost first, each device with ``memory_bytes`` of memory.
+
+    Attributes:
+        levels: The tiers, innermost (e.g. inside a server) first.
+        memory_bytes: Memory of one device, bytes.
+        name: A preset's name, or "" for a topology built from arguments.
+    """
+
+    levels: tuple[Level, ...]
+    memory_bytes: float
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise TopologyError("a topology needs at least one level")
+        if not math.isfinite(self.memory_bytes) or self.memory_bytes <= 0:
+            raise TopologyError(f"device memory must be positive, got {self.memory_bytes!r} bytes")
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(level.devices for level in self.levels)
+
+    def block_size(self, level: int) -> int:
+        """Devices in one unit of ``level`` (e.g. devices per server for level 0)."""
+        return math.prod(lv.devices for lv in self.levels[: level + 1])
+
+    def link_level(self, rank_a: int, rank_b: int) -> int:
+        """The innermost level whose unit contains both ranks (-1 when they are the same)."""
+        if rank_a == rank_b:
+            return -1
+        for level in range(len(self.levels)):
+            size = self.block_size(level)
+            if rank_a // size == rank_b // size:
+                return level
+        raise TopologyError(
+            f"ranks {rank_a} and {rank_b} are not both within {self.num_devices} devices"
+        )
+
+    def span_level(self, ranks: Iterable[int]) -> int:
+        """The slowest (outermost) level that a group of ranks spans; -1 for a single rank."""
+        ranks = sorted(set(ranks))
+        return max((self.link_level(ranks[0], r) for r in ranks[1:]), default=-1)
+
+    def bandwidth(self, level: int) -> float:
+        """Bytes/s of a link at ``level``."""
+        return self.levels[level].bandwidth_bytes_per_s
+
+    def transfer_s(self, nbytes: float, level: int) -> float:
+        """Seconds to send ``nbytes`` over one link at ``level`` (0 on the same device)."""
+        if level < 0 or nbytes <= 0:
+            return 0.0
+        lv = self.levels[level]
+        return lv.latency_s + nbytes / lv.bandwidth_bytes_per_s
+
+    def describe(self) -> str:
+        """One line, e.g. ``2 x 8 devices (25 GB/s inside, 10 GB/s across), 16 GiB each``."""
+        counts = " x ".join(str(lv.devices) for lv in reversed(self.levels))
+        bws = ", ".join(f"{lv.bandwidth_bytes_per_s / GB:g} GB/s" for lv in self.levels)
+        label = f"{self.name}: " if self.name else ""
+        return (
+            f"{label}{counts} devices (links {bws}, innermost first), "
+            f"{self.memory_bytes / GIB:g} GiB each"
+        )
+
+    # --- construction --------------------------------------------------------------------
+
+    @classmethod
+    def from_args(
+        cls,
+        *,
+        gpus: int,
+        gpus_per_node: int | None = None,
+        bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS,
+        inter_node_bandwidth_gbps: float = DEFAULT_INTER_NODE_BANDWIDTH_GBPS,
+        memory_gb: float = DEFAULT_MEMORY_GB,
+        latency_s: float = 0.0,
+        inter_node_latency_s: float = 0.0,
+    ) -> Topology:
+        """The topology ``--gpus N [--gpus-per-node K]`` describes (bandwidths in GB/s, 1e9 B/s)."""
+        if not isinstance(gpus, int) or gpus < 1:
+            raise TopologyError(f"--gpus must be a positive whole number, got {gpus!r}")
+        if gpus_per_node is None or gpus_per_node == gpus:
+            levels = (Level(devices=gpus, bandwidth_bytes_per_s=bandwidth_gbps * GB, latency_s=latency_s),)
+        else:
+            if gpus_per_node < 1 or gpus % gpus_per_node:
+                raise TopologyError(
+                    f"--gpus-per-node {gpus_per_node} does not divide --gpus {gpus}; "
+                    "use a divisor such as "
+                    + ", ".join(str(d) for d in range(1, gpus + 1) if gpus % d == 0 and d > 1)
+                )
+            levels = (
+                Level(devices=gpus_per_node, bandwidth_bytes_per_s=bandwidth_gbps * GB, latency_s=latency_s),
+                Level(
+                    devices=gpus // gpus_per_node,
+                    bandwidth_bytes_per_s=inter_node_bandwidth_gbps * GB,
+                    latency_s=inter_node_latency_s,
+                ),
+            )
+        return cls(levels=levels, memory_bytes=memory_gb * GIB)
+
+    @classmethod
+    def preset(cls, name: str, nodes: int = 1) -> Topology:
+        """A named machine (see :data:`PRESETS`), ``nodes`` of them on its network."""
+        try:
+            spec = PRESETS[name]
+        except KeyError:
+            raise TopologyError(
+                f"unknown topology preset {name!r}; choose one of {', '.join(sorted(PRESETS))} "
+                "or give a JSON file"
+            ) from None
+        levels = [Level(devices=spec["gpus_per_node"], bandwidth_bytes_per_s=spec["intra_gbps"] * GB,
+                        latency_s=spec["intra_latency_s"])]
+        if nodes > 1:
+            levels.append(Level(devices=nodes, bandwidth_bytes_per_s=spec["inter_gbps"] * GB,
+                                latency_s=spec["inter_latency_s"]))
+        return cls(levels=tuple(levels), memory_bytes=spec["memory_gb"] * GIB, name=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "planner.topology/1",
+            "name": self.name,
+            "memory_bytes": self.memory_bytes,
+            "levels": [
+                {"devices": lv.devices, "bandwidth_bytes_per_s": lv.bandwidth_bytes_per_s,
+                 "latency_s": lv.latency_s}
+                for lv in self.levels
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any, what: str = "topology") -> Topology:
+        if not isinstance(doc, dict) or not isinstance(doc.get("levels"), list):
+            raise TopologyError(f"{what} must be an object with a list 'levels'; see `plan --help`")
+        try:
+            levels = tuple(
+                Level(devices=lv["devices"], bandwidth_bytes_per_s=float(lv["bandwidth_bytes_per_s"]),
+                      latency_s=float(lv.get("latency_s", 0.0)))
+                for lv in doc["levels"]
+            )
+            memory = float(doc["memory_bytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TopologyError(
+                f"{what}: each level needs 'devices' and 'bandwidth_bytes_per_s', and the topology "
+                f"'memory_bytes' ({type(exc).__name__}: {exc})"
+            ) from None
+        return cls(levels=levels, memory_bytes=memory, name=str(doc.get("name", "")))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Topology:
+        return cls.from_dict(load_json(path, TopologyError, "topology file"), f"topology {Path(path)}")
+
+    @classmethod
+    def resolve(cls, spec: str, nodes: int = 1) -> Topology:
+        """``spec`` is a preset name or a JSON file path."""
+        if spec in PRESETS:
+            return cls.preset(spec, nodes)
+        if spec.endswith(".json") or os.path.exists(spec):
+            return cls.load(spec)
+        return cls.preset(spec, nodes)  # raises with the list of presets
+
+
+# Where the numbers come from: vendor datasheets, and for the PipeDream clusters the SOSP'19 paper
+# (Table 1: Cluster-A is Azure NC24 v3, 4 V100 over PCIe, 10 Gbps Ethernet; Cluster-B is AWS
+# p3.16xlarge, 8 V100 over NVLink, 25 Gbps). Bandwidths are per link and direction.
+PRESETS: dict[str, dict[str, Any]] = {
+    "p3.16xlarge": {  # AWS: 8x V100-SXM2 16 GB, NVLink 2 at 25 GB/s a link; 25 Gbit/s network
+        "gpus_per_node": 8, "memory_gb": 16, "intra_gbps": 25.0, "inter_gbps": 25 / 8,
+        "intra_latency_s": 5e-6, "inter_latency_s": 20e-6,
+    },
+    "nc24v3": {  # Azure: 4x V100-PCIe 16 GB, PCIe 3.0 x16 (15.75 GB/s theoretical); 10 Gbit/s
+        "gpus_per_node": 4, "memory_gb": 16, "intra_gbps": 15.75, "inter_gbps": 10 / 8,
+        "intra_latency_s": 5e-6, "inter_latency_s": 20e-6,
+    },
+    "dgx-a100": {  # NVIDIA DGX A100: 8x A100 80 GB, NVSwitch 300 GB/s a GPU and direction;
+        # one 200 Gbit/s HDR InfiniBand adapter per GPU (25 GB/s)
+        "gpus_per_node": 8, "memory_gb": 80, "intra_gbps": 300.0, "inter_gbps": 25.0,
+        "intra_latency_s": 3e-6, "inter_latency_s": 5e-6,
+    },
+    "dgx-h100": {  # NVIDIA DGX H100: 8x H100 80 GB, NVLink 4 450 GB/s a GPU and direction;
+        # one 400 Gbit/s NDR InfiniBand adapter per GPU (50 GB/s)
+        "gpus_per_node": 8, "memory_gb": 80, "intra_gbps": 450.0, "inter_gbps": 50.0,
+        "intra_latency_s": 3e-6, "inter_latency_s": 5e-6,
+    },
+}
+
+
+_UNITS = {"": GB, "gb/s": GB, "gbps": GB / 8, "gbit/s": GB / 8, "mb/s": 1e6, "b/s": 1.0}
+
+
+def parse_bandwidth(text: str) -> float:
+    """Bytes/s from ``"25"`` (GB/s), ``"25GB/s"``, ``"100Gbit/s"``, ``"100gbps"`` or ``"800MB/s"``."""
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z/]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise TopologyError(
+            f"cannot read bandwidth {text!r}; give GB/s as a number (25) or with a unit: "
+            "25GB/s, 100Gbit/s, 800MB/s"
+        )
+    try:
+        value = float(match.group(1)) * _UNITS[unit]
+    except ValueError:
+        raise TopologyError(f"cannot read bandwidth {text!r}; give a number such as 25") from None
+    if not math.isfinite(value) or value <= 0:
+        raise TopologyError(f"bandwidth must be positive, got {text!r}")
+    return value
