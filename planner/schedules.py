@@ -14,7 +14,7 @@ Example:
     >>> format_ops(stage_order(Schedule.GPIPE, num_stages=2, stage=1, microbatches=2))
     'F0 F1 B0 B1'
     >>> format_ops(replica_order(Schedule.ONE_F_ONE_B, replicas=(2, 1), stage=0, replica=1, microbatches=4))
-    'F1 F3 B1 B3'
+    'F1 B1 F3 B3'
 """
 
 from __future__ import annotations
