@@ -1,0 +1,399 @@
+"""The plan: stages, replicas, ranks and predictions, and its JSON file ``planner.plan/1``.
+
+A plan is what the optimizer decides and what the simulator and the runtime consume unchanged.
+It records where it came from (the profile's path and sha256, the topology, the choices) so a
+plan can be checked against its profile and re-made.
+
+Example:
+    >>> plan = Plan.load("plan.json")                     # doctest: +SKIP
+    >>> print(plan.describe())                            # doctest: +SKIP
+    >>> Plan.from_json(plan.to_json()) == plan            # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner._io import atomic_write_text, load_json, validate
+from planner.errors import PlanError
+from planner.profile.format import Profile
+from planner.schedules import OptimizerKind, Schedule
+from planner.topology import Topology
+
+__all__ = [
+    "FORMAT",
+    "BaselineScore",
+    "Plan",
+    "PlanStage",
+    "Prediction",
+    "ProfileRef",
+    "file_sha256",
+]
+
+FORMAT = "planner.plan/1"
+_GIB = 1024**3
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileRef:
+    """The profile a plan was made from.
+
+    Attributes:
+        path: Where it was read from (as given; shipped profiles as ``profiles/<name>.json``).
+        sha256: Hex sha256 of the file's bytes.
+        model: The model spec the runtime rebuilds (``resnet50``, ``gpt2-small``, ``pkg.mod:fn``).
+        batch_size: The profile's batch size as stored in the file.
+        graph_hash: The profile's graph hash (None for imported PipeDream profiles).
+        input_shape: Shape of one sample.
+        dtype: The profile's dtype.
+        leaf_modules: Modules kept whole while tracing (the runtime traces the same way).
+    """
+
+    path: str
+    sha256: str
+    model: str
+    batch_size: int
+    graph_hash: str | None = None
+    input_shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    leaf_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanStage:
+    """One stage of a plan.
+
+    Attributes:
+        layers: Names of the stage's layers, in the profile's order.
+        replicas: Devices running copies of this stage.
+        ranks: Their ranks (``len(ranks) == replicas``).
+        compute_s: Forward+backward of one microbatch on one replica, seconds.
+        comm_s: Transfers into and out of the stage per microbatch, seconds.
+        allreduce_s: Gradient all-reduce among the replicas, seconds.
+        time_s: Effective steady-state time per microbatch (the objective's view), seconds.
+        memory_bytes: Predicted peak memory of one replica, bytes.
+    """
+
+    layers: tuple[str, ...]
+    replicas: int
+    ranks: tuple[int, ...]
+    compute_s: float
+    comm_s: float
+    allreduce_s: float
+    time_s: float
+    memory_bytes: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """What the plan is predicted to do.
+
+    Attributes:
+        bottleneck_s: Steady-state time of the slowest stage per microbatch, seconds.
+        minibatch_s: Time of one minibatch (all its microbatches, flush included), seconds.
+        samples_per_s: Minibatch size over ``minibatch_s``.
+        single_device_s: One minibatch on one device (sum of all layers' compute), seconds.
+        data_parallel_s: One minibatch under pure data parallelism on all devices, or None if
+            it does not fit in memory.
+    """
+
+    bottleneck_s: float
+    minibatch_s: float
+    samples_per_s: float
+    single_device_s: float
+    data_parallel_s: float | None
+
+    @property
+    def speedup_over_single(self) -> float:
+        return self.single_device_s / self.minibatch_s
+
+    @property
+    def speedup_over_data_parallel(self) -> float | None:
+        return None if self.data_parallel_s is None else self.data_parallel_s / self.minibatch_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineScore:
+    """Another partitioner's plan, scored by the same cost model.
+
+    Attributes:
+        name: e.g. ``data-parallel``, ``gpipe-balanced``, ``uniform``, ``parameters``.
+        minibatch_s: Its predicted minibatch time, seconds.
+        stages: Its stage count.
+        fits: Whether it fits in device memory.
+        note: Why it does not fit, or other remarks.
+    """
+
+    name: str
+    minibatch_s: float
+    stages: int
+    fits: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A pipeline-parallel execution plan; see the module docstring.
+
+    Attributes:
+        profile: The profile it was made from.
+        topology: The devices it runs on.
+        schedule: The pipeline schedule.
+        optimizer: The training optimizer assumed for memory.
+        minibatch_size: Samples per optimizer step.
+        microbatch_size: Samples per microbatch.
+        microbatches: Microbatches per minibatch.
+        stages: Stages in pipeline order.
+        predicted: Predicted time and throughput.
+        solver: ``dp``, ``ilp`` or ``baseline:<name>``.
+        optimal: Whether the solver proved optimality.
+        cost_model: ``planner`` or ``pipedream``.
+        recompute: Whether activations are recomputed in backward.
+        baselines: Other partitioners' plans scored by the same cost model.
+        planner_version: The version that wrote the plan.
+    """
+
+    profile: ProfileRef
+    topology: Topology
+    schedule: Schedule
+    optimizer: OptimizerKind
+    minibatch_size: int
+    microbatch_size: int
+    microbatches: int
+    stages: tuple[PlanStage, ...]
+    predicted: Prediction
+    solver: str = "dp"
+    optimal: bool = True
+    cost_model: str = "planner"
+    recompute: bool = False
+    baselines: tuple[BaselineScore, ...] = ()
+    planner_version: str = ""
+
+    def __post_init__(self) -> None:
+        self._check_structure()
+
+    # --- invariants ----------------------------------------------------------------------
+
+    def _check_structure(self) -> None:
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        if self.microbatch_size * self.microbatches != self.minibatch_size:
+            raise PlanError(
+                f"minibatch {self.minibatch_size} is not {self.microbatches} microbatches of "
+                f"{self.microbatch_size}; fix the sizes"
+            )
+        seen: dict[str, int] = {}
+        ranks: dict[int, int] = {}
+        devices = self.topology.num_devices
+        for s, stage in enumerate(self.stages):
+            if not stage.layers:
+                raise PlanError(f"stage {s} has no layers")
+            if stage.replicas < 1 or len(stage.ranks) != stage.replicas:
+                raise PlanError(
+                    f"stage {s} has {stage.replicas} replicas but {len(stage.ranks)} ranks "
+                    f"{list(stage.ranks)}; give one rank per replica"
+                )
+            for layer in stage.layers:
+                if layer in seen:
+                    raise PlanError(f"layer {layer!r} is in stage {seen[layer]} and stage {s}")
+                seen[layer] = s
+            for rank in stage.ranks:
+                if not 0 <= rank < devices:
+                    raise PlanError(
+                        f"stage {s} uses rank {rank}, outside the topology's {devices} devices"
+                    )
+                if rank in ranks:
+                    raise PlanError(f"rank {rank} runs both stage {ranks[rank]} and stage {s}")
+                ranks[rank] = s
+        if sum(stage.replicas for stage in self.stages) > devices:
+            raise PlanError(f"stages use {len(ranks)} devices but the topology has {devices}")
+
+    def check_profile(self, profile: Profile, sha256: str | None = None) -> None:
+        """Check the plan against its profile: same file, every layer once, stages in DAG order.
+
+        Raises:
+            PlanError: The profile differs from the one the plan was made from, a layer is
+                missing or unknown, or a layer reads from a later stage.
+        """
+        if sha256 is not None and sha256 != self.profile.sha256:
+            raise PlanError(
+                f"profile sha256 {sha256[:12]}… differs from the plan's {self.profile.sha256[:12]}… "
+                f"({self.profile.path}); re-plan with this profile or pass the original one"
+            )
+        stage_of: dict[str, int] = {}
+        for s, stage in enumerate(self.stages):
+            for name in stage.layers:
+                stage_of[name] = s
+        names = [layer.name for layer in profile.layers]
+        unknown = sorted(set(stage_of) - set(names))
+        if unknown:
+            raise PlanError(
+                f"plan names layers the profile lacks ({', '.join(unknown[:3])}); "
+                "the plan was made from another profile"
+            )
+        missing = [n for n in names if n not in stage_of]
+        if missing:
+            raise PlanError(
+                f"{len(missing)} profile layers are in no stage (first: {missing[0]}); re-plan"
+            )
+        for layer in profile.layers:
+            for source in layer.inputs:
+                src = profile.layers[source].name
+                if stage_of[src] > stage_of[layer.name]:
+                    raise PlanError(
+                        f"layer {layer.name} (stage {stage_of[layer.name]}) reads {src} from the "
+                        f"later stage {stage_of[src]}; stages must follow the graph"
+                    )
+
+    def stage_layer_indices(self, profile: Profile) -> list[list[int]]:
+        """The profile indices of each stage's layers."""
+        return [[profile.index(name) for name in stage.layers] for stage in self.stages]
+
+    # --- presentation --------------------------------------------------------------------
+
+    @property
+    def bottleneck_stage(self) -> int:
+        return max(range(len(self.stages)), key=lambda s: self.stages[s].time_s)
+
+    def describe(self) -> str:
+        """The human-readable stage table the CLI prints."""
+        p = self.predicted
+        ranks_of = [_ranks_text(stage.ranks) for stage in self.stages]
+        header = (
+            f"{self.profile.model}: {len(self.stages)} stages on {sum(s.replicas for s in self.stages)}"
+            f" of {self.topology.describe()}\n"
+            f"schedule {self.schedule}, minibatch {self.minibatch_size} = {self.microbatches} x "
+            f"{self.microbatch_size}, optimizer {self.optimizer}, solver {self.solver}"
+            f"{'' if self.optimal else ' (not proven optimal)'}, cost model {self.cost_model}"
+            f"{', recompute' if self.recompute else ''}\n"
+        )
+        cols = ("stage", "layers", "n", "replicas", "ranks", "compute ms", "comm ms",
+                "allreduce ms", "time ms", "memory GiB")
+        rows = []
+        for s, stage in enumerate(self.stages):
+            span = stage.layers[0] if len(stage.layers) == 1 else f"{stage.layers[0]} .. {stage.layers[-1]}"
+            mark = " *" if s == self.bottleneck_stage else ""
+            rows.append((
+                f"{s}{mark}", _clip(span, 44), str(len(stage.layers)), str(stage.replicas),
+                ranks_of[s], f"{stage.compute_s * 1e3:.2f}", f"{stage.comm_s * 1e3:.2f}",
+                f"{stage.allreduce_s * 1e3:.2f}", f"{stage.time_s * 1e3:.2f}",
+                f"{stage.memory_bytes / _GIB:.2f}",
+            ))
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        numeric = set(range(2, len(cols))) - {4}
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+        table = "\n".join([line(cols), *(line(r) for r in rows)])
+        lines = [
+            header,
+            table,
+            "(* bottleneck stage; compute per microbatch on one replica; time = the stage's "
+            "steady-state share per microbatch)",
+            "",
+            f"predicted: {p.bottleneck_s * 1e3:.2f} ms per microbatch at the bottleneck, "
+            f"{p.minibatch_s * 1e3:.1f} ms per minibatch, {p.samples_per_s:.1f} samples/s",
+        ]
+        speed = f"speedup: {p.speedup_over_single:.2f}x over one device"
+        dp = p.speedup_over_data_parallel
+        speed += (f", {dp:.2f}x over data parallelism" if dp is not None
+                  else ", data parallelism does not fit in memory")
+        lines.append(speed)
+        if self.baselines:
+            lines.append("baselines (same cost model):")
+            for b in self.baselines:
+                rate = self.minibatch_size / b.minibatch_s if b.minibatch_s > 0 else float("inf")
+                fit = "" if b.fits else f"  does not fit: {b.note}" if b.note else "  does not fit"
+                lines.append(
+                    f"  {b.name:<16} {b.stages:>3} stages  {b.minibatch_s * 1e3:10.1f} ms/minibatch"
+                    f"  {rate:9.1f} samples/s  (this plan: {b.minibatch_s / p.minibatch_s:.2f}x its throughput){fit}"
+                )
+        return "\n".join(lines)
+
+    # --- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = _plain(dataclasses.asdict(self))
+        doc["topology"] = self.topology.to_dict()
+        doc["schedule"] = str(self.schedule)
+        doc["optimizer"] = str(self.optimizer)
+        return {"format": FORMAT, **doc}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, doc: Any, what: str = "plan") -> Plan:
+        if isinstance(doc, dict) and doc.get("format") != FORMAT:
+            raise PlanError(
+                f"{what} has format {doc.get('format')!r}, expected {FORMAT!r}; re-plan with `plan`"
+            )
+        validate(doc, "plan", PlanError, what)
+        try:
+            return cls(
+                profile=ProfileRef(**_tuples(doc["profile"])),
+                topology=Topology.from_dict(doc["topology"], f"{what} topology"),
+                schedule=Schedule(doc["schedule"]),
+                optimizer=OptimizerKind(doc["optimizer"]),
+                stages=tuple(PlanStage(**_tuples(s)) for s in doc["stages"]),
+                predicted=Prediction(**doc["predicted"]),
+                baselines=tuple(BaselineScore(**b) for b in doc.get("baselines", ())),
+                **{k: doc[k] for k in ("minibatch_size", "microbatch_size", "microbatches",
+                                       "solver", "optimal", "cost_model", "recompute",
+                                       "planner_version") if k in doc},
+            )
+        except PlanError as exc:
+            raise PlanError(f"{what}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str, what: str = "plan") -> Plan:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        return cls.from_dict(doc, what)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan atomically (temporary file, then rename)."""
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read and validate a plan file; a bad file raises :class:`PlanError`."""
+        return cls.from_dict(load_json(path, PlanError, "plan"), f"plan {os.fspath(path)}")
+
+
+def _ranks_text(ranks: tuple[int, ...]) -> str:
+    if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[0] + len(ranks))):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(str(r) for r in ranks)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tuples(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}
