@@ -66,6 +66,7 @@ from planner.profile.format import LayerProfile, Profile, graph_hash
 
 __all__ = [
     "PIPEDREAM_DEVICE",
+    "graph_txt",
     "infer_batch_size",
     "pipedream_preprocess",
     "read_graph_txt",
@@ -173,7 +174,12 @@ def read_graph_txt(
 
 
 def write_graph_txt(profile: Profile, path: str | os.PathLike[str]) -> None:
-    """Write ``profile`` as a PipeDream ``graph.txt`` (atomically), readable by PipeDream.
+    """Write :func:`graph_txt` of ``profile`` to ``path`` atomically."""
+    atomic_write_text(path, graph_txt(profile))
+
+
+def graph_txt(profile: Profile) -> str:
+    """``profile`` as the text of a PipeDream ``graph.txt``, readable by PipeDream.
 
     Node lines come in the profile's order, then one edge line per input, grouped by the reading
     layer. Times are written with PipeDream's three decimals when that is exact, else in full.
@@ -184,13 +190,10 @@ def write_graph_txt(profile: Profile, path: str | os.PathLike[str]) -> None:
 
     Example:
         >>> from planner.profile import LayerProfile, Profile
-        >>> import tempfile, os
         >>> p = Profile(model="m", batch_size=1, layers=(
         ...     LayerProfile(name="node1", op="ReLU", forward_ms=0.25, backward_ms=0.5,
         ...                  output_bytes=(16,), parameter_bytes=0),))
-        >>> path = os.path.join(tempfile.mkdtemp(), "graph.txt")
-        >>> write_graph_txt(p, path)
-        >>> open(path).read()
+        >>> graph_txt(p)
         'node1 -- ReLU -- forward_compute_time=0.250, backward_compute_time=0.500, activation_size=16.000, parameter_size=0.000\\n'
     """
     lines = []
@@ -212,7 +215,7 @@ def write_graph_txt(profile: Profile, path: str | os.PathLike[str]) -> None:
         )
     for layer in profile.layers:
         lines.extend(f"\t{profile.layers[i].name}{_SEP}{layer.name}" for i in layer.inputs)
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def pipedream_preprocess(profile: Profile) -> Profile:
