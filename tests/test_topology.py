@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from planner.errors import TopologyError
+from planner.topology import PRESETS, Level, Topology, parse_bandwidth
+
+
+def test_one_level_from_gpus():
+    t = Topology.from_args(gpus=8)
+    assert t.num_devices == 8
+    assert len(t.levels) == 1
+    assert t.link_level(0, 7) == 0
+    assert t.link_level(3, 3) == -1
+
+
+def test_two_levels_rank_layout():
+    t = Topology.from_args(gpus=16, gpus_per_node=8, bandwidth_gbps=25, inter_node_bandwidth_gbps=10)
+    assert [lv.devices for lv in t.levels] == [8, 2]
+    assert t.link_level(0, 7) == 0
+    assert t.link_level(7, 8) == 1
+    assert t.span_level([8, 9, 15]) == 0
+    assert t.span_level([0, 8]) == 1
+    assert t.span_level([5]) == -1
+    assert t.bandwidth(1) == 10e9
+    assert t.transfer_s(10e9, 1) == pytest.approx(1.0)
+    assert t.transfer_s(10e9, -1) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"gpus": 0}, "--gpus"),
+        ({"gpus": 16, "gpus_per_node": 6}, "does not divide"),
+        ({"gpus": 8, "bandwidth_gbps": 0}, "bandwidth must be positive"),
+        ({"gpus": 8, "bandwidth_gbps": -3}, "bandwidth must be positive"),
+        ({"gpus": 8, "memory_gb": 0}, "memory must be positive"),
+    ],
+)
+def test_invalid_arguments_are_refused_with_the_reason(kwargs, needle):
+    with pytest.raises(TopologyError, match=needle):
+        Topology.from_args(**kwargs)
+
+
+def test_level_rejects_zero_devices():
+    with pytest.raises(TopologyError, match="at least 1 device"):
+        Level(devices=0, bandwidth_bytes_per_s=1e9)
+
+
+def test_presets_build_and_unknown_preset_lists_choices():
+    for name in PRESETS:
+        t = Topology.preset(name, nodes=2)
+        assert t.num_devices == 2 * PRESETS[name]["gpus_per_node"]
+        assert t.levels[1].bandwidth_bytes_per_s < t.levels[0].bandwidth_bytes_per_s
+    with pytest.raises(TopologyError, match="p3.16xlarge"):
+        Topology.preset("dgx-9000")
+
+
+def test_json_round_trip_and_bad_file(tmp_path):
+    t = Topology.from_args(gpus=16, gpus_per_node=4, memory_gb=32)
+    path = tmp_path / "topo.json"
+    t.save(path)
+    assert Topology.load(path) == t
+    assert Topology.resolve(str(path)) == t
+    path.write_text(json.dumps({"levels": [{"devices": 4}], "memory_bytes": 1}))
+    with pytest.raises(TopologyError, match="bandwidth_bytes_per_s"):
+        Topology.load(path)
+    path.write_text("{")
+    with pytest.raises(TopologyError, match="not valid JSON"):
+        Topology.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("25", 25e9), ("25GB/s", 25e9), ("100Gbit/s", 12.5e9), ("100gbps", 12.5e9), ("800MB/s", 8e8)],
+)
+def test_parse_bandwidth(text, value):
+    assert parse_bandwidth(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["fast", "0", "-1GB/s", "10 parsecs"])
+def test_parse_bandwidth_rejects(text):
+    with pytest.raises(TopologyError):
+        parse_bandwidth(text)
