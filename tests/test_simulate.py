@@ -1,0 +1,293 @@
+"""The simulator: closed forms, replication, communication, memory, and agreement with the
+optimizer's objective on real profiles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytest
+
+from planner.errors import PlanError
+from planner.plan import Plan, PlanStage, Prediction, ProfileRef
+from planner.profile.format import LayerProfile, Profile
+from planner.schedules import OptimizerKind, Schedule, format_ops, replica_order
+from planner.simulate import (
+    EVENT_COLUMNS,
+    EVENT_KINDS,
+    SimStage,
+    default_minibatches,
+    plan_stages,
+    ring_allreduce_s,
+    simulate,
+    simulate_stages,
+    steady_window,
+)
+from planner.topology import GB, Level, Topology
+
+ALL = list(Schedule)
+SYNC = [Schedule.ONE_F_ONE_B, Schedule.GPIPE]
+
+
+def equal_stages(num: int, f: float = 1.0, b: float = 2.0, **kw: float) -> list[SimStage]:
+    return [SimStage(forward_s=f, backward_s=b, ranks=(s,), **kw) for s in range(num)]
+
+
+def chain_profile(times_ms: Sequence[tuple[float, float]], *, activation: int = 1000,
+                  params: int = 100, skips: Sequence[tuple[int, int]] = ()) -> Profile:
+    """A chain of layers (plus ``skips`` edges ``(src, dst)``) at batch size 4."""
+    layers = []
+    for i, (f, b) in enumerate(times_ms):
+        inputs = ((i - 1,) if i else ()) + tuple(src for src, dst in skips if dst == i)
+        layers.append(LayerProfile(name=f"l{i}", op="Linear", forward_ms=f, backward_ms=b,
+                                   output_bytes=(activation,), parameter_bytes=params,
+                                   inputs=inputs))
+    return Profile(model="chain", batch_size=4, layers=tuple(layers))
+
+
+def make_plan(profile: Profile, cuts: Sequence[int], replicas: Sequence[int], *,
+              schedule: Schedule = Schedule.ONE_F_ONE_B, microbatches: int = 4,
+              microbatch_size: int = 4, topology: Topology | None = None,
+              optimizer: OptimizerKind = OptimizerKind.SGD, recompute: bool = False) -> Plan:
+    """A plan with stages starting at layer indices ``cuts`` (the first is 0)."""
+    bounds = [*cuts, len(profile.layers)]
+    stages, rank = [], 0
+    for s, count in enumerate(replicas):
+        names = tuple(layer.name for layer in profile.layers[bounds[s]:bounds[s + 1]])
+        stages.append(PlanStage(layers=names, replicas=count, ranks=tuple(range(rank, rank + count)),
+                                compute_s=0.0, comm_s=0.0, allreduce_s=0.0, time_s=0.0,
+                                memory_bytes=0.0))
+        rank += count
+    topology = topology or Topology.from_args(gpus=rank)
+    return Plan(
+        profile=ProfileRef(path="chain.json", sha256="0" * 64, model=profile.model,
+                           batch_size=profile.batch_size),
+        topology=topology, schedule=schedule, optimizer=optimizer,
+        minibatch_size=microbatches * microbatch_size, microbatch_size=microbatch_size,
+        microbatches=microbatches, stages=tuple(stages),
+        predicted=Prediction(bottleneck_s=1.0, minibatch_s=1.0, samples_per_s=1.0,
+                             single_device_s=1.0, data_parallel_s=None),
+        recompute=recompute,
+    )
+
+
+# --- closed forms ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", SYNC)
+@pytest.mark.parametrize(("stages", "microbatches"), [(1, 1), (2, 4), (4, 4), (4, 8), (4, 2), (3, 1), (8, 16)])
+def test_flushed_schedules_take_m_plus_s_minus_1_slots(schedule: Schedule, stages: int,
+                                                       microbatches: int) -> None:
+    r = simulate_stages(equal_stages(stages), schedule=schedule, microbatches=microbatches,
+                        minibatches=3)
+    slots = microbatches + stages - 1
+    assert r.minibatch_s == pytest.approx(slots * 3.0, abs=1e-12)
+    assert r.first_minibatch_s == pytest.approx(slots * 3.0, abs=1e-12)
+    for d in r.devices:  # the bubble: (S - 1) of M + S - 1 slots
+        assert d.idle_fraction == pytest.approx((stages - 1) / slots, abs=1e-12)
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(1, 1), (2, 4), (4, 1), (4, 8), (8, 2)])
+def test_pipedream_steady_state_is_the_slowest_stage(stages: int, microbatches: int) -> None:
+    times = [1.0 + (3 * s) % 5 for s in range(stages)]  # unequal stages
+    sim = [SimStage(forward_s=t, backward_s=2 * t, ranks=(s,)) for s, t in enumerate(times)]
+    r = simulate_stages(sim, schedule=Schedule.PIPEDREAM, microbatches=microbatches)
+    assert r.minibatch_s == pytest.approx(microbatches * 3 * max(times), rel=1e-12)
+    assert r.critical_stage == times.index(max(times))
+    assert r.devices[r.critical_stage].idle_fraction == pytest.approx(0.0, abs=1e-12)
+
+
+def test_more_minibatches_do_not_change_a_flushed_minibatch() -> None:
+    sim = [SimStage(forward_s=1.0 + s, backward_s=2.0, ranks=(s,)) for s in range(3)]
+    times = {n: simulate_stages(sim, schedule=Schedule.ONE_F_ONE_B, microbatches=4,
+                                minibatches=n).minibatch_s for n in (1, 2, 5)}
+    assert times[1] == pytest.approx(times[2]) == pytest.approx(times[5])
+
+
+def test_transfers_add_two_hops_per_boundary() -> None:
+    # 2 stages, 1 GB over a 1 GB/s link both ways: GPipe = (M+S-1)(f+b) + 2(S-1) x 1 s
+    topo = Topology(levels=(Level(devices=2, bandwidth_bytes_per_s=1 * GB),), memory_bytes=1e12)
+    sim = [SimStage(forward_s=2.0, backward_s=4.0, ranks=(0,), send_bytes=1e9),
+           SimStage(forward_s=2.0, backward_s=4.0, ranks=(1,))]
+    r = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=4, minibatches=1, topology=topo)
+    assert r.minibatch_s == pytest.approx(5 * 6.0 + 2 * 1.0)
+    sends = r.events[r.events["kind"] == "send"]
+    assert len(sends) == 8 and set(sends["bytes"]) == {1e9}
+    assert len(r.events[r.events["kind"] == "recv"]) == 8
+    assert {(link.src, link.dst) for link in r.links} == {(0, 1), (1, 0)}
+
+
+def test_a_slow_link_serialises_its_transfers() -> None:
+    topo = Topology(levels=(Level(devices=2, bandwidth_bytes_per_s=1 * GB),), memory_bytes=1e12)
+    sim = [SimStage(forward_s=1.0, backward_s=1.0, ranks=(0,), send_bytes=3e9),
+           SimStage(forward_s=1.0, backward_s=1.0, ranks=(1,))]
+    r = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=8, minibatches=1, topology=topo)
+    # eight 3 s sends back to back from 1 s to 25 s; stage 1's last forward ends at 26 s and its
+    # backwards at 27 + j s; eight gradient sends back to back from 27 s to 51 s; then B7
+    assert r.minibatch_s == pytest.approx(52.0)
+    for src in (0, 1):
+        sends = r.events[(r.events["kind"] == "send") & (r.events["rank"] == src)]
+        assert (sends["start_s"].to_numpy()[1:] == sends["end_s"].to_numpy()[:-1]).all()
+    assert r.links[0].busy_fraction == pytest.approx(24 / 52)
+
+
+# --- replication ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ALL)
+def test_replicas_take_microbatches_round_robin_in_schedule_order(schedule: Schedule) -> None:
+    sim = [SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
+           SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,))]
+    r = simulate_stages(sim, schedule=schedule, microbatches=6, minibatches=2)
+    compute = r.events[r.events["kind"].isin(["forward", "backward"])]
+    for (stage, replica), rows in compute.groupby(["stage", "replica"]):
+        assert set(rows["microbatch"] % len(sim[stage].ranks)) == {replica}
+        ops = rows.sort_values("start_s", kind="stable")
+        seen = " ".join(f"{'F' if k == 'forward' else 'B'}{m % 6}"
+                        for k, m in zip(ops["kind"], ops["microbatch"], strict=True))
+        want = replica_order(schedule, replicas=(3, 1), stage=stage, replica=replica,
+                             microbatches=12 if schedule is Schedule.PIPEDREAM else 6)
+        expected = format_ops(want) if schedule is Schedule.PIPEDREAM else format_ops(want * 2)
+        if schedule is Schedule.PIPEDREAM:
+            expected = " ".join(f"{t[0]}{int(t[1:]) % 6}" for t in expected.split())
+        assert seen == expected
+    reduces = r.events[r.events["kind"] == "allreduce"]
+    assert sorted(reduces["rank"]) == [0, 0, 1, 1, 2, 2]  # once per minibatch on each replica
+    assert (reduces["end_s"] - reduces["start_s"]).eq(0.5).all()
+
+
+def test_three_to_one_replication_reaches_the_analytic_rate() -> None:
+    # stage 0: 9 s per microbatch over 3 replicas = 3 s; stage 1: 3 s; all-reduce 0.5 s per minibatch
+    sim = [SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
+           SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,))]
+    r = simulate_stages(sim, schedule=Schedule.PIPEDREAM, microbatches=6, minibatches=12)
+    assert r.minibatch_s == pytest.approx(6 * 3.0 + 0.5)
+    gpipe = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=6, minibatches=2)
+    # stage 1 runs F0..F5 from 3 s to 9 s, B0..B5 until 21 s; replica 2 of stage 0 gets B5's
+    # gradient at 21 s, ends at 27 s; then the 0.5 s all-reduce
+    assert gpipe.minibatch_s == pytest.approx(27.5)
+
+
+@pytest.mark.parametrize("schedule", ALL)
+def test_data_parallel_alone(schedule: Schedule) -> None:
+    sim = [SimStage(forward_s=1.0, backward_s=2.0, ranks=(0, 1, 2, 3), allreduce_s=0.25)]
+    r = simulate_stages(sim, schedule=schedule, microbatches=8, minibatches=6)
+    assert r.minibatch_s == pytest.approx(2 * 3.0 + 0.25)
+    assert all(d.allreduce_fraction == pytest.approx(0.25 / 6.25) for d in r.devices)
+
+
+def test_pipedream_with_one_microbatch_reduces_once_per_round_of_replicas() -> None:
+    sim = [SimStage(forward_s=1.0, backward_s=2.0, ranks=(0, 1), allreduce_s=0.5),
+           SimStage(forward_s=0.5, backward_s=1.0, ranks=(2,))]
+    r = simulate_stages(sim, schedule=Schedule.PIPEDREAM, microbatches=1, minibatches=40)
+    reduces = r.events[(r.events["kind"] == "allreduce") & (r.events["rank"] == 0)]
+    assert len(reduces) == 20
+    assert r.minibatch_s == pytest.approx((2 * 3.0 / 2 + 0.5) / 2)  # PipeDream: (compute + ar) / m
+
+
+def test_ring_allreduce_uses_the_slowest_level_spanned() -> None:
+    topo = Topology.from_args(gpus=8, gpus_per_node=4, bandwidth_gbps=10, inter_node_bandwidth_gbps=1)
+    assert ring_allreduce_s(topo, (0,), 1e9) == 0.0
+    assert ring_allreduce_s(topo, (0, 1), 1e9) == pytest.approx(2 * 0.5 * 1e9 / 10e9)
+    assert ring_allreduce_s(topo, (2, 3, 4, 5), 1e9) == pytest.approx(2 * 0.75 * 1e9 / 1e9)
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("schedule", "held"), [(Schedule.GPIPE, [8, 8, 8]),
+                                                (Schedule.ONE_F_ONE_B, [3, 2, 1]),
+                                                (Schedule.PIPEDREAM, [3, 2, 1])])
+def test_peak_memory_counts_microbatches_in_flight(schedule: Schedule, held: list[int]) -> None:
+    sim = equal_stages(3, static_bytes=100.0, activation_bytes=10.0,
+                       stash_bytes=1.0 if schedule is Schedule.PIPEDREAM else 0.0)
+    r = simulate_stages(sim, schedule=schedule, microbatches=8, minibatches=2)
+    for d, n in zip(r.devices, held, strict=True):
+        stash = (n - 1) if schedule is Schedule.PIPEDREAM else 0
+        assert d.peak_memory_bytes == pytest.approx(100 + 10 * n + stash)
+    trace = r.memory[r.memory["rank"] == 0]
+    assert trace["bytes"].iloc[0] == 100 and trace["bytes"].iloc[-1] == 100
+    assert trace["time_s"].is_monotonic_increasing
+
+
+def test_plan_memory_follows_optimizer_and_recompute() -> None:
+    profile = chain_profile([(1.0, 2.0)] * 4, activation=1000, params=100)
+    adam = plan_stages(make_plan(profile, [0, 2], [1, 1], optimizer=OptimizerKind.ADAM,
+                                 microbatch_size=8), profile)
+    assert adam[0].static_bytes == 4 * 200  # weights, gradients, two Adam buffers
+    assert adam[0].activation_bytes == 2 * 2000  # two layers' outputs at twice the batch
+    again = plan_stages(make_plan(profile, [0, 2], [1, 1], recompute=True, microbatch_size=8), profile)
+    assert again[1].activation_bytes == 2000  # only the stage's input
+    assert again[1].backward_extra_bytes == 4000
+    assert again[1].backward_s == pytest.approx(3 * 2 * 2.0 / 1e3)  # forward again + backward
+
+
+# --- from a plan -----------------------------------------------------------------------------
+
+
+def test_skip_connections_are_relayed_through_middle_stages() -> None:
+    # l0 feeds l1 and l3; stages [l0] [l1 l2] [l3]: boundary 0->1 carries l0, 1->2 carries l2 and l0
+    profile = chain_profile([(1.0, 1.0)] * 4, activation=1000, skips=[(0, 3)])
+    plan = make_plan(profile, [0, 1, 3], [1, 1, 1], microbatch_size=4)
+    stages = plan_stages(plan, profile)
+    assert [s.send_bytes for s in stages] == [1000, 2000, 0.0]
+    r = simulate(plan, profile, minibatches=1)
+    sends = r.events[r.events["kind"] == "send"]
+    assert set(sends[sends["rank"] == 1]["bytes"]) == {1000, 2000}  # gradients back, activations on
+
+
+def test_simulate_a_plan_uses_the_rescaled_profile() -> None:
+    profile = chain_profile([(1.0, 2.0), (1.0, 2.0), (2.0, 4.0)])
+    plan = make_plan(profile, [0, 2], [1, 1], schedule=Schedule.GPIPE, microbatches=4,
+                     microbatch_size=2)
+    r = simulate(plan, profile, minibatches=2)
+    # per microbatch (half the profiled batch): both stages 1 ms forward, 2 ms backward
+    transfer = 2 * plan.topology.transfer_s(500, 0)
+    assert r.minibatch_s == pytest.approx((4 + 1) * 3e-3 + transfer)
+    assert r.samples_per_s == pytest.approx(8 / r.minibatch_s)
+    assert r.memory_limit_bytes == plan.topology.memory_bytes
+    assert "samples/s" in r.describe()
+
+
+def test_a_plan_for_another_profile_is_refused() -> None:
+    profile = chain_profile([(1.0, 2.0)] * 3)
+    other = chain_profile([(1.0, 2.0)] * 4)
+    with pytest.raises(PlanError, match="in no stage"):
+        simulate(make_plan(profile, [0, 2], [1, 1]), other)
+
+
+def test_events_frame_has_the_documented_columns() -> None:
+    r = simulate_stages(equal_stages(2), schedule=Schedule.ONE_F_ONE_B, microbatches=2,
+                        topology=Topology.from_args(gpus=2))
+    assert tuple(r.events.columns) == EVENT_COLUMNS
+    assert set(r.events["kind"].cat.categories) == set(EVENT_KINDS)
+    assert (r.events["end_s"] >= r.events["start_s"]).all()
+    assert r.makespan_s == pytest.approx(r.events["end_s"].max())
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"stages": []}, "at least one stage"),
+    ({"microbatches": 0}, "at least one microbatch"),
+    ({"minibatches": 0}, "at least one minibatch"),
+    ({"stages": [SimStage(forward_s=1, backward_s=1, ranks=(0,)),
+                 SimStage(forward_s=1, backward_s=1, ranks=(0,))]}, "repeat"),
+    ({"topology": Topology.from_args(gpus=1)}, "outside the topology"),
+])
+def test_bad_inputs_are_refused(bad: dict, message: str) -> None:
+    kwargs = {"stages": equal_stages(2), "schedule": Schedule.GPIPE, "microbatches": 2, **bad}
+    with pytest.raises(PlanError, match=message):
+        simulate_stages(kwargs.pop("stages"), **kwargs)
+
+
+def test_negative_costs_are_refused() -> None:
+    with pytest.raises(PlanError, match="forward_s"):
+        SimStage(forward_s=-1.0, backward_s=1.0, ranks=(0,))
+
+
+def test_steady_window_skips_fill_and_drain() -> None:
+    assert steady_window(Schedule.GPIPE, devices=4, microbatches=4, minibatches=1) == (0, 0)
+    assert steady_window(Schedule.GPIPE, devices=4, microbatches=4, minibatches=3) == (0, 2)
+    lo, hi = steady_window(Schedule.PIPEDREAM, devices=16, microbatches=1, minibatches=
+                           default_minibatches(Schedule.PIPEDREAM, devices=16, microbatches=1))
+    assert lo >= 16 and hi - lo >= 2
+    assert math.isfinite(lo)
