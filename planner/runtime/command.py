@@ -1,0 +1,48 @@
+"""``plan run PLAN.json``: train with a plan on local processes, one per rank.
+
+Everything that can be wrong with the input (plan file, model, options) is checked here, in the
+launching process, before any rank starts; such errors are :class:`planner.errors.PlannerError`s,
+which the ``plan`` command prints as one line with exit status 2.
+
+Example:
+    plan run plan.json --steps 20 --lr 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from planner.plan import Plan
+from planner.runtime.comm import Placement
+from planner.runtime.config import RunConfig, add_run_arguments
+from planner.runtime.launch import launch_local
+from planner.runtime.worker import load_spec, prepare
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``plan run``."""
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the plan against its model, start one process per rank, wait; the exit status.
+
+    Raises:
+        PlannerError: Bad options, an unreadable plan, or a plan that does not match its model.
+    """
+    config = RunConfig.from_args(args)
+    plan = Plan.load(config.plan_path)
+    world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
+    prepare(plan, load_spec(plan, seed=config.seed), rank=0, world_size=world)
+    if config.log_every:
+        print(f"plan run: {plan.profile.model}, {len(plan.stages)} stages on {world} processes, "
+              f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
+              f"{plan.microbatch_size}, {config.steps} steps", flush=True)
+    result = launch_local(config, world_size=world)
+    if result.status != 0:
+        print(f"plan run: failed (rank {result.first_failure} first, status "
+              f"{result.returncodes[result.first_failure or 0]})", file=sys.stderr)
+    return result.status

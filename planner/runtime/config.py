@@ -1,0 +1,132 @@
+"""The run's configuration: one frozen dataclass behind ``plan run`` and ``python -m planner.runtime``.
+
+Example:
+    >>> cfg = RunConfig(plan_path="plan.json", steps=3, lr=0.1)
+    >>> RunConfig.from_argv(cfg.to_argv()) == cfg
+    True
+    >>> cfg.report_file
+    PosixPath('plan.report.json')
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from planner.errors import PlannerError
+
+__all__ = ["Backend", "RunConfig", "RunError", "add_run_arguments"]
+
+
+class RunError(PlannerError):
+    """The run cannot start as asked (bad option values, too few processes)."""
+
+
+class Backend(StrEnum):
+    """The torch.distributed backend: ``auto`` picks nccl where CUDA exists, else gloo."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """How to train a plan.
+
+    Attributes:
+        plan_path: The plan file.
+        steps: Optimizer steps (minibatches) to run.
+        lr: SGD learning rate.
+        momentum: SGD momentum (0 for plain SGD).
+        data: ``synthetic`` (the model's ``make_batch``) or a torchvision image-folder path.
+        timeout_s: torch.distributed timeout; a lost peer fails the run after at most this long.
+        threads: CPU threads per process (torch.set_num_threads).
+        seed: Seed of the model's initial weights and of the data.
+        backend: torch.distributed backend.
+        report_path: Where to write the JSON report; None means beside the plan
+            (``<plan>.report.json``).
+        log_every: Print loss and samples/s every this many steps (0: never).
+    """
+
+    plan_path: str
+    steps: int = 10
+    lr: float = 0.01
+    momentum: float = 0.0
+    data: str = "synthetic"
+    timeout_s: float = 60.0
+    threads: int = 1
+    seed: int = 0
+    backend: Backend = Backend.AUTO
+    report_path: str | None = None
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise RunError(f"--steps must be at least 1, got {self.steps}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise RunError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise RunError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            raise RunError(f"--timeout must be positive seconds, got {self.timeout_s}")
+        if self.threads < 1:
+            raise RunError(f"--threads must be at least 1, got {self.threads}")
+        if self.log_every < 0:
+            raise RunError(f"--log-every must be 0 or more, got {self.log_every}")
+
+    @property
+    def report_file(self) -> Path:
+        if self.report_path is not None:
+            return Path(self.report_path)
+        plan = Path(self.plan_path)
+        return plan.with_name(f"{plan.stem}.report.json")
+
+    def to_argv(self) -> list[str]:
+        """Command-line arguments that :meth:`from_argv` reads back into this config."""
+        argv = [self.plan_path, "--steps", str(self.steps), "--lr", repr(self.lr),
+                "--momentum", repr(self.momentum), "--data", self.data,
+                "--timeout", repr(self.timeout_s), "--threads", str(self.threads),
+                "--seed", str(self.seed), "--backend", str(self.backend),
+                "--log-every", str(self.log_every)]
+        if self.report_path is not None:
+            argv += ["--report", self.report_path]
+        return argv
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        return cls(plan_path=args.plan, steps=args.steps, lr=args.lr, momentum=args.momentum,
+                   data=args.data, timeout_s=args.timeout, threads=args.threads, seed=args.seed,
+                   backend=Backend(args.backend), report_path=args.report,
+                   log_every=args.log_every)
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> RunConfig:
+        parser = argparse.ArgumentParser(prog="planner.runtime")
+        add_run_arguments(parser)
+        return cls.from_args(parser.parse_args(argv))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``plan run`` and ``python -m planner.runtime``."""
+    d = RunConfig(plan_path="")
+    parser.add_argument("plan", help="the plan JSON file to run")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (minibatches)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    parser.add_argument("--data", default=d.data,
+                        help="'synthetic' (default) or a torchvision image-folder path")
+    parser.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
+                        help="seconds before a silent peer fails the run (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="CPU threads per process (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data")
+    parser.add_argument("--backend", choices=[b.value for b in Backend], default=str(d.backend),
+                        help="torch.distributed backend (auto: nccl with CUDA, else gloo)")
+    parser.add_argument("--report", default=None, metavar="PATH",
+                        help="JSON report path (default: <plan>.report.json beside the plan)")
+    parser.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
+                        help="print loss and samples/s every N steps (0: never)")

@@ -1,0 +1,185 @@
+"""The run report: per rank and per stage, where the time went; per step, loss and throughput.
+
+Written as JSON (``"format": "planner.runtime-report/1"``) beside the plan, atomically. Times are
+seconds summed over the measured steps; the first step (warm-up: allocation, first connections)
+is left out of the totals when the run has more than one step.
+
+- ``compute_s``: forwards, backwards and losses of the stage's microbatches;
+- ``wait_s``: blocked waiting for an activation or gradient to arrive (pipeline bubbles plus
+  transfer time not hidden behind compute);
+- ``send_s``: posting sends and waiting for them to complete at the flush;
+- ``sync_s``: all-reducing gradients among replicas (and across stages for tied parameters);
+- ``update_s``: the optimizer step;
+- ``other_s``: the rest of the wall time (data, bookkeeping).
+
+Example:
+    >>> r = RankStats(rank=0, stage=0, replica=0, microbatches_per_step=2, samples_per_step=8,
+    ...               steps=2, wall_s=1.0, compute_s=0.5, wait_s=0.2, send_s=0.1, sync_s=0.0,
+    ...               update_s=0.1, bytes_sent=10, bytes_received=0)
+    >>> round(r.other_s, 3), r.samples_per_s
+    (0.1, 16.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from planner._io import atomic_write_text
+
+__all__ = ["FORMAT", "RankStats", "RunReport", "StageStats", "StepStats"]
+
+FORMAT = "planner.runtime-report/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankStats:
+    """One rank's measured time over the run's measured steps (seconds).
+
+    Attributes:
+        rank: Global rank.
+        stage: Its stage.
+        replica: Which replica of the stage.
+        microbatches_per_step: Microbatches it runs per minibatch.
+        samples_per_step: Samples it runs per minibatch.
+        steps: Measured steps.
+        wall_s: Wall time of the measured steps.
+        compute_s: Forward, backward and loss.
+        wait_s: Blocked on receives.
+        send_s: Posting sends and waiting for them.
+        sync_s: Gradient all-reduce.
+        update_s: Optimizer step.
+        bytes_sent: Bytes sent point-to-point.
+        bytes_received: Bytes received point-to-point.
+    """
+
+    rank: int
+    stage: int
+    replica: int
+    microbatches_per_step: int
+    samples_per_step: int
+    steps: int
+    wall_s: float
+    compute_s: float
+    wait_s: float
+    send_s: float
+    sync_s: float
+    update_s: float
+    bytes_sent: int
+    bytes_received: int
+
+    @property
+    def other_s(self) -> float:
+        return self.wall_s - self.compute_s - self.wait_s - self.send_s - self.sync_s - self.update_s
+
+    @property
+    def samples_per_s(self) -> float:
+        """Samples this rank processed per second of wall time."""
+        return self.samples_per_step * self.steps / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageStats:
+    """A stage's replicas together: mean times per step over replicas, summed samples/s."""
+
+    stage: int
+    ranks: tuple[int, ...]
+    compute_s_per_step: float
+    wait_s_per_step: float
+    send_s_per_step: float
+    sync_s_per_step: float
+    update_s_per_step: float
+    samples_per_s: float
+
+    @classmethod
+    def of(cls, stage: int, ranks: list[RankStats]) -> StageStats:
+        n = len(ranks)
+
+        def mean(attr: str) -> float:
+            return sum(getattr(r, attr) / max(r.steps, 1) for r in ranks) / n
+
+        return cls(stage=stage, ranks=tuple(r.rank for r in ranks),
+                   compute_s_per_step=mean("compute_s"), wait_s_per_step=mean("wait_s"),
+                   send_s_per_step=mean("send_s"), sync_s_per_step=mean("sync_s"),
+                   update_s_per_step=mean("update_s"),
+                   samples_per_s=sum(r.samples_per_s for r in ranks))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepStats:
+    """One optimizer step as seen by the first replica of the last stage."""
+
+    step: int
+    loss: float
+    wall_s: float
+    samples_per_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunReport:
+    """What a run measured.
+
+    Attributes:
+        plan: The plan's path.
+        model: The model spec.
+        schedule: The schedule run.
+        world_size: Processes in the run.
+        minibatch_size: Samples per step.
+        microbatches: Microbatches per step.
+        steps: Steps run.
+        measured_steps: Steps in the totals (all but the first when there are several).
+        samples_per_s: Minibatch size over mean measured step time.
+        losses: Loss of every step.
+        step_stats: Every step's loss and time.
+        ranks: Per-rank totals.
+        stages: Per-stage summaries.
+        backend: torch.distributed backend.
+        threads: CPU threads per process.
+        torch_version: torch version.
+    """
+
+    plan: str
+    model: str
+    schedule: str
+    world_size: int
+    minibatch_size: int
+    microbatches: int
+    steps: int
+    measured_steps: int
+    samples_per_s: float
+    losses: tuple[float, ...]
+    step_stats: tuple[StepStats, ...]
+    ranks: tuple[RankStats, ...]
+    stages: tuple[StageStats, ...]
+    backend: str
+    threads: int
+    torch_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        for rank, stats in zip(doc["ranks"], self.ranks, strict=True):
+            rank["other_s"] = stats.other_s
+            rank["samples_per_s"] = stats.samples_per_s
+        return {"format": FORMAT, **doc}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the report atomically (temporary file, then rename)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def describe(self) -> str:
+        """A per-stage table of where the time went, per step."""
+        cols = ("stage", "ranks", "compute ms", "wait ms", "send ms", "sync ms", "update ms",
+                "samples/s")
+        rows = [(str(s.stage), ",".join(map(str, s.ranks)), f"{s.compute_s_per_step * 1e3:.1f}",
+                 f"{s.wait_s_per_step * 1e3:.1f}", f"{s.send_s_per_step * 1e3:.1f}",
+                 f"{s.sync_s_per_step * 1e3:.1f}", f"{s.update_s_per_step * 1e3:.1f}",
+                 f"{s.samples_per_s:.1f}") for s in self.stages]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.append(f"{self.schedule}, {self.measured_steps} measured steps: "
+                     f"{self.samples_per_s:.1f} samples/s (per-stage times are per step)")
+        return "\n".join(lines)

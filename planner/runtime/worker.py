@@ -1,0 +1,362 @@
+"""One rank's training: build its stage, join the run, train, report.
+
+:func:`prepare` does everything that can fail on bad input (plan, model, world size) before any
+process group exists, so such a failure is one typed error, not a hung job. :func:`train` then
+joins the run, agrees on shapes, creates the groups and runs the steps.
+
+Every rank rebuilds the whole model from the same seed (identical initial weights on every
+replica), traces it as the profiler did, checks it against the plan, propagates one microbatch
+for the boundary shapes, and keeps only its own stage's submodule.
+
+Example (under torchrun, or after :func:`planner.runtime.launch.launch_local` set the
+environment)::
+
+    plan = Plan.load("plan.json")
+    train(plan, lambda: load_model("gpt2-tiny", batch_size=8), RunConfig(plan_path="plan.json"),
+          DistEnv.from_environ())
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from planner.plan import Plan
+from planner.runtime.comm import (
+    BoundaryMeta,
+    CommTimers,
+    GradientSync,
+    Placement,
+    PointToPoint,
+    check_agreement,
+    make_gradient_sync,
+    make_groups,
+)
+from planner.runtime.config import Backend, RunConfig, RunError
+from planner.runtime.data import Batch, ModelLike, data_source, microbatch
+from planner.runtime.report import RankStats, RunReport, StageStats, StepStats
+from planner.runtime.schedules import FlushSchedule, StageExecutor
+from planner.runtime.stage import (
+    SharedParameter,
+    StageCut,
+    build_stage_module,
+    capture_for_plan,
+    cut_graph,
+    propagate,
+    shared_parameters,
+)
+from planner.schedules import Schedule
+
+__all__ = ["DistEnv", "Prepared", "RankResult", "load_spec", "prepare", "train"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistEnv:
+    """Where this process sits in the run (torchrun's environment variables).
+
+    Attributes:
+        rank: Global rank (``RANK``).
+        world_size: Processes in the run (``WORLD_SIZE``).
+        local_rank: Rank on this machine (``LOCAL_RANK``), picks the GPU.
+        master_addr: Rendezvous host (``MASTER_ADDR``).
+        master_port: Rendezvous port (``MASTER_PORT``).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        """Read torchrun's variables.
+
+        Raises:
+            RunError: A variable is missing or not a number.
+        """
+        try:
+            return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                       master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(os.environ.get("MASTER_PORT", "29500")))
+        except (KeyError, ValueError) as exc:
+            raise RunError(
+                f"environment variable {exc} missing or invalid; run under torchrun or use "
+                "`plan run PLAN.json`, which starts the processes itself"
+            ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """What a rank knows before joining the run.
+
+    Attributes:
+        spec: The rebuilt model.
+        placement: Ranks of every stage.
+        cut: Stages' nodes and boundaries.
+        metas: Metadata of every boundary.
+        shared: Parameters held by several stages.
+        stage: This rank's stage, or None if the plan leaves it idle.
+        replica: Its replica index within the stage.
+        module: Its stage's module (None when idle).
+    """
+
+    spec: ModelLike
+    placement: Placement
+    cut: StageCut
+    metas: tuple[BoundaryMeta, ...]
+    shared: tuple[SharedParameter, ...]
+    stage: int | None
+    replica: int
+    module: fx.GraphModule | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankResult:
+    """What :func:`train` returns on one rank.
+
+    Attributes:
+        rank: Global rank.
+        stage: Its stage (None when idle).
+        losses: Per-step minibatch losses (filled on the last stage, else empty).
+        stats: Its measured times (None when idle).
+        state: Its stage's parameters by qualified name, on CPU, if asked for.
+        report: The whole run's report (rank 0 only).
+    """
+
+    rank: int
+    stage: int | None
+    losses: tuple[float, ...]
+    stats: RankStats | None
+    state: dict[str, torch.Tensor]
+    report: RunReport | None
+
+
+def load_spec(plan: Plan, *, seed: int = 0) -> ModelLike:
+    """Rebuild the plan's model as the profiler built it (``planner.models.load_model``).
+
+    Raises:
+        ModelError: The model cannot be built.
+    """
+    from planner.models import load_model
+
+    shape = plan.profile.input_shape or None
+    return load_model(plan.profile.model, batch_size=plan.microbatch_size, input_shape=shape,
+                      dtype=plan.profile.dtype, device="cpu", seed=seed)
+
+
+def prepare(plan: Plan, spec: ModelLike, *, rank: int, world_size: int) -> Prepared:
+    """Check the plan against the model and the world, and build this rank's stage.
+
+    Raises:
+        PlanError: The model does not match the plan.
+        RunError: Fewer processes than the plan's ranks, or an unsupported schedule.
+        ModelError: The model cannot be traced.
+    """
+    placement = Placement(ranks=tuple(stage.ranks for stage in plan.stages))
+    if placement.world_size_needed > world_size:
+        raise RunError(
+            f"the plan uses ranks up to {placement.world_size_needed - 1} but only {world_size} "
+            f"processes were started; start {placement.world_size_needed} "
+            "(torchrun --nnodes/--nproc-per-node) or re-plan for fewer devices"
+        )
+    if not 0 <= rank < world_size:
+        raise RunError(f"rank {rank} is outside a world of {world_size} processes")
+    if plan.schedule is Schedule.PIPEDREAM:
+        raise RunError(
+            "the runtime does not run the asynchronous 'pipedream' schedule yet; "
+            "re-plan with --schedule 1f1b (PipeDream-Flush) or --schedule gpipe"
+        )
+    captured = capture_for_plan(plan, spec.module)
+    cut = cut_graph(captured, [stage.layers for stage in plan.stages])
+    example, _ = microbatch(spec.make_batch(plan.microbatch_size, 0), 0,
+                            size=plan.microbatch_size)
+    values = propagate(captured, example)
+    metas = tuple(BoundaryMeta.from_values(names, values) for names in cut.boundaries)
+    where = placement.locate(rank)
+    module = build_stage_module(captured, cut, where[0]) if where is not None else None
+    return Prepared(spec=spec, placement=placement, cut=cut, metas=metas,
+                    shared=shared_parameters(captured, cut),
+                    stage=None if where is None else where[0],
+                    replica=0 if where is None else where[1], module=module)
+
+
+def train(
+    plan: Plan,
+    model_factory: Callable[[], ModelLike],
+    config: RunConfig,
+    env: DistEnv,
+    *,
+    return_state: bool = False,
+) -> RankResult:
+    """Train ``plan`` on this rank: prepare, join the process group, run the steps, report.
+
+    Args:
+        plan: The plan.
+        model_factory: Builds the model with the same initial weights on every rank.
+        config: Steps, learning rate, data, timeout, threads.
+        env: This process's rank and the rendezvous address.
+        return_state: Put the stage's final parameters in the result (tests compare them).
+    """
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
+    backend = _backend(config.backend)
+    device = (torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu"))
+    # under torchrun the agent's store is already there (env://); else rendezvous over TCP
+    init = ("env://" if "TORCHELASTIC_RUN_ID" in os.environ
+            else f"tcp://{env.master_addr}:{env.master_port}")
+    dist.init_process_group(
+        backend, init_method=init, rank=env.rank, world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=config.timeout_s),
+    )
+    try:
+        check_agreement(prep.metas, rank=env.rank)
+        groups = make_groups(prep.placement, prep.shared)
+        result = _run(plan, prep, config, env, groups, device, backend, return_state)
+    finally:
+        dist.destroy_process_group()
+    return result
+
+
+def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: Any,
+         device: torch.device, backend: str, return_state: bool) -> RankResult:
+    timers = CommTimers()
+    stats: RankStats | None = None
+    steps: list[StepStats] = []
+    state: dict[str, torch.Tensor] = {}
+    if prep.stage is not None:
+        assert prep.module is not None
+        module = prep.module.to(device)
+        sync = make_gradient_sync(groups, prep.shared, stage=prep.stage, module=module,
+                                  timers=timers)
+        steps, stats = _train_stage(plan, prep, config, env, module, sync, groups, device, timers)
+        if return_state:
+            state = {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
+    gathered: list[Any] = [None] * env.world_size if env.rank == 0 else []
+    dist.gather_object((stats, steps), gathered if env.rank == 0 else None, dst=0)
+    report = None
+    if env.rank == 0:
+        report = _report(plan, config, env, backend, gathered)
+        report.save(config.report_file)
+        if config.log_every:
+            print(report.describe(), flush=True)
+            print(f"report written to {config.report_file}", flush=True)
+    losses = tuple(s.loss for s in steps)
+    return RankResult(rank=env.rank, stage=prep.stage, losses=losses, stats=stats, state=state,
+                      report=report)
+
+
+def _train_stage(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv,
+                 module: torch.nn.Module, sync: GradientSync, groups: Any, device: torch.device,
+                 timers: CommTimers) -> tuple[list[StepStats], RankStats]:
+    stage, placement = prep.stage, prep.placement
+    assert stage is not None
+    last = placement.num_stages - 1
+    max_tensors = max([len(m.tensors) for m in prep.metas] + [1])
+    p2p = PointToPoint(device=device, timers=timers, max_tensors=max_tensors)
+    executor = StageExecutor(
+        module=module, stage=stage, placement=placement,
+        in_meta=prep.metas[stage - 1] if stage > 0 else None,
+        out_meta=prep.metas[stage] if stage < last else None,
+        microbatches=plan.microbatches, loss_fn=prep.spec.loss_fn, p2p=p2p,
+        recompute=plan.recompute,
+    )
+    params = list(dict.fromkeys(p for p in module.parameters() if p.requires_grad))
+    optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+                 if params else None)
+    runner = FlushSchedule(executor=executor, schedule=plan.schedule, replica=prep.replica,
+                           sync=sync, optimizer=optimizer)
+    source = None
+    if stage in (0, last):
+        source = data_source(prep.spec, data=config.data, minibatch_size=plan.minibatch_size,
+                             seed=config.seed, input_shape=plan.profile.input_shape)
+    logs = config.log_every and prep.replica == 0 and stage == last
+    mine = sum(1 for op in runner.ops if op.kind == "F")
+    steps: list[StepStats] = []
+    started = time.perf_counter()
+    for step in range(config.steps):
+        if step == 1:  # leave the warm-up step out of the totals
+            executor.compute_s = runner.step_s = 0.0
+            timers.reset()
+            started = time.perf_counter()
+        t0 = time.perf_counter()
+        batch = _to(source(step), device) if source is not None else None
+        losses = runner.step(
+            inputs=None if batch is None else _slicer(batch, plan.microbatch_size, inputs=True),
+            targets=None if batch is None else _slicer(batch, plan.microbatch_size, inputs=False),
+        )
+        loss = float("nan")
+        if stage == last:
+            total = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
+            if groups.stages[stage] is not None:
+                dist.all_reduce(total, group=groups.stages[stage])
+            loss = total.item() / plan.microbatches
+        wall = time.perf_counter() - t0
+        steps.append(StepStats(step=step, loss=loss, wall_s=wall,
+                               samples_per_s=plan.minibatch_size / wall))
+        if logs and (step + 1) % config.log_every == 0:
+            print(f"step {step + 1}/{config.steps}  loss {loss:.4f}  "
+                  f"{plan.minibatch_size / wall:.1f} samples/s  ({wall * 1e3:.1f} ms)", flush=True)
+    measured = config.steps - 1 if config.steps > 1 else 1
+    stats = RankStats(
+        rank=env.rank, stage=stage, replica=prep.replica, microbatches_per_step=mine,
+        samples_per_step=mine * plan.microbatch_size, steps=measured,
+        wall_s=time.perf_counter() - started, compute_s=executor.compute_s, wait_s=timers.wait_s,
+        send_s=timers.send_s, sync_s=timers.sync_s, update_s=runner.step_s,
+        bytes_sent=timers.bytes_sent, bytes_received=timers.bytes_received,
+    )
+    return steps, stats
+
+
+def _slicer(batch: Batch, size: int, *, inputs: bool) -> Callable[[int], Any]:
+    def get(m: int) -> Any:
+        x, y = microbatch(batch, m, size=size)
+        return x if inputs else y
+
+    return get
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def _backend(choice: Backend) -> str:
+    if choice is Backend.AUTO:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if choice is Backend.NCCL and not torch.cuda.is_available():
+        raise RunError("--backend nccl needs CUDA, which this machine lacks; use --backend gloo")
+    return str(choice)
+
+
+def _report(plan: Plan, config: RunConfig, env: DistEnv, backend: str,
+            gathered: list[Any]) -> RunReport:
+    ranks = [s for s, _ in gathered if s is not None]
+    steps = next((st for s, st in gathered
+                  if s is not None and s.stage == len(plan.stages) - 1 and s.replica == 0), [])
+    measured = steps[1:] if len(steps) > 1 else steps
+    mean_s = sum(s.wall_s for s in measured) / max(len(measured), 1)
+    stages = tuple(StageStats.of(s, [r for r in ranks if r.stage == s])
+                   for s in range(len(plan.stages)))
+    return RunReport(
+        plan=config.plan_path, model=plan.profile.model, schedule=str(plan.schedule),
+        world_size=env.world_size, minibatch_size=plan.minibatch_size,
+        microbatches=plan.microbatches, steps=config.steps, measured_steps=len(measured),
+        samples_per_s=plan.minibatch_size / mean_s if mean_s > 0 else 0.0,
+        losses=tuple(s.loss for s in steps), step_stats=tuple(steps), ranks=tuple(ranks),
+        stages=stages, backend=backend, threads=config.threads,
+        torch_version=torch.__version__,
+    )
