@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -211,10 +210,10 @@ def sync_points(
     :func:`replica_order` for one minibatch repeated ``minibatches`` times (microbatch ``j`` of
     minibatch ``k`` is ``k * M + j``), and it all-reduces at the end of every minibatch. For
     ``pipedream``, :func:`replica_order` of all ``M x minibatches`` microbatches, and it
-    all-reduces once per ``lcm(M, R)`` microbatches: once per minibatch when its ``R`` replicas
-    divide ``M``, once per round of ``R`` microbatches (one on each replica, as PipeDream does)
-    when ``M = 1``. The point is the same place of the stage's order for every replica: right
-    after the backward of the last microbatch of the unit. A replica whose own last backward came
+    all-reduces once per round of ``R`` microbatches, one on each of the ``R`` replicas (PipeDream's
+    data parallelism with weight stashing: every replica all-reduces after each of its backwards).
+    The point is the same place of the stage's order for every replica: right after the backward
+    of the round's last microbatch. A replica whose own last backward came
     earlier first runs the forwards the stage's order puts before that point; cutting every replica
     at one place of the stage's order keeps the all-reduce (a barrier) deadlock-free.
 
@@ -222,9 +221,9 @@ def sync_points(
         >>> ops = replica_order(Schedule.PIPEDREAM, replicas=(2, 1), stage=0, replica=0, microbatches=8)
         >>> format_ops(ops), sync_points(Schedule.PIPEDREAM, replicas=(2, 1), stage=0, replica=0,
         ...                              microbatches=4, minibatches=2)
-        ('F0 F2 B0 F4 B2 F6 B4 B6', (5, 8))
-        >>> sync_points(Schedule.PIPEDREAM, replicas=(2, 1), stage=0, replica=0, microbatches=1, minibatches=8)
-        (3, 5, 7, 8)
+        ('F0 F2 B0 F4 B2 F6 B4 B6', (3, 5, 7, 8))
+        >>> sync_points(Schedule.ONE_F_ONE_B, replicas=(2, 1), stage=0, replica=0, microbatches=4, minibatches=2)
+        (4, 8)
     """
     count = replicas[stage]
     if not 0 <= replica < count:
@@ -251,15 +250,13 @@ def sync_points(
 def sync_unit(schedule: Schedule, *, replicas: int, microbatches: int) -> int:
     """Microbatches between two all-reduces of a stage with ``replicas`` replicas.
 
-    ``M`` for the flushed schedules; ``lcm(M, R)`` for ``pipedream`` (see :func:`sync_points`).
+    ``M`` for the flushed schedules; ``R`` for ``pipedream`` (see :func:`sync_points`).
 
     Example:
-        >>> sync_unit(Schedule.PIPEDREAM, replicas=3, microbatches=1), sync_unit(Schedule.GPIPE, replicas=3, microbatches=4)
+        >>> sync_unit(Schedule.PIPEDREAM, replicas=3, microbatches=4), sync_unit(Schedule.GPIPE, replicas=3, microbatches=4)
         (3, 4)
     """
-    if schedule is Schedule.PIPEDREAM:
-        return math.lcm(microbatches, replicas)
-    return microbatches
+    return replicas if schedule is Schedule.PIPEDREAM else microbatches
 
 
 def step_grid(schedule: Schedule, *, replicas: Sequence[int], microbatches: int) -> str:

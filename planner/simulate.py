@@ -8,9 +8,10 @@ the link's level comes from :meth:`Topology.link_level`. Tensors that skip stage
 the stages in between, so the link from stage s to s+1 carries every tensor produced in stages
 <= s and read in stages > s; gradients of the same size go back. Replicated stages all-reduce
 their gradients once per minibatch after their last backward of it (``pipedream``: once per
-``lcm(M, R)`` microbatches, see :func:`planner.schedules.sync_points`; ring: 2(m-1)/m x parameter
-bytes at the slowest level the replicas span, plus 2(m-1) latencies); ``1f1b`` and ``gpipe``
-flush after every minibatch, ``pipedream`` runs minibatches back to back.
+round of R microbatches, one on each replica, as PipeDream does; see
+:func:`planner.schedules.sync_points`); ring all-reduce: 2(m-1)/m x parameter bytes at the slowest
+level the replicas span, plus 2(m-1) latencies. ``1f1b`` and ``gpipe`` flush after every
+minibatch, ``pipedream`` runs minibatches back to back.
 
 What is not modelled: compute and communication overlap perfectly (sends use no compute time),
 the all-reduce does not share links with activation transfers, the optimizer step takes no time,
@@ -74,7 +75,8 @@ class SimStage:
         ranks: The ranks of its replicas; replica ``i`` is ``ranks[i]``.
         send_bytes: Bytes sent to the next stage per microbatch (every tensor crossing the
             boundary); the gradients coming back have the same size. Ignored on the last stage.
-        allreduce_s: Gradient all-reduce among the replicas once per minibatch, seconds.
+        allreduce_s: One gradient all-reduce among the replicas, seconds; once per minibatch
+            (``pipedream``: once per round of one microbatch on each replica).
         static_bytes: Memory held all the time: weights, gradients, optimizer state, buffers.
         activation_bytes: Memory held per microbatch from its forward's start to its
             backward's end (what is saved for backward).
@@ -146,7 +148,8 @@ class SimulationResult:
         minibatches: Minibatches simulated.
         samples_per_minibatch: Samples per minibatch.
         minibatch_s: Steady-state time per minibatch: the mean spacing of minibatch ends in
-            the window of :func:`steady_window` (the first minibatch's time if only one ran).
+            the window of :func:`steady_window` (for ``pipedream`` cut to whole periods of the
+            steady state when it repeats; the first minibatch's time if only one ran).
         first_minibatch_s: When the first minibatch ended (from an empty pipeline).
         makespan_s: When the last operation ended.
         samples_per_s: ``samples_per_minibatch / minibatch_s``.
@@ -184,7 +187,8 @@ class SimulationResult:
     def describe(self) -> str:
         """The summary ``plan simulate`` prints."""
         lines = [
-            f"simulated {self.minibatches} minibatches of {self.microbatches} microbatches "
+            f"simulated {_count(self.minibatches, 'minibatch')} of "
+            f"{_count(self.microbatches, 'microbatch')} "
             f"({self.samples_per_minibatch} samples), schedule {self.schedule}",
             f"time per minibatch {self.minibatch_s * 1e3:.2f} ms (first {self.first_minibatch_s * 1e3:.2f} ms), "
             f"{self.samples_per_s:.1f} samples/s, critical stage {self.critical_stage}",
@@ -203,16 +207,21 @@ class SimulationResult:
         return "\n".join(lines)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es"
+
+
 def default_minibatches(schedule: Schedule, *, devices: int, microbatches: int) -> int:
     """Enough minibatches to see the steady state.
 
     3 for the flushed schedules (every minibatch after the first is alike); for ``pipedream``
-    enough that a window of at least two minibatches remains between the fill and the drain of
-    a pipeline over ``devices`` devices (see :func:`steady_window`).
+    enough that a window of at least eight minibatches and four microbatches per device remains
+    between the fill and the drain of a pipeline over ``devices`` devices (see
+    :func:`steady_window`).
     """
     if schedule is not Schedule.PIPEDREAM:
         return 3
-    return max(6, 2 * _edge(devices, microbatches) + 4)
+    return 2 * _edge(devices, microbatches) + 1 + max(8, math.ceil(4 * devices / microbatches))
 
 
 def steady_window(schedule: Schedule, *, devices: int, microbatches: int,
@@ -222,22 +231,35 @@ def steady_window(schedule: Schedule, *, devices: int, microbatches: int,
     The time per minibatch is ``(end[hi] - end[lo]) / (hi - lo)``; ``lo == hi == 0`` means one
     minibatch, timed from 0. Flushed schedules: ``(0, N - 1)``. ``pipedream``: the fill and the
     drain each distort the ends of ``E = ceil(devices / M)`` minibatches (the input stage admits
-    ``devices - 1`` microbatches ahead), so the window runs from the later of ``E`` and the middle
-    to ``N - 1 - E``; shorter runs fall back to their second half.
+    ``devices - 1`` microbatches ahead), so the window runs from ``E`` to ``N - 1 - E``; shorter
+    runs fall back to their second half.
 
     Example:
         >>> steady_window(Schedule.PIPEDREAM, devices=4, microbatches=2, minibatches=10)
-        (3, 7)
+        (2, 7)
     """
     if minibatches == 1:
         return 0, 0
     if schedule is not Schedule.PIPEDREAM:
         return 0, minibatches - 1
     edge = _edge(devices, microbatches)
-    hi = minibatches - 1 - edge
-    lo = max(edge, hi // 2)
+    lo, hi = edge, minibatches - 1 - edge
     if hi - lo < 1:
         return (minibatches - 1) // 2, minibatches - 1
+    return lo, hi
+
+
+def _whole_periods(done: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """Shrink the window ``lo..hi`` to whole periods of the steady state, if it has one.
+
+    Round-robin replication makes a steady state periodic over several minibatches (e.g. every
+    round of replicas ends with its all-reduce), so a window over part of a period would be off.
+    """
+    steps = np.diff(done[lo:hi + 1])
+    scale = max(float(np.abs(steps).max(initial=0.0)), 1e-300)
+    for period in range(1, len(steps) // 2 + 1):
+        if np.allclose(steps[period:], steps[:-period], rtol=1e-9, atol=1e-9 * scale):
+            return hi - (len(steps) // period) * period, hi
     return lo, hi
 
 
@@ -550,6 +572,8 @@ class _Engine:
         np.maximum.at(done, minibatch, end)  # each minibatch ends with its last operation
         lo, hi = steady_window(self.schedule, devices=len(self.devices), microbatches=self.M,
                                minibatches=self.N)
+        if self.schedule is Schedule.PIPEDREAM:
+            lo, hi = _whole_periods(done, lo, hi)
         w0, w1 = (0.0, float(done[0])) if hi == 0 else (float(done[lo]), float(done[hi]))
         minibatch_s = (w1 - w0) / max(hi - lo, 1)
         span = max(w1 - w0, 1e-300)

@@ -67,7 +67,7 @@ def test_sync_points_cut_every_replica_at_one_place_of_the_stage_order() -> None
     replicas, stage, m, n = (3, 1), 0, 6, 4
     order = stage_order(Schedule.PIPEDREAM, num_stages=2, stage=0, microbatches=m * n,
                         replicas=replicas)
-    cuts = [i + 1 for i, op in enumerate(order) if op.kind == "B" and (op.microbatch + 1) % m == 0]
+    cuts = [i + 1 for i, op in enumerate(order) if op.kind == "B" and (op.microbatch + 1) % 3 == 0]
     for r in range(3):
         points = sync_points(Schedule.PIPEDREAM, replicas=replicas, stage=stage, replica=r,
                              microbatches=m, minibatches=n)
@@ -79,9 +79,9 @@ def test_sync_points_cut_every_replica_at_one_place_of_the_stage_order() -> None
 
 
 def test_sync_unit() -> None:
-    assert sync_unit(Schedule.PIPEDREAM, replicas=2, microbatches=4) == 4
-    assert sync_unit(Schedule.PIPEDREAM, replicas=3, microbatches=2) == 6
-    assert sync_unit(Schedule.ONE_F_ONE_B, replicas=3, microbatches=2) == 2
+    assert sync_unit(Schedule.PIPEDREAM, replicas=2, microbatches=4) == 2  # a round of replicas
+    assert sync_unit(Schedule.PIPEDREAM, replicas=3, microbatches=1) == 3
+    assert sync_unit(Schedule.ONE_F_ONE_B, replicas=3, microbatches=2) == 2  # a minibatch
 
 
 def test_step_grid_shows_the_bubble() -> None:

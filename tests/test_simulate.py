@@ -3,13 +3,19 @@ optimizer's objective on real profiles."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from planner.errors import PlanError
-from planner.plan import Plan, PlanStage, Prediction, ProfileRef
+from planner import simulate_command
+from planner.errors import PlanError, PlannerError, ProfileError
+from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.format import LayerProfile, Profile
 from planner.schedules import OptimizerKind, Schedule, format_ops, replica_order
 from planner.simulate import (
@@ -152,16 +158,18 @@ def test_replicas_take_microbatches_round_robin_in_schedule_order(schedule: Sche
             expected = " ".join(f"{t[0]}{int(t[1:]) % 6}" for t in expected.split())
         assert seen == expected
     reduces = r.events[r.events["kind"] == "allreduce"]
-    assert sorted(reduces["rank"]) == [0, 0, 1, 1, 2, 2]  # once per minibatch on each replica
+    # flushed: once per minibatch on each replica; pipedream: once per round of 3 microbatches
+    rounds = 4 if schedule is Schedule.PIPEDREAM else 2
+    assert sorted(reduces["rank"]) == sorted([0, 1, 2] * rounds)
     assert (reduces["end_s"] - reduces["start_s"]).eq(0.5).all()
 
 
 def test_three_to_one_replication_reaches_the_analytic_rate() -> None:
-    # stage 0: 9 s per microbatch over 3 replicas = 3 s; stage 1: 3 s; all-reduce 0.5 s per minibatch
+    # stage 0: 9 s per microbatch over 3 replicas = 3 s; stage 1: 3 s; all-reduce 0.5 s
     sim = [SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
            SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,))]
     r = simulate_stages(sim, schedule=Schedule.PIPEDREAM, microbatches=6, minibatches=12)
-    assert r.minibatch_s == pytest.approx(6 * 3.0 + 0.5)
+    assert r.minibatch_s == pytest.approx(6 * (9.0 + 0.5) / 3)  # PipeDream: (C + A) / m
     gpipe = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=6, minibatches=2)
     # stage 1 runs F0..F5 from 3 s to 9 s, B0..B5 until 21 s; replica 2 of stage 0 gets B5's
     # gradient at 21 s, ends at 27 s; then the 0.5 s all-reduce
@@ -172,8 +180,12 @@ def test_three_to_one_replication_reaches_the_analytic_rate() -> None:
 def test_data_parallel_alone(schedule: Schedule) -> None:
     sim = [SimStage(forward_s=1.0, backward_s=2.0, ranks=(0, 1, 2, 3), allreduce_s=0.25)]
     r = simulate_stages(sim, schedule=schedule, microbatches=8, minibatches=6)
-    assert r.minibatch_s == pytest.approx(2 * 3.0 + 0.25)
-    assert all(d.allreduce_fraction == pytest.approx(0.25 / 6.25) for d in r.devices)
+    if schedule is Schedule.PIPEDREAM:  # one all-reduce per round of 4 microbatches
+        assert r.minibatch_s == pytest.approx(2 * (3.0 + 0.25))
+        assert all(d.allreduce_fraction == pytest.approx(0.25 / 3.25) for d in r.devices)
+    else:
+        assert r.minibatch_s == pytest.approx(2 * 3.0 + 0.25)
+        assert all(d.allreduce_fraction == pytest.approx(0.25 / 6.25) for d in r.devices)
 
 
 def test_pipedream_with_one_microbatch_reduces_once_per_round_of_replicas() -> None:
@@ -291,3 +303,123 @@ def test_steady_window_skips_fill_and_drain() -> None:
                            default_minibatches(Schedule.PIPEDREAM, devices=16, microbatches=1))
     assert lo >= 16 and hi - lo >= 2
     assert math.isfinite(lo)
+
+
+# --- `plan simulate` -------------------------------------------------------------------------
+
+
+def _write_plan(tmp_path: Path, *, schedule: Schedule = Schedule.ONE_F_ONE_B) -> tuple[Path, Plan]:
+    profile = chain_profile([(1.0, 2.0), (2.0, 3.0), (1.0, 1.0), (3.0, 3.0)], skips=[(0, 2)])
+    profile_path = tmp_path / "chain.json"
+    profile.save(profile_path)
+    plan = make_plan(profile, [0, 1, 3], [2, 1, 1], schedule=schedule)
+    plan = dataclasses.replace(plan, profile=dataclasses.replace(
+        plan.profile, path="chain.json", sha256=file_sha256(profile_path)))
+    plan_path = tmp_path / "plan.json"
+    plan.save(plan_path)
+    return plan_path, plan
+
+
+def _args(plan: Path | str, **options: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    simulate_command.add_arguments(parser)
+    argv = [str(plan)]
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("schedule", ALL)
+def test_plan_simulate_prints_and_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str],
+                                         schedule: Schedule) -> None:
+    plan_path, _ = _write_plan(tmp_path, schedule=schedule)
+    monkeypatch.chdir(tmp_path.parent)  # the recorded path resolves next to the plan
+    out = tmp_path / "out"
+    status = simulate_command.run(_args(plan_path, png=out / "gantt.png", csv=out / "events.csv",
+                                        minibatches=4))
+    assert status == 0
+    text = capsys.readouterr().out
+    for needle in ("time per minibatch", "samples/s", "idle (bubble)", "peak memory",
+                   "critical stage", "plan's prediction"):
+        assert needle in text
+    for name in ("gantt.png", "gantt.partition.png", "gantt.memory.png"):
+        assert (out / name).stat().st_size > 10_000
+    frame = pd.read_csv(out / "events.csv")
+    assert tuple(frame.columns) == EVENT_COLUMNS
+    assert set(frame["kind"]) >= {"forward", "backward", "send", "recv", "allreduce"}
+    assert not list(out.glob("*.tmp"))
+
+
+def test_plan_simulate_refuses_bad_input(tmp_path: Path) -> None:
+    plan_path, _ = _write_plan(tmp_path)
+    with pytest.raises(PlanError, match="does not exist"):
+        simulate_command.run(_args(tmp_path / "missing.json"))
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(plan_path.read_text()[:200])
+    with pytest.raises(PlanError, match="not valid JSON"):
+        simulate_command.run(_args(corrupt))
+    other = tmp_path / "other.json"
+    chain_profile([(1.0, 2.0)] * 4).save(other)
+    with pytest.raises(PlanError, match="sha256"):
+        simulate_command.run(_args(plan_path, profile=other))
+    with pytest.raises(ProfileError, match="does not exist"):
+        simulate_command.run(_args(plan_path, profile=tmp_path / "nope.json"))
+    (tmp_path / "chain.json").unlink()
+    with pytest.raises(PlanError, match="--profile"):
+        simulate_command.run(_args(plan_path))
+    with pytest.raises(PlanError, match="--minibatches"):
+        simulate_command.run(_args(plan_path, minibatches=0))
+    assert issubclass(ProfileError, PlannerError) and issubclass(PlanError, PlannerError)
+
+
+def test_side_paths() -> None:
+    assert [p.name for p in simulate_command.side_paths("out/g.png")] == [
+        "g.png", "g.partition.png", "g.memory.png"]
+
+
+# --- the engine is causal and greedy -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_operation_starts_as_soon_as_its_device_and_input_allow(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    schedule = list(Schedule)[seed % 3]
+    num = int(rng.integers(1, 6))
+    replicas = [int(rng.choice([1, 1, 2, 3])) for _ in range(num)]
+    topo = Topology.from_args(gpus=16, gpus_per_node=4, bandwidth_gbps=1, inter_node_bandwidth_gbps=0.2)
+    ranks = rng.permutation(16)[: sum(replicas)].tolist()
+    stages, at = [], 0
+    for m in replicas:
+        f = float(rng.uniform(0.5, 2))
+        stages.append(SimStage(forward_s=f, backward_s=2 * f, ranks=tuple(ranks[at:at + m]),
+                               send_bytes=float(rng.uniform(0, 1e9)),
+                               allreduce_s=float(rng.uniform(0, 1))))
+        at += m
+    r = simulate_stages(stages, schedule=schedule, microbatches=int(rng.integers(1, 7)),
+                        minibatches=3, topology=topo)
+    ev = r.events
+    stage_of = {rank: s for s, st in enumerate(stages) for rank in st.ranks}
+    done = {(row.stage, row.microbatch, row.kind): (row.rank, row.end_s)
+            for row in ev[ev["kind"].isin(["forward", "backward"])].itertuples()}
+    arrived = {(row.rank, row.microbatch, row.peer): row.end_s
+               for row in ev[ev["kind"] == "recv"].itertuples()}
+    last = len(stages) - 1
+    for rank, rows in ev[ev["kind"].isin(["forward", "backward", "allreduce"])].groupby("rank"):
+        free = 0.0
+        for row in rows.sort_values(["start_s", "end_s"]).itertuples():
+            if row.kind == "allreduce":
+                assert row.start_s >= free - 1e-12
+                free = row.end_s
+                continue
+            s, m = stage_of[rank], row.microbatch
+            if row.kind == "forward":
+                source = None if s == 0 else done[(s - 1, m, "forward")]
+            else:
+                source = None if s == last else done[(s + 1, m, "backward")]
+            ready = 0.0
+            if source is not None:
+                ready = arrived.get((rank, m, source[0]), source[1])
+                assert ready >= source[1] - 1e-12
+            assert row.start_s == pytest.approx(max(free, ready), abs=1e-9), (rank, row)
+            free = row.end_s

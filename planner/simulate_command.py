@@ -1,0 +1,118 @@
+"""``plan simulate PLAN.json``: simulate a plan, print what it promises, draw it.
+
+Example:
+    $ plan simulate plan.json --png gantt.png --csv events.csv
+    (prints the summary; writes gantt.png, gantt.partition.png, gantt.memory.png, events.csv)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+
+from planner._io import atomic_write_text
+from planner.errors import PlanError
+from planner.plan import Plan, file_sha256
+from planner.profile.format import Profile
+from planner.simulate import SimulationResult, simulate
+
+__all__ = ["add_arguments", "find_profile", "run", "side_paths", "summary"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``plan simulate``."""
+    parser.add_argument("plan", metavar="PLAN.json", help="a plan written by `plan`")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="the plan's profile (default: the path the plan records, looked up "
+                             "from here and then next to the plan)")
+    parser.add_argument("--minibatches", type=int, metavar="N",
+                        help="minibatches to simulate (default: 3 for 1f1b/gpipe; enough to "
+                             "reach the steady state for pipedream)")
+    parser.add_argument("--png", metavar="FILE",
+                        help="write the Gantt chart here, and the partition and memory charts "
+                             "next to it (FILE.partition.png, FILE.memory.png)")
+    parser.add_argument("--csv", metavar="FILE", help="write every simulated event here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Simulate, print the summary, write the pictures and the CSV; returns the exit status."""
+    if args.minibatches is not None and args.minibatches < 1:
+        raise PlanError(f"--minibatches must be at least 1, got {args.minibatches}")
+    plan = Plan.load(args.plan)
+    path = find_profile(plan, args.plan, args.profile)
+    profile = Profile.load(path)
+    plan.check_profile(profile, file_sha256(path))
+    result = simulate(plan, profile, minibatches=args.minibatches)
+    print(summary(plan, result))
+    if args.png:
+        from planner.viz import draw_gantt, draw_memory, draw_partition
+
+        gantt, partition, memory = side_paths(args.png)
+        title = (f"{plan.profile.model}: {result.schedule} on {len(result.devices)} devices, "
+                 f"{result.microbatches} x {plan.microbatch_size} samples per minibatch: "
+                 f"{result.samples_per_s:,.1f} samples/s simulated")
+        draw_gantt(result, gantt, title=title)
+        draw_partition(plan, profile, partition)
+        draw_memory(result, memory)
+        print(f"wrote {gantt}, {partition}, {memory}")
+    if args.csv:
+        buffer = io.StringIO()
+        result.events.to_csv(buffer, index=False)
+        atomic_write_text(args.csv, buffer.getvalue())
+        print(f"wrote {args.csv} ({len(result.events)} events)")
+    return 0
+
+
+def find_profile(plan: Plan, plan_path: str | os.PathLike[str],
+                 override: str | os.PathLike[str] | None = None) -> Path:
+    """The plan's profile: ``override``; else its recorded path from the current folder, then
+    relative to the plan's folder.
+
+    Raises:
+        PlanError: None of them exists.
+    """
+    if override is not None:
+        return Path(override)  # Profile.load reports a missing file
+    recorded = Path(plan.profile.path)
+    candidates = [recorded, Path(plan_path).parent / recorded]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise PlanError(
+        f"cannot find the plan's profile (tried {tried}); pass it with --profile FILE"
+    )
+
+
+def side_paths(png: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """``gantt.png`` -> itself, ``gantt.partition.png``, ``gantt.memory.png``."""
+    path = Path(png)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    suffix = path.suffix or ".png"
+    return (path.with_name(stem + suffix), path.with_name(f"{stem}.partition{suffix}"),
+            path.with_name(f"{stem}.memory{suffix}"))
+
+
+def summary(plan: Plan, result: SimulationResult) -> str:
+    """The simulated numbers beside the plan's prediction."""
+    predicted = plan.predicted
+    ratio = result.minibatch_s / predicted.minibatch_s if predicted.minibatch_s > 0 else float("nan")
+    lines = [
+        f"{plan.profile.model}: {len(plan.stages)} stages on {len(result.devices)} devices, "
+        f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
+        f"{plan.microbatch_size}",
+        result.describe(),
+        f"plan's prediction: {predicted.minibatch_s * 1e3:.2f} ms per minibatch, "
+        f"{predicted.samples_per_s:.1f} samples/s; simulated/predicted time {ratio:.3f}",
+    ]
+    limit = result.memory_limit_bytes
+    over = [d for d in result.devices if limit is not None and d.peak_memory_bytes > limit]
+    if over:
+        worst = max(over, key=lambda d: d.peak_memory_bytes)
+        lines.append(
+            f"warning: {len(over)} devices exceed the {limit / 1024**3:.3g} GiB of device memory "
+            f"(rank {worst.rank}: {worst.peak_memory_bytes / 1024**3:.2f} GiB)"
+        )
+    return "\n".join(lines)
