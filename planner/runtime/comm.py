@@ -388,7 +388,7 @@ def _unique(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
 
 def _split_by_dtype(buckets: list[_Bucket]) -> list[_Bucket]:
     """torch.cat needs one dtype per flat buffer; mixed-precision stages get one per dtype."""
-    out = []
+    out: list[_Bucket] = []
     for bucket in buckets:
         dtypes = sorted({p.dtype for p in bucket.params}, key=str)
         out.extend(_Bucket(group=bucket.group, params=[p for p in bucket.params if p.dtype == d])

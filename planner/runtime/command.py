@@ -19,7 +19,7 @@ from planner.runtime.config import RunConfig, add_run_arguments
 from planner.runtime.launch import launch_local
 from planner.runtime.worker import load_spec, prepare
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "main", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,3 +46,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"plan run: failed (rank {result.first_failure} first, status "
               f"{result.returncodes[result.first_failure or 0]})", file=sys.stderr)
     return result.status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m planner.runtime.command PLAN.json ...``: ``plan run`` without the ``plan`` CLI."""
+    from planner.errors import PlannerError
+
+    parser = argparse.ArgumentParser(prog="plan run", description="train with a plan on local "
+                                     "processes, one per rank")
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except PlannerError as exc:
+        print(f"plan run: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -199,11 +199,10 @@ class StageExecutor:
                     outputs, _ = self._compute(saved.values, saved.targets, record=False)
         if outputs:
             torch.autograd.backward(outputs, grads)
-        upstream = None
+        upstream: list[torch.Tensor] | None = None
         if not self.is_first:
             assert self.in_meta is not None
-            upstream = [saved.inputs[i].grad if saved.inputs[i].grad is not None
-                        else torch.zeros_like(saved.inputs[i]) for i in self.in_meta.grad_indices]
+            upstream = [_grad_or_zeros(saved.inputs[i]) for i in self.in_meta.grad_indices]
         self.compute_s += time.perf_counter() - start
         if upstream is not None:
             self.p2p.isend(upstream, dst=self.placement.rank_of(self.stage - 1, microbatch),
@@ -222,6 +221,11 @@ class StageExecutor:
         """The unscaled losses of the microbatches run since the last call (last stage)."""
         losses, self.losses = self.losses, []
         return losses
+
+
+def _grad_or_zeros(tensor: torch.Tensor) -> torch.Tensor:
+    """An input's gradient; zeros when the stage did not use it differentiably."""
+    return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
 
 
 @dataclass
@@ -265,7 +269,7 @@ class FlushSchedule:
         ex = self.executor
         ops = self.ops
         depth = in_flight(self.schedule, num_stages=ex.placement.num_stages, stage=ex.stage,
-                          microbatches=ex.microbatches)
+                          microbatches=ex.microbatches, replicas=ex.placement.replicas)
         ex.plan_receives(ops, window=2 * depth)
         ex.run_ops(ops, inputs=inputs, targets=targets)
         ex.p2p.flush()

@@ -345,7 +345,7 @@ def _backend(choice: Backend) -> str:
 def _report(plan: Plan, config: RunConfig, env: DistEnv, backend: str,
             gathered: list[Any]) -> RunReport:
     ranks = [s for s, _ in gathered if s is not None]
-    steps = next((st for s, st in gathered
+    steps: list[StepStats] = next((st for s, st in gathered
                   if s is not None and s.stage == len(plan.stages) - 1 and s.replica == 0), [])
     measured = steps[1:] if len(steps) > 1 else steps
     mean_s = sum(s.wall_s for s in measured) / max(len(measured), 1)
