@@ -70,13 +70,12 @@ def save_png(fig: Figure, path: str | os.PathLike[str]) -> None:
 
 def default_until_s(result: SimulationResult) -> float:
     """How much of a run the Gantt chart shows: two minibatches of a flushed schedule (the flush
-    between them visible); for ``pipedream`` the fill and some steady state, up to ~3 microbatches
-    per device."""
+    between them visible); for ``pipedream`` the fill and some steady state (up to the minibatch
+    of microbatch ``devices + 8``)."""
     events = result.events
     done = events.groupby("minibatch", observed=True)["end_s"].max().sort_index().to_numpy()
     if result.schedule is Schedule.PIPEDREAM:
-        devices = len(result.devices)
-        shown = max(result.microbatches, 3 * devices)
+        shown = len(result.devices) + 8
         k = min(len(done), math.ceil(shown / result.microbatches)) - 1
     else:
         k = min(len(done), 2) - 1
@@ -269,7 +268,8 @@ def draw_partition(plan: Plan, profile: Profile, path: str | os.PathLike[str], *
 
 def memory_figure(result: SimulationResult, *, title: str | None = None,
                   until_s: float | None = None) -> Figure:
-    """Memory per device: over time (left) and the peak against the device limit (right).
+    """Memory per device: over time (left; at most 8 devices, those with the highest peaks) and
+    the peak of every device against the device memory (right).
 
     Example:
         >>> memory_figure(result).savefig("memory.png")   # doctest: +SKIP
@@ -280,7 +280,8 @@ def memory_figure(result: SimulationResult, *, title: str | None = None,
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     memory = result.memory
     base = memory.groupby("rank")["bytes"].first()
-    for d in devices:
+    traced = sorted(devices, key=lambda d: -d.peak_memory_bytes)[:8]
+    for d in sorted(traced, key=lambda d: (d.stage, d.replica)):
         trace = memory[memory["rank"] == d.rank]
         t = np.append(trace["time_s"].to_numpy(), until_s) * 1e3
         v = np.append(trace["bytes"].to_numpy(), trace["bytes"].iloc[-1]) / _GIB
@@ -296,9 +297,9 @@ def memory_figure(result: SimulationResult, *, title: str | None = None,
     left.set_xlabel("time (ms)")
     left.set_ylabel("memory (GiB)")
     left.set_ylim(0, None)
-    if len(devices) <= 16:
-        left.legend(fontsize=7, frameon=False, ncol=2 if len(devices) > 8 else 1, loc="upper left",
-                    bbox_to_anchor=(1.0, 1.0))
+    left.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                title=None if len(traced) == len(devices) else "highest peaks",
+                title_fontsize=7)
     peaks = np.array([d.peak_memory_bytes for d in devices]) / _GIB
     static = np.array([base[d.rank] for d in devices]) / _GIB
     y = np.arange(len(devices))
