@@ -1,0 +1,389 @@
+"""The exact MILP: stage boundaries, replicas and rank positions in one model (pulp + CBC).
+
+The same problem as the DP (:mod:`planner.optimize.dp`), scored by the same formulas
+(:class:`~planner.optimize.cost.CostModel`): stages are the differences of a chain of downsets
+``∅ ⊂ D_0 ⊂ D_1 ⊂ ... ⊂ D_{S-1} = all layers`` taken from a state family (the DP's, by default),
+stage ``s`` runs on ``m_s`` replicas, ranks are contiguous (:func:`~planner.optimize.cost.contiguous_ranks`),
+at most all devices are used (exactly all unless ``allow_fewer_devices``), and every stage fits in
+memory when the memory constraint is on. Used as ``--solver ilp`` and to cross-check the DP.
+
+Formulation. Stage slots ``s = 0..S_max-1`` (``S_max`` = min(devices, layers)); binaries:
+
+* ``b[s, k]``: slot ``s`` ends at downset ``D_k``; ``u[s, i] = Σ_k b[s, k] mask[k, i]`` says
+  whether layer ``i`` is in stages ``0..s``, and ``u[s] <= u[s+1]`` makes the chain nested;
+* ``q[s, d, m]``: slot ``s`` runs on ranks ``d..d+m-1``; these form a path over rank offsets
+  (flow conservation), so the position of every stage, hence every link level, is known;
+* ``f[s, T]``: the pipeline ends after slot ``s`` having used ``T`` devices (memory depends on
+  the devices from a stage on, ``T - d``; the objective on the stage count ``S``).
+
+Stage sums (compute, parameters, saved bytes, ...) are linear in ``u``; the cut after a slot is
+linear in ``b``. Every formula is linear once ``(d, m)``, the neighbour's ``m'`` or ``T`` are fixed,
+so each becomes a constraint switched on by the binaries that fix them (big-M with bounds
+computed per constraint). The bottleneck ``B`` bounds every stage's time and every link divided by
+the smaller replica count of its two stages (``max(L/m_a, L/m_b)``); for ``1f1b``/``gpipe`` the
+objective ``(M + S - 1) B + max_s A_s`` is linearised over the possible ``S``. Times are scaled to
+the model's total compute and memory to the device memory so that CBC's tolerances are relative.
+
+The model has ``O(S_max (K + N^2))`` binaries and ``O(S_max N^3)`` link constraints for ``K``
+states and ``N`` devices: exact and fast for small and medium problems, a cross-check and a
+certificate (``optimal=True`` only when CBC proves optimality within the time limit) rather than
+a replacement for the DP on thousands of layers or devices.
+
+Example:
+    >>> from planner.profile import LayerProfile, Profile
+    >>> from planner.topology import Topology
+    >>> from planner.optimize.cost import CostModel, SolverOptions
+    >>> layers = tuple(
+    ...     LayerProfile(name=f"l{i}", op="Linear", forward_ms=t, backward_ms=2 * t,
+    ...                  output_bytes=(1000,), parameter_bytes=4000, inputs=(i - 1,) if i else ())
+    ...     for i, t in enumerate([1.0, 3.0, 1.0, 1.0]))
+    >>> cost = CostModel(Profile(model="mlp", batch_size=8, layers=layers),
+    ...                  Topology.from_args(gpus=2), SolverOptions(straight=True))
+    >>> p = solve(cost, time_limit_s=20)
+    >>> [s.layers for s in p.stages], p.optimal, p.solver
+    ([(0, 1), (2, 3)], True, 'ilp')
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from planner.errors import InfeasibleError, PlanError
+from planner.optimize.cost import (
+    CostModel,
+    CostModelKind,
+    allreduce_s,
+    boundary_link_level,
+    in_flight,
+    link_s,
+)
+from planner.optimize.result import Partition
+from planner.schedules import Schedule
+
+__all__ = ["DEFAULT_TIME_LIMIT_S", "solve"]
+
+DEFAULT_TIME_LIMIT_S = 60.0
+
+
+def solve(
+    cost: CostModel,
+    *,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    masks: np.ndarray | None = None,
+    threads: int = 1,
+    verbose: bool = False,
+) -> Partition:
+    """Solve the partitioning problem of ``cost`` exactly with CBC.
+
+    Args:
+        cost: The profile, topology and options (schedule, microbatches, memory, ...).
+        time_limit_s: CBC's wall-clock limit. A solution found but not proven optimal by then is
+            returned with ``optimal=False``.
+        masks: The states, a boolean matrix (states x layers) of downsets; stage boundaries are
+            chosen among them. Default: the DP's state space for ``cost.options.state_space``.
+        threads: CBC threads.
+        verbose: Print CBC's log.
+
+    Returns:
+        The best partition found, scored by :meth:`CostModel.evaluate` (``solver="ilp"``).
+
+    Raises:
+        InfeasibleError: CBC proved that no partition fits (usually memory).
+        PlanError: No solution was found within the time limit; raise it or use the DP.
+
+    Example:
+        >>> from planner.profile import LayerProfile, Profile
+        >>> from planner.topology import Topology
+        >>> la = LayerProfile(name="a", op="", forward_ms=5, backward_ms=5, output_bytes=(4,),
+        ...                   parameter_bytes=0)
+        >>> cost = CostModel(Profile(model="m", batch_size=1, layers=(la,)), Topology.from_args(gpus=2))
+        >>> solve(cost).stages[0].replicas   # one layer: data parallel on both devices
+        2
+    """
+    if not (math.isfinite(time_limit_s) and time_limit_s > 0):
+        raise PlanError(f"ILP time limit must be positive, got {time_limit_s!r} s")
+    masks = _state_masks(cost) if masks is None else np.asarray(masks, dtype=bool)
+    model = _Model(cost, masks)
+    with warnings.catch_warnings():  # pulp 3.3 deprecates the bundled CBC's class name only
+        warnings.simplefilter("ignore", DeprecationWarning)
+        solver = pulp.PULP_CBC_CMD(
+            msg=verbose, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=0.0
+        )
+    model.prob.solve(solver)
+    status = model.prob.sol_status
+    if status == pulp.LpSolutionInfeasible or (
+        status == pulp.LpSolutionNoSolutionFound and model.prob.status == pulp.LpStatusInfeasible
+    ):
+        raise InfeasibleError(
+            f"no partition of {cost.num_layers} layers on {cost.topology.num_devices} devices fits "
+            f"in {cost.memory_limit_bytes / 1024**3:.3g} GiB under the {cost.options.schedule} "
+            "schedule; use more devices, --recompute or another schedule"
+        )
+    if status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        raise PlanError(
+            f"the ILP found no solution within {time_limit_s:g} s "
+            f"(CBC: {pulp.LpStatus[model.prob.status]}); raise the time limit or use --solver dp"
+        )
+    stages, replicas = model.solution()
+    return cost.evaluate(stages, replicas, solver="ilp", optimal=status == pulp.LpSolutionOptimal)
+
+
+def _state_masks(cost: CostModel) -> np.ndarray:
+    """The DP's downset family for the options' state space (prefixes until it exists)."""
+    try:
+        from planner.optimize import states
+    except ImportError:  # the DP's module not there yet: the profile's own order
+        return np.tri(cost.num_layers + 1, cost.num_layers, -1, dtype=bool)
+    return np.asarray(states.state_masks(cost), dtype=bool)
+
+
+@dataclass(frozen=True)
+class _Level:
+    bandwidth: float
+    latency: float
+
+
+class _Model:
+    """The pulp problem for one cost model and state family, and reading its solution."""
+
+    def __init__(self, cost: CostModel, masks: np.ndarray) -> None:
+        self.cost = cost
+        o = cost.options
+        n, num_devices = cost.num_layers, cost.topology.num_devices
+        self.n = n
+        masks = np.unique(masks[masks.any(axis=1)], axis=0)  # the empty set is implicit
+        if not masks.all(axis=1).any():
+            raise PlanError("the state family must contain the set of all layers")
+        self.masks = masks
+        full = int(np.flatnonzero(masks.all(axis=1))[0])
+        cuts = np.array([cost.cut_bytes(m) for m in masks])
+        self.pipedream = o.cost_model is CostModelKind.PIPEDREAM
+        self.levels = [
+            _Level(lv.bandwidth_bytes_per_s, lv.latency_s) for lv in cost.topology.levels
+        ]
+
+        # units: time relative to total compute, memory relative to the device memory
+        t_unit = max(float(cost.compute_s.sum()), 1e-12)
+        mem_unit = cost.memory_limit_bytes
+
+        slots = min(num_devices, n, len(masks))
+        totals = list(range(1, num_devices + 1)) if o.allow_fewer_devices else [num_devices]
+        reps = [1] if o.straight else list(range(1, num_devices + 1))
+        prob = pulp.LpProblem("partition", pulp.LpMinimize)
+        self.prob = prob
+        S, K = range(slots), range(len(masks))
+
+        b = {(s, k): prob.add_variable(f"b_{s}_{k}", cat="Binary") for s in S for k in K}
+        q = {
+            (s, d, m): prob.add_variable(f"q_{s}_{d}_{m}", cat="Binary")
+            for s in S
+            for d in (range(1) if s == 0 else range(s, num_devices))
+            for m in reps
+            if d + m <= num_devices
+        }
+        f = {(s, e): prob.add_variable(f"f_{s}_{e}", cat="Binary") for s in S for e in totals}
+        act = [pulp.lpSum(v for (s2, _, _), v in q.items() if s2 == s) for s in S]
+        self.b, self.q = b, q
+
+        # --- the chain of downsets --------------------------------------------------------
+        for s in S:
+            prob += pulp.lpSum(b[s, k] for k in K) == 1
+        prob += b[slots - 1, full] == 1
+        u = [[pulp.lpSum(b[s, k] for k in K if masks[k, i]) for i in range(n)] for s in S]
+        for s in S:
+            size_s = pulp.lpSum(u[s])
+            prev = pulp.lpSum(u[s - 1]) if s else 0
+            prob += size_s - prev >= act[s]  # an active slot holds a layer
+            prob += size_s - prev <= n * act[s]  # an inactive one none
+            if s:
+                prob += act[s] <= act[s - 1]
+                for i in range(n):
+                    prob += u[s - 1][i] <= u[s][i]
+
+        # --- the path over rank offsets ---------------------------------------------------
+        prob += act[0] == 1
+
+        def starts(s: int, d: int) -> pulp.LpAffineExpression:
+            return pulp.lpSum(v for (s2, d2, _), v in q.items() if s2 == s and d2 == d)
+
+        for s in S:
+            for e in range(1, num_devices + 1):
+                ends = pulp.lpSum(v for (s2, d, m), v in q.items() if s2 == s and d + m == e)
+                nxt = starts(s + 1, e) if s + 1 < slots else 0
+                prob += ends == nxt + (f[s, e] if e in totals else 0)
+
+        # --- linear stage sums -----------------------------------------------------------
+        def stage_sum(values: np.ndarray, s: int) -> pulp.LpAffineExpression:
+            return pulp.lpSum(
+                float(values[i]) * (u[s][i] - (u[s - 1][i] if s else 0))
+                for i in range(n)
+                if values[i]
+            )
+
+        compute = [stage_sum(cost.compute_s / t_unit, s) for s in S]
+        params = [stage_sum(cost.parameter_bytes, s) for s in S]
+        cut = [pulp.lpSum(float(cuts[k]) * b[s, k] for k in K if cuts[k]) for s in S]
+        cut_on = [pulp.lpSum(b[s, k] for k in K if cuts[k] > 0) for s in S]
+        p_tot, c_tot = float(cost.parameter_bytes.sum()), float(cost.compute_s.sum()) / t_unit
+        x_max = float(cuts.max(initial=0.0))
+
+        # has_p[s] = 1 when the stage owns parameters: only then does an all-reduce pay latency
+        has_p: list[pulp.LpVariable | float] = [0.0] * slots
+        if p_tot > 0 and any(lv.latency > 0 for lv in self.levels):
+            has_p = [prob.add_variable(f"p_{s}", cat="Binary") for s in S]
+            for s in S:
+                prob += (1.0 / p_tot) * params[s] <= has_p[s]
+
+        bottleneck = prob.add_variable("B", lowBound=0)
+        sync = prob.add_variable("Y", lowBound=0)
+        self.topology = cost.topology
+
+        def allreduce_terms(level: int, m: int) -> tuple[float, float]:
+            """(seconds per parameter byte, latency seconds) of the planner's all-reduce."""
+            if level < 0 or m <= 1:
+                return 0.0, 0.0
+            lv = self.levels[level]
+            return allreduce_s(1.0, m, lv.bandwidth, 0.0), allreduce_s(1.0, m, 1.0, lv.latency) - (
+                allreduce_s(1.0, m, 1.0, 0.0)
+            )
+
+        time_bound = 0.0
+        for (s, d, m), var in q.items():
+            level = cost.topology.span_level(range(d, d + m))
+            if self.pipedream:
+                lv = self.levels[max(level, 0)]
+                per_p = 4.0 * (m - 1) / (lv.bandwidth * m) / t_unit
+                work = compute[s] + per_p * params[s]
+                big = (c_tot + per_p * p_tot) / m
+                prob += bottleneck >= (1.0 / m) * work - big * (1 - var)
+                time_bound = max(time_bound, big)
+                ratio = o.activation_compression_ratio
+                if ratio is not None:
+                    per_x = 2.0 / (lv.bandwidth * m * ratio) / t_unit
+                    for x in [cut[s]] + ([cut[s - 1]] if s else []):
+                        prob += bottleneck >= per_x * x - per_x * x_max * (1 - var)
+                    time_bound = max(time_bound, per_x * x_max)
+                continue
+            per_p, lat = allreduce_terms(level, m)
+            per_p, lat = per_p / t_unit, lat / t_unit
+            if o.schedule is Schedule.PIPEDREAM:
+                work = compute[s] + per_p * params[s] + lat * has_p[s]
+                big = (c_tot + per_p * p_tot + lat) / m
+                prob += bottleneck >= (1.0 / m) * work - big * (1 - var)
+            else:
+                big = c_tot / m
+                prob += bottleneck >= (1.0 / m) * compute[s] - big * (1 - var)
+                ar_big = per_p * p_tot + lat
+                if ar_big > 0:
+                    prob += sync >= per_p * params[s] + lat * has_p[s] - ar_big * (1 - var)
+            time_bound = max(time_bound, big)
+
+        # links between consecutive slots (planner model): max(L / m_a, L / m_b) <= B
+        if not self.pipedream:
+            for (s, d, m), var in q.items():
+                e = d + m
+                for m2 in reps:
+                    nxt = q.get((s + 1, e, m2))
+                    if nxt is None:
+                        continue
+                    level = boundary_link_level(cost.topology, range(d, e), range(e, e + m2))
+                    if level < 0:
+                        continue
+                    lv = self.levels[level]
+                    # link_s is affine in the bytes when they are positive: per byte, fixed part
+                    per_x = link_s(1.0, lv.bandwidth, 0.0)
+                    lat = (link_s(1.0, lv.bandwidth, lv.latency) - per_x) / t_unit
+                    per_x /= t_unit
+                    scale = 1.0 / min(m, m2)
+                    big = scale * (per_x * x_max + lat)
+                    prob += bottleneck >= scale * (per_x * cut[s] + lat * cut_on[s]) - big * (
+                        2 - var - nxt
+                    )
+                    time_bound = max(time_bound, big)
+
+        # --- memory ------------------------------------------------------------------------
+        if o.memory_constraint:
+            self._memory(q, f, totals, params, cut, stage_sum, mem_unit, x_max, p_tot)
+
+        # --- objective ---------------------------------------------------------------------
+        if o.schedule is Schedule.PIPEDREAM:
+            prob += bottleneck
+        else:
+            z = prob.add_variable("Z", lowBound=0)
+            microbatches = o.microbatches
+            y_bound = (
+                0.0
+                if self.pipedream
+                else max(
+                    (
+                        allreduce_s(p_tot, m, lv.bandwidth, lv.latency)
+                        for lv in self.levels
+                        for m in reps
+                    ),
+                    default=0.0,
+                )
+                / t_unit
+            )
+            for s in S:
+                stages_here = pulp.lpSum(f[s, e] for e in totals)  # S = s + 1 stages
+                big = (microbatches + slots - 1) * time_bound + y_bound
+                prob += z >= (microbatches + s) * bottleneck + sync - big * (1 - stages_here)
+            prob += z
+        prob += bottleneck <= time_bound
+
+    def _memory(self, q, f, totals, params, cut, stage_sum, mem_unit, x_max, p_tot) -> None:  # type: ignore[no-untyped-def]
+        cost, o, prob = self.cost, self.cost.options, self.prob
+        buffers = [stage_sum(cost.buffer_bytes / mem_unit, s) for s in range(len(params))]
+        saved = [stage_sum(cost.saved_bytes / mem_unit, s) for s in range(len(params))]
+        outputs = [stage_sum(cost.output_bytes / mem_unit, s) for s in range(len(params))]
+        b_tot = float(cost.buffer_bytes.sum()) / mem_unit
+        s_tot = float(cost.saved_bytes.sum()) / mem_unit
+        o_tot = float(cost.output_bytes.sum()) / mem_unit
+        p_rel = [p * (1.0 / mem_unit) for p in params]
+        p_tot_rel = p_tot / mem_unit
+        x_rel = x_max / mem_unit
+        for (s, d, m), var in q.items():
+            for total in totals:
+                if total < d + m:
+                    continue
+                t_var = pulp.lpSum(f[s2, total] for s2 in range(s, len(params)))
+                if self.pipedream:
+                    copies = -(-(total - d - m) // m)
+                    mem = copies * (outputs[s] + p_rel[s])
+                    big = copies * (o_tot + p_tot_rel)
+                else:
+                    flight = in_flight(o.schedule, total - d, m, o.microbatches)
+                    versions = flight if o.schedule is Schedule.PIPEDREAM else 1
+                    weights = (versions + 1 + cost.optimizer_factor) * p_rel[s] + buffers[s]
+                    big = (versions + 1 + cost.optimizer_factor) * p_tot_rel + b_tot
+                    if o.recompute:
+                        inp = cut[s - 1] * (1.0 / mem_unit) if s else 0
+                        mem = weights + flight * inp + saved[s]
+                        big += flight * x_rel + s_tot
+                    else:
+                        mem = weights + flight * saved[s]
+                        big += flight * s_tot
+                if big <= 1.0:
+                    continue
+                prob += mem <= 1.0 + (big - 1.0) * (2 - var - t_var)
+
+    def solution(self) -> tuple[list[list[int]], list[int]]:
+        """(stages, replicas) of the solved model."""
+        chosen = sorted((s, d, m) for (s, d, m), v in self.q.items() if (v.value() or 0.0) > 0.5)
+        stages, replicas = [], []
+        prev = np.zeros(self.n, dtype=bool)
+        for s, _, m in chosen:
+            k = max(
+                (k for (s2, k) in self.b if s2 == s),
+                key=lambda k: self.b[s, k].value() or 0.0,
+            )
+            mask = self.masks[k]
+            stages.append([int(i) for i in np.flatnonzero(mask & ~prev)])
+            replicas.append(m)
+            prev = mask
+        return stages, replicas
