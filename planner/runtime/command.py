@@ -16,6 +16,7 @@ import sys
 from planner.plan import Plan
 from planner.runtime.comm import Placement
 from planner.runtime.config import RunConfig, add_run_arguments
+from planner.runtime.data import data_source
 from planner.runtime.launch import launch_local
 from planner.runtime.worker import load_spec, prepare
 
@@ -36,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     config = RunConfig.from_args(args)
     plan = Plan.load(config.plan_path)
     world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
-    prepare(plan, load_spec(plan, seed=config.seed), rank=0, world_size=world)
+    spec = load_spec(plan, seed=config.seed)
+    prepare(plan, spec, rank=0, world_size=world)
+    data_source(spec, data=config.data, minibatch_size=plan.minibatch_size, seed=config.seed,
+                input_shape=plan.profile.input_shape)  # a bad --data fails here, not in a rank
     if config.log_every:
         print(f"plan run: {plan.profile.model}, {len(plan.stages)} stages on {world} processes, "
               f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "

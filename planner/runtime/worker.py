@@ -8,6 +8,10 @@ Every rank rebuilds the whole model from the same seed (identical initial weight
 replica), traces it as the profiler did, checks it against the plan, propagates one microbatch
 for the boundary shapes, and keeps only its own stage's submodule.
 
+Buffers (BatchNorm running statistics) are not synchronised: each replica of a stage keeps its
+own, computed from its microbatches, so a replicated stage with BatchNorm trains like per-replica
+BatchNorm (as data parallelism without SyncBatchNorm does) and differs slightly from one process.
+
 Example (under torchrun, or after :func:`planner.runtime.launch.launch_local` set the
 environment)::
 
@@ -41,7 +45,7 @@ from planner.runtime.comm import (
     make_groups,
 )
 from planner.runtime.config import Backend, RunConfig, RunError
-from planner.runtime.data import Batch, ModelLike, data_source, microbatch
+from planner.runtime.data import Batch, DataSource, ModelLike, data_source, microbatch
 from planner.runtime.report import RankStats, RunReport, StageStats, StepStats
 from planner.runtime.schedules import FlushSchedule, StageExecutor
 from planner.runtime.stage import (
@@ -210,6 +214,10 @@ def train(
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
+    source = None
+    if prep.stage in (0, len(plan.stages) - 1):  # inputs for stage 0, targets for the last
+        source = data_source(prep.spec, data=config.data, minibatch_size=plan.minibatch_size,
+                             seed=config.seed, input_shape=plan.profile.input_shape)
     backend = _backend(config.backend)
     device = (torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu"))
     # under torchrun the agent's store is already there (env://); else rendezvous over TCP
@@ -222,14 +230,15 @@ def train(
     try:
         check_agreement(prep.metas, rank=env.rank)
         groups = make_groups(prep.placement, prep.shared)
-        result = _run(plan, prep, config, env, groups, device, backend, return_state)
+        result = _run(plan, prep, config, env, groups, device, backend, source, return_state)
     finally:
         dist.destroy_process_group()
     return result
 
 
 def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: Any,
-         device: torch.device, backend: str, return_state: bool) -> RankResult:
+         device: torch.device, backend: str, source: DataSource | None,
+         return_state: bool) -> RankResult:
     timers = CommTimers()
     stats: RankStats | None = None
     steps: list[StepStats] = []
@@ -239,7 +248,8 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
         module = prep.module.to(device)
         sync = make_gradient_sync(groups, prep.shared, stage=prep.stage, module=module,
                                   timers=timers)
-        steps, stats = _train_stage(plan, prep, config, env, module, sync, groups, device, timers)
+        steps, stats = _train_stage(plan, prep, config, env, module, sync, groups, device,
+                                    source, timers)
         if return_state:
             state = {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
     gathered: list[Any] = [None] * env.world_size if env.rank == 0 else []
@@ -258,7 +268,8 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
 
 def _train_stage(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv,
                  module: torch.nn.Module, sync: GradientSync, groups: Any, device: torch.device,
-                 timers: CommTimers) -> tuple[list[StepStats], RankStats]:
+                 source: DataSource | None, timers: CommTimers,
+                 ) -> tuple[list[StepStats], RankStats]:
     stage, placement = prep.stage, prep.placement
     assert stage is not None
     last = placement.num_stages - 1
@@ -276,10 +287,6 @@ def _train_stage(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv,
                  if params else None)
     runner = FlushSchedule(executor=executor, schedule=plan.schedule, replica=prep.replica,
                            sync=sync, optimizer=optimizer)
-    source = None
-    if stage in (0, last):
-        source = data_source(prep.spec, data=config.data, minibatch_size=plan.minibatch_size,
-                             seed=config.seed, input_shape=plan.profile.input_shape)
     logs = config.log_every and prep.replica == 0 and stage == last
     mine = sum(1 for op in runner.ops if op.kind == "F")
     steps: list[StepStats] = []

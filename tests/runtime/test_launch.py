@@ -157,3 +157,9 @@ def test_killed_rank_ends_the_run_and_is_named(tmp_path: Path, env_path: dict) -
     assert launcher.returncode != 0
     assert "rank 0" in err
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())
+
+
+def test_missing_data_folder_is_refused_before_starting(tmp_path: Path) -> None:
+    make_plan(MLP, cuts=["_3"], replicas=[1, 1]).save(tmp_path / "plan.json")
+    with pytest.raises(PlannerError, match="not a folder"):
+        command.run(_args(str(tmp_path / "plan.json"), "--data", str(tmp_path / "none")))
