@@ -50,6 +50,8 @@ class RunConfig:
         report_path: Where to write the JSON report; None means beside the plan
             (``<plan>.report.json``).
         log_every: Print loss and samples/s every this many steps (0: never).
+        update_interval: ``pipedream`` only: optimizer steps every this many update points
+            (after every backward, or every round of ``R`` microbatches on replicated stages).
     """
 
     plan_path: str
@@ -63,6 +65,7 @@ class RunConfig:
     backend: Backend = Backend.AUTO
     report_path: str | None = None
     log_every: int = 1
+    update_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -75,6 +78,8 @@ class RunConfig:
             raise RunError(f"--timeout must be positive seconds, got {self.timeout_s}")
         if self.threads < 1:
             raise RunError(f"--threads must be at least 1, got {self.threads}")
+        if self.update_interval < 1:
+            raise RunError(f"--update-interval must be at least 1, got {self.update_interval}")
         if self.log_every < 0:
             raise RunError(f"--log-every must be 0 or more, got {self.log_every}")
 
@@ -91,7 +96,8 @@ class RunConfig:
                 "--momentum", repr(self.momentum), "--data", self.data,
                 "--timeout", repr(self.timeout_s), "--threads", str(self.threads),
                 "--seed", str(self.seed), "--backend", str(self.backend),
-                "--log-every", str(self.log_every)]
+                "--log-every", str(self.log_every),
+                "--update-interval", str(self.update_interval)]
         if self.report_path is not None:
             argv += ["--report", self.report_path]
         return argv
@@ -101,7 +107,7 @@ class RunConfig:
         return cls(plan_path=args.plan, steps=args.steps, lr=args.lr, momentum=args.momentum,
                    data=args.data, timeout_s=args.timeout, threads=args.threads, seed=args.seed,
                    backend=Backend(args.backend), report_path=args.report,
-                   log_every=args.log_every)
+                   log_every=args.log_every, update_interval=args.update_interval)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> RunConfig:
@@ -130,3 +136,5 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON report path (default: <plan>.report.json beside the plan)")
     parser.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
                         help="print loss and samples/s every N steps (0: never)")
+    parser.add_argument("--update-interval", type=int, default=d.update_interval, metavar="N",
+                        help="pipedream: step the optimizer every N update points (default 1)")

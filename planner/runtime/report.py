@@ -54,6 +54,8 @@ class RankStats:
         update_s: Optimizer step.
         bytes_sent: Bytes sent point-to-point.
         bytes_received: Bytes received point-to-point.
+        max_weight_versions: Most weight versions stashed at once (``pipedream``; else 0).
+        weight_version_limit: The most the schedule allows (``S - s`` unreplicated; else 0).
     """
 
     rank: int
@@ -70,6 +72,8 @@ class RankStats:
     update_s: float
     bytes_sent: int
     bytes_received: int
+    max_weight_versions: int = 0
+    weight_version_limit: int = 0
 
     @property
     def other_s(self) -> float:

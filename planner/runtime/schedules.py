@@ -30,17 +30,30 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from planner.runtime.comm import BoundaryMeta, GradientSync, PendingRecv, Placement, PointToPoint
 from planner.schedules import Op, Schedule, in_flight, replica_order
 
-__all__ = ["FlushSchedule", "StageExecutor"]
+__all__ = ["FlushSchedule", "StageExecutor", "WeightSource"]
 
 InputsFn = Callable[[int], Sequence[Any]]
 TargetsFn = Callable[[int], Any]
+
+
+class WeightSource(Protocol):
+    """Weights per microbatch, for schedules that keep several versions (PipeDream)."""
+
+    def forward_weights(self, microbatch: int) -> dict[str, torch.Tensor]:
+        """The weights ``F microbatch`` runs with (by qualified name)."""
+
+    def backward_weights(self, microbatch: int) -> dict[str, torch.Tensor]:
+        """The same weights again, for recomputation in ``B microbatch``."""
+
+    def backward_done(self, microbatch: int) -> None:
+        """``B microbatch`` finished: collect its gradients, release its version if unused."""
 
 
 @dataclass
@@ -63,10 +76,14 @@ class StageExecutor:
         placement: Ranks of all stages' replicas.
         in_meta: The boundary into this stage (None for stage 0).
         out_meta: The boundary out of it (None for the last stage).
-        microbatches: Microbatches per minibatch (``M``; each loss is scaled by ``1 / M``).
+        microbatches: Microbatches per minibatch (``M``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, used on the last stage.
         p2p: Point-to-point transport.
         recompute: Keep only a stage's inputs in forward; recompute in backward.
+        loss_divisor: Each microbatch's loss is divided by this before back-propagation
+            (default ``M``: the flushed schedules' mean over the minibatch).
+        weights: Where forwards and backwards take the weights from (weight stashing); None
+            runs the module's own parameters.
     """
 
     def __init__(
@@ -81,6 +98,8 @@ class StageExecutor:
         loss_fn: Callable[[Any, Any], torch.Tensor],
         p2p: PointToPoint,
         recompute: bool = False,
+        loss_divisor: int | None = None,
+        weights: WeightSource | None = None,
     ) -> None:
         self.module = module
         self.stage = stage
@@ -91,8 +110,10 @@ class StageExecutor:
         self.loss_fn = loss_fn
         self.p2p = p2p
         self.recompute = recompute
+        self.loss_divisor = microbatches if loss_divisor is None else loss_divisor
+        self.weights = weights
         self.compute_s = 0.0
-        self.losses: list[torch.Tensor] = []  # unscaled losses of this minibatch (last stage)
+        self.losses: list[tuple[int, torch.Tensor]] = []  # (microbatch, unscaled loss), last stage
         self._saved: dict[int, _Saved] = {}
         self._posted: dict[Op, PendingRecv] = {}
         self._upcoming: deque[Op] = deque()
@@ -163,8 +184,9 @@ class StageExecutor:
             target = targets(microbatch)
         start = time.perf_counter()
         rng = torch.get_rng_state() if self.recompute else None
+        weights = None if self.weights is None else self.weights.forward_weights(microbatch)
         with torch.set_grad_enabled(not self.recompute):
-            outputs, sent = self._compute(values, target)
+            outputs, sent = self._compute(microbatch, values, target, weights)
         self.compute_s += time.perf_counter() - start
         self._saved[microbatch] = _Saved(inputs=received, values=values, outputs=outputs,
                                          rng=rng, targets=target)
@@ -172,15 +194,19 @@ class StageExecutor:
             self.p2p.isend(sent, dst=self.placement.rank_of(self.stage + 1, microbatch),
                            microbatch=microbatch, backward=False)
 
-    def _compute(self, values: list[Any], target: Any, *, record: bool = True,
+    def _compute(self, microbatch: int, values: list[Any], target: Any,
+                 weights: dict[str, torch.Tensor] | None, *, record: bool = True,
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Run the stage; returns (tensors to back-propagate from, tensors to send or None)."""
-        out = self.module(*values)
+        if weights is None:
+            out = self.module(*values)
+        else:  # a stashed weight version, not the live parameters
+            out = torch.func.functional_call(self.module, weights, tuple(values))
         if self.is_last:
             loss = self.loss_fn(out, target)
             if record:
-                self.losses.append(loss.detach())
-            return [loss / self.microbatches], None  # see the module docstring: mean over M
+                self.losses.append((microbatch, loss.detach()))
+            return [loss / self.loss_divisor], None  # see the module docstring: mean over M
         assert self.out_meta is not None
         flat = self.out_meta.flatten(out, check_grad=not self.recompute)
         return [flat[i] for i in self.out_meta.grad_indices], flat
@@ -195,10 +221,15 @@ class StageExecutor:
             assert saved.rng is not None
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(saved.rng)
+                weights = (None if self.weights is None
+                           else self.weights.backward_weights(microbatch))
                 with torch.enable_grad():
-                    outputs, _ = self._compute(saved.values, saved.targets, record=False)
+                    outputs, _ = self._compute(microbatch, saved.values, saved.targets, weights,
+                                               record=False)
         if outputs:
             torch.autograd.backward(outputs, grads)
+        if self.weights is not None:
+            self.weights.backward_done(microbatch)
         upstream: list[torch.Tensor] | None = None
         if not self.is_first:
             assert self.in_meta is not None
@@ -220,7 +251,7 @@ class StageExecutor:
     def take_losses(self) -> list[torch.Tensor]:
         """The unscaled losses of the microbatches run since the last call (last stage)."""
         losses, self.losses = self.losses, []
-        return losses
+        return [loss for _, loss in losses]
 
 
 def _grad_or_zeros(tensor: torch.Tensor) -> torch.Tensor:

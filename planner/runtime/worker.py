@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,17 +36,15 @@ from planner.plan import Plan
 from planner.runtime.comm import (
     BoundaryMeta,
     CommTimers,
-    GradientSync,
     Placement,
-    PointToPoint,
     check_agreement,
     make_gradient_sync,
     make_groups,
 )
 from planner.runtime.config import Backend, RunConfig, RunError
-from planner.runtime.data import Batch, DataSource, ModelLike, data_source, microbatch
+from planner.runtime.data import DataSource, ModelLike, data_source, microbatch
+from planner.runtime.loops import SCHEDULE_LOOPS, StageContext, merge_losses
 from planner.runtime.report import RankStats, RunReport, StageStats, StepStats
-from planner.runtime.schedules import FlushSchedule, StageExecutor
 from planner.runtime.stage import (
     SharedParameter,
     StageCut,
@@ -175,21 +172,23 @@ def prepare(plan: Plan, spec: ModelLike, *, rank: int, world_size: int) -> Prepa
         )
     if not 0 <= rank < world_size:
         raise RunError(f"rank {rank} is outside a world of {world_size} processes")
-    if plan.schedule is Schedule.PIPEDREAM:
-        raise RunError(
-            "the runtime does not run the asynchronous 'pipedream' schedule yet; "
-            "re-plan with --schedule 1f1b (PipeDream-Flush) or --schedule gpipe"
-        )
     captured = capture_for_plan(plan, spec.module)
     cut = cut_graph(captured, [stage.layers for stage in plan.stages])
     example, _ = microbatch(spec.make_batch(plan.microbatch_size, 0), 0,
                             size=plan.microbatch_size)
     values = propagate(captured, example)
     metas = tuple(BoundaryMeta.from_values(names, values) for names in cut.boundaries)
+    shared = shared_parameters(captured, cut)
+    if shared and plan.schedule is Schedule.PIPEDREAM:
+        raise RunError(
+            f"parameters are shared across stages {list(shared[0].stages)} "
+            f"({', '.join(shared[0].names)}); under 'pipedream' every stage updates on its own "
+            "cadence, so tied copies would drift apart: re-plan with --schedule 1f1b or gpipe"
+        )
     where = placement.locate(rank)
     module = build_stage_module(captured, cut, where[0]) if where is not None else None
     return Prepared(spec=spec, placement=placement, cut=cut, metas=metas,
-                    shared=shared_parameters(captured, cut),
+                    shared=shared,
                     stage=None if where is None else where[0],
                     replica=0 if where is None else where[1], module=module)
 
@@ -242,103 +241,41 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
     timers = CommTimers()
     stats: RankStats | None = None
     steps: list[StepStats] = []
+    losses: list[tuple[int, float, float]] = []
     state: dict[str, torch.Tensor] = {}
     if prep.stage is not None:
         assert prep.module is not None
         module = prep.module.to(device)
         sync = make_gradient_sync(groups, prep.shared, stage=prep.stage, module=module,
                                   timers=timers)
-        steps, stats = _train_stage(plan, prep, config, env, module, sync, groups, device,
-                                    source, timers)
+        ctx = StageContext(plan=plan, config=config, rank=env.rank, stage=prep.stage,
+                           replica=prep.replica, placement=prep.placement, module=module,
+                           metas=prep.metas, loss_fn=prep.spec.loss_fn, sync=sync,
+                           stage_group=groups.stages[prep.stage], source=source, device=device,
+                           timers=timers)
+        loop = SCHEDULE_LOOPS[plan.schedule](ctx)
+        steps, stats, losses = loop.steps, loop.stats, loop.losses
         if return_state:
             state = {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
     gathered: list[Any] = [None] * env.world_size if env.rank == 0 else []
-    dist.gather_object((stats, steps), gathered if env.rank == 0 else None, dst=0)
+    dist.gather_object((stats, steps, losses), gathered if env.rank == 0 else None, dst=0)
     report = None
     if env.rank == 0:
         report = _report(plan, config, env, backend, gathered)
         report.save(config.report_file)
+        if config.log_every and plan.schedule is Schedule.PIPEDREAM and \
+                plan.stages[-1].replicas > 1:  # no single replica saw every loss: log them now
+            for step in report.step_stats:
+                if (step.step + 1) % config.log_every == 0:
+                    print(f"step {step.step + 1}/{config.steps}  loss {step.loss:.4f}  "
+                          f"{step.samples_per_s:.1f} samples/s", flush=True)
         if config.log_every:
             print(report.describe(), flush=True)
             print(f"report written to {config.report_file}", flush=True)
-    losses = tuple(s.loss for s in steps)
-    return RankResult(rank=env.rank, stage=prep.stage, losses=losses, stats=stats, state=state,
-                      report=report)
-
-
-def _train_stage(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv,
-                 module: torch.nn.Module, sync: GradientSync, groups: Any, device: torch.device,
-                 source: DataSource | None, timers: CommTimers,
-                 ) -> tuple[list[StepStats], RankStats]:
-    stage, placement = prep.stage, prep.placement
-    assert stage is not None
-    last = placement.num_stages - 1
-    max_tensors = max([len(m.tensors) for m in prep.metas] + [1])
-    p2p = PointToPoint(device=device, timers=timers, max_tensors=max_tensors)
-    executor = StageExecutor(
-        module=module, stage=stage, placement=placement,
-        in_meta=prep.metas[stage - 1] if stage > 0 else None,
-        out_meta=prep.metas[stage] if stage < last else None,
-        microbatches=plan.microbatches, loss_fn=prep.spec.loss_fn, p2p=p2p,
-        recompute=plan.recompute,
-    )
-    params = list(dict.fromkeys(p for p in module.parameters() if p.requires_grad))
-    optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-                 if params else None)
-    runner = FlushSchedule(executor=executor, schedule=plan.schedule, replica=prep.replica,
-                           sync=sync, optimizer=optimizer)
-    logs = config.log_every and prep.replica == 0 and stage == last
-    mine = sum(1 for op in runner.ops if op.kind == "F")
-    steps: list[StepStats] = []
-    started = time.perf_counter()
-    for step in range(config.steps):
-        if step == 1:  # leave the warm-up step out of the totals
-            executor.compute_s = runner.step_s = 0.0
-            timers.reset()
-            started = time.perf_counter()
-        t0 = time.perf_counter()
-        batch = _to(source(step), device) if source is not None else None
-        losses = runner.step(
-            inputs=None if batch is None else _slicer(batch, plan.microbatch_size, inputs=True),
-            targets=None if batch is None else _slicer(batch, plan.microbatch_size, inputs=False),
-        )
-        loss = float("nan")
-        if stage == last:
-            total = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
-            if groups.stages[stage] is not None:
-                dist.all_reduce(total, group=groups.stages[stage])
-            loss = total.item() / plan.microbatches
-        wall = time.perf_counter() - t0
-        steps.append(StepStats(step=step, loss=loss, wall_s=wall,
-                               samples_per_s=plan.minibatch_size / wall))
-        if logs and (step + 1) % config.log_every == 0:
-            print(f"step {step + 1}/{config.steps}  loss {loss:.4f}  "
-                  f"{plan.minibatch_size / wall:.1f} samples/s  ({wall * 1e3:.1f} ms)", flush=True)
-    measured = config.steps - 1 if config.steps > 1 else 1
-    stats = RankStats(
-        rank=env.rank, stage=stage, replica=prep.replica, microbatches_per_step=mine,
-        samples_per_step=mine * plan.microbatch_size, steps=measured,
-        wall_s=time.perf_counter() - started, compute_s=executor.compute_s, wait_s=timers.wait_s,
-        send_s=timers.send_s, sync_s=timers.sync_s, update_s=runner.step_s,
-        bytes_sent=timers.bytes_sent, bytes_received=timers.bytes_received,
-    )
-    return steps, stats
-
-
-def _slicer(batch: Batch, size: int, *, inputs: bool) -> Callable[[int], Any]:
-    def get(m: int) -> Any:
-        x, y = microbatch(batch, m, size=size)
-        return x if inputs else y
-
-    return get
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    from torch.utils import _pytree as pytree
-
-    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+    if plan.schedule is Schedule.PIPEDREAM and report is not None:
+        steps = list(report.step_stats)
+    return RankResult(rank=env.rank, stage=prep.stage, losses=tuple(s.loss for s in steps),
+                      stats=stats, state=state, report=report)
 
 
 def _backend(choice: Backend) -> str:
@@ -351,9 +288,13 @@ def _backend(choice: Backend) -> str:
 
 def _report(plan: Plan, config: RunConfig, env: DistEnv, backend: str,
             gathered: list[Any]) -> RunReport:
-    ranks = [s for s, _ in gathered if s is not None]
-    steps: list[StepStats] = next((st for s, st in gathered
-                  if s is not None and s.stage == len(plan.stages) - 1 and s.replica == 0), [])
+    ranks = [s for s, _, _ in gathered if s is not None]
+    if plan.schedule is Schedule.PIPEDREAM:  # losses are spread over the last stage's replicas
+        steps = merge_losses([x for _, _, losses in gathered for x in losses],
+                             microbatches=plan.microbatches, minibatch_size=plan.minibatch_size)
+    else:
+        steps = next((st for s, st, _ in gathered
+                      if s is not None and s.stage == len(plan.stages) - 1 and s.replica == 0), [])
     measured = steps[1:] if len(steps) > 1 else steps
     mean_s = sum(s.wall_s for s in measured) / max(len(measured), 1)
     stages = tuple(StageStats.of(s, [r for r in ranks if r.stage == s])

@@ -82,24 +82,31 @@ def _rank_main(rank: int, cases: list[tuple[str, str, RunConfig, int]], out: str
         try:
             result = train(plan, lambda p=plan, c=config: load_spec(p, seed=c.seed), config, env,
                            return_state=True)
-            record: dict[str, Any] = {"state": result.state, "losses": result.losses,
-                                      "stage": result.stage, "error": None}
+            stats = result.stats
+            record: dict[str, Any] = {
+                "state": result.state, "losses": result.losses, "stage": result.stage,
+                "error": None,
+                "versions": None if stats is None else (stats.max_weight_versions,
+                                                        stats.weight_version_limit)}
         except Exception as exc:  # recorded for the test to report
             record = {"error": f"{type(exc).__name__}: {exc}"}
         torch.save(record, os.path.join(out, f"{name}.rank{rank}.pt"))
 
 
 def run_cases(cases: dict[str, Plan], tmp: Path, *, steps: int = 3, lr: float = 0.1,
-              momentum: float = 0.0, timeout_s: float = 30.0) -> dict[str, dict[int, Any]]:
+              momentum: float = 0.0, timeout_s: float = 30.0,
+              update_interval: dict[str, int] | None = None) -> dict[str, dict[int, Any]]:
     """Train every plan on one set of spawned local ranks (saves process start-ups).
 
     Returns, per case, every rank's final stage parameters and losses (or its error).
     """
+    update_interval = update_interval or {}
     world = max(1 + max(r for s in p.stages for r in s.ranks) for p in cases.values())
     jobs = []
     for name, plan in cases.items():
         config = RunConfig(plan_path=str(tmp / f"{name}.json"), steps=steps, lr=lr,
-                           momentum=momentum, timeout_s=timeout_s, log_every=0)
+                           momentum=momentum, timeout_s=timeout_s, log_every=0,
+                           update_interval=update_interval.get(name, 1))
         jobs.append((name, plan.to_json(), config, free_port()))
     mp.spawn(_rank_main, args=(jobs, str(tmp)), nprocs=world, join=True)
     results: dict[str, dict[int, Any]] = {}
