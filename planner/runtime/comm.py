@@ -330,10 +330,12 @@ class ProcessGroups:
     Attributes:
         stages: Per stage, the group of its replicas (None for an unreplicated stage).
         shared: Per set of stages sharing parameters, the group of all their ranks.
+        active: Every rank that runs a stage (checkpoint barriers).
     """
 
     stages: tuple[Any, ...]
     shared: dict[tuple[int, ...], Any]
+    active: Any
 
 
 def make_groups(placement: Placement, shared: Sequence[SharedParameter]) -> ProcessGroups:
@@ -348,7 +350,8 @@ def make_groups(placement: Placement, shared: Sequence[SharedParameter]) -> Proc
     for stages in dict.fromkeys(p.stages for p in shared):
         union = sorted({r for s in stages for r in placement.ranks[s]})
         shared_groups[stages] = dist.new_group(union)
-    return ProcessGroups(stages=stage_groups, shared=shared_groups)
+    active = dist.new_group(sorted(r for ranks in placement.ranks for r in ranks))
+    return ProcessGroups(stages=stage_groups, shared=shared_groups, active=active)
 
 
 def make_gradient_sync(

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from planner.plan import Plan
+from planner.runtime.checkpoint import resume_state
 from planner.runtime.comm import Placement
 from planner.runtime.config import RunConfig, add_run_arguments
 from planner.runtime.data import data_source
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     prepare(plan, spec, rank=0, world_size=world)
     data_source(spec, data=config.data, minibatch_size=plan.minibatch_size, seed=config.seed,
                 input_shape=plan.profile.input_shape)  # a bad --data fails here, not in a rank
+    if config.resume:  # no checkpoint, or nothing left to run: say so before starting
+        assert config.checkpoint_dir is not None
+        resume_state(config.checkpoint_dir, rank=0, stage=None, replica=0, plan="",
+                     steps=config.steps)
     if config.log_every:
         print(f"plan run: {plan.profile.model}, {len(plan.stages)} stages on {world} processes, "
               f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "

@@ -52,6 +52,9 @@ class RunConfig:
         log_every: Print loss and samples/s every this many steps (0: never).
         update_interval: ``pipedream`` only: optimizer steps every this many update points
             (after every backward, or every round of ``R`` microbatches on replicated stages).
+        checkpoint_dir: Folder of checkpoints (None: no checkpoints).
+        checkpoint_every: Save a checkpoint every this many steps (0: never).
+        resume: Start from the newest complete checkpoint in ``checkpoint_dir``.
     """
 
     plan_path: str
@@ -66,6 +69,9 @@ class RunConfig:
     report_path: str | None = None
     log_every: int = 1
     update_interval: int = 1
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -80,6 +86,10 @@ class RunConfig:
             raise RunError(f"--threads must be at least 1, got {self.threads}")
         if self.update_interval < 1:
             raise RunError(f"--update-interval must be at least 1, got {self.update_interval}")
+        if self.checkpoint_every < 0:
+            raise RunError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")
+        if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
+            raise RunError("--checkpoint-every and --resume need --checkpoint-dir DIR")
         if self.log_every < 0:
             raise RunError(f"--log-every must be 0 or more, got {self.log_every}")
 
@@ -100,6 +110,11 @@ class RunConfig:
                 "--update-interval", str(self.update_interval)]
         if self.report_path is not None:
             argv += ["--report", self.report_path]
+        if self.checkpoint_dir is not None:
+            argv += ["--checkpoint-dir", self.checkpoint_dir,
+                     "--checkpoint-every", str(self.checkpoint_every)]
+        if self.resume:
+            argv.append("--resume")
         return argv
 
     @classmethod
@@ -107,7 +122,9 @@ class RunConfig:
         return cls(plan_path=args.plan, steps=args.steps, lr=args.lr, momentum=args.momentum,
                    data=args.data, timeout_s=args.timeout, threads=args.threads, seed=args.seed,
                    backend=Backend(args.backend), report_path=args.report,
-                   log_every=args.log_every, update_interval=args.update_interval)
+                   log_every=args.log_every, update_interval=args.update_interval,
+                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                   resume=args.resume)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> RunConfig:
@@ -138,3 +155,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print loss and samples/s every N steps (0: never)")
     parser.add_argument("--update-interval", type=int, default=d.update_interval, metavar="N",
                         help="pipedream: step the optimizer every N update points (default 1)")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                        help="save checkpoints here (one file per rank per checkpoint)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+                        help="checkpoint every N steps (0: never; pipedream drains there)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --checkpoint-dir")

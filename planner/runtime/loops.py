@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from planner.plan import Plan
+from planner.runtime.checkpoint import Checkpointer
 from planner.runtime.comm import BoundaryMeta, CommTimers, GradientSync, Placement, PointToPoint
 from planner.runtime.config import RunConfig
 from planner.runtime.data import Batch, DataSource, microbatch
@@ -50,6 +51,9 @@ class StageContext:
         source: Minibatches by step (stage 0 and the last stage), else None.
         device: Where the stage runs.
         timers: Communication timers shared with ``sync``.
+        start_step: The first step to run (after a resumed checkpoint).
+        saved: This rank's state from the checkpoint resumed, or None.
+        checkpointer: Saves checkpoints when due.
     """
 
     plan: Plan
@@ -66,6 +70,9 @@ class StageContext:
     source: DataSource | None
     device: torch.device
     timers: CommTimers
+    start_step: int = 0
+    saved: dict[str, Any] | None = None
+    checkpointer: Checkpointer | None = None
 
     @property
     def is_last(self) -> bool:
@@ -84,10 +91,19 @@ class StageContext:
         )
 
     def optimizer(self) -> torch.optim.Optimizer | None:
+        """The stage's SGD; restored with the module from a resumed checkpoint."""
         params = list(dict.fromkeys(p for p in self.module.parameters() if p.requires_grad))
-        if not params:
-            return None
-        return torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
+        optimizer = (torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
+                     if params else None)
+        if self.saved is not None:
+            Checkpointer.restore(self.saved, module=self.module, optimizer=optimizer)
+        return optimizer
+
+    def maybe_checkpoint(self, steps_done: int, optimizer: torch.optim.Optimizer | None,
+                         **extra: Any) -> None:
+        if self.checkpointer is not None and self.checkpointer.due(steps_done):
+            self.checkpointer.save(steps_done, module=self.module, optimizer=optimizer,
+                                   stage=self.stage, replica=self.replica, extra=extra)
 
     def log(self, step: int, loss: float, wall_s: float) -> None:
         every = self.config.log_every
@@ -122,8 +138,8 @@ def run_flush(ctx: StageContext) -> LoopResult:
     mine = sum(1 for op in runner.ops if op.kind == "F")
     steps: list[StepStats] = []
     started = time.perf_counter()
-    for step in range(ctx.config.steps):
-        if step == 1:  # leave the warm-up step out of the totals
+    for step in range(ctx.start_step, ctx.config.steps):
+        if step == ctx.start_step + 1:  # leave the warm-up step out of the totals
             executor.compute_s = runner.step_s = 0.0
             timers.reset()
             started = time.perf_counter()
@@ -144,13 +160,19 @@ def run_flush(ctx: StageContext) -> LoopResult:
                                samples_per_s=plan.minibatch_size / wall))
         if logs:
             ctx.log(step, loss, wall)
-    measured = ctx.config.steps - 1 if ctx.config.steps > 1 else 1
+        ctx.maybe_checkpoint(step + 1, runner.optimizer)
+    run = ctx.config.steps - ctx.start_step
+    measured = run - 1 if run > 1 else 1
     return LoopResult(steps=steps, stats=_stats(ctx, executor, runner.step_s, mine, measured,
                                                 time.perf_counter() - started))
 
 
 def run_pipedream(ctx: StageContext) -> LoopResult:
-    """``pipedream``: all ``steps x M`` microbatches in one asynchronous run, weights stashed."""
+    """``pipedream``: all ``steps x M`` microbatches in one asynchronous run, weights stashed.
+
+    With checkpoints the run drains every ``--checkpoint-every`` steps (see
+    :mod:`planner.runtime.checkpoint`).
+    """
     plan = ctx.plan
     m_count, replicas = plan.microbatches, ctx.placement.replicas
     total = m_count * ctx.config.steps
@@ -185,10 +207,20 @@ def run_pipedream(ctx: StageContext) -> LoopResult:
             ctx.log(step, mean, steps[-1].wall_s)
 
     alone = ctx.is_last and replicas[ctx.stage] == 1
-    runner.run(minibatches=ctx.config.steps, inputs=inputs if ctx.stage == 0 else None,
-               targets=targets if ctx.is_last else None, on_loss=on_loss if alone else None)
-    mine = sum(1 for g in range(total) if g % replicas[ctx.stage] == ctx.replica)
-    stats = _stats(ctx, executor, runner.step_s, mine / ctx.config.steps, ctx.config.steps,
+    # with checkpoints, drain every `every` steps: the only points where nothing is in flight
+    every = ctx.config.checkpoint_every if ctx.checkpointer is not None else 0
+    every = every if every and ctx.config.checkpoint_dir is not None else ctx.config.steps
+    start = ctx.start_step
+    while start < ctx.config.steps:
+        end = min(ctx.config.steps, (start // every + 1) * every)
+        runner.run(minibatches=end - start, inputs=inputs if ctx.stage == 0 else None,
+                   targets=targets if ctx.is_last else None,
+                   on_loss=on_loss if alone else None, first_microbatch=start * m_count)
+        ctx.maybe_checkpoint(end, runner.optimizer, stash_version=stash.version)
+        start = end
+    run = ctx.config.steps - ctx.start_step
+    mine = sum(1 for g in range(run * m_count) if g % replicas[ctx.stage] == ctx.replica)
+    stats = _stats(ctx, executor, runner.step_s, mine / run, run,
                    time.perf_counter() - started, stash)
     return LoopResult(steps=steps, stats=stats, losses=runner.loss_times)
 

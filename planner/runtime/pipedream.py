@@ -140,9 +140,23 @@ class PipeDreamSchedule:
                          microbatches=microbatches, replicas=replicas)
 
     def run(self, *, minibatches: int, inputs: InputsFn | None, targets: TargetsFn | None,
-            on_loss: Callable[[int, float], Any] | None = None) -> None:
-        """Run ``minibatches x M`` microbatches; ``on_loss(m, loss)`` after each loss (last stage)."""
+            on_loss: Callable[[int, float], Any] | None = None,
+            first_microbatch: int = 0) -> None:
+        """Run ``minibatches x M`` microbatches to the end (drained).
+
+        Args:
+            minibatches: Minibatches in this run (or segment between checkpoints).
+            inputs: Stage 0's inputs of a microbatch, by its number in the whole run.
+            targets: The last stage's targets, likewise.
+            on_loss: Called as ``on_loss(m, loss)`` after each loss (last stage).
+            first_microbatch: The whole run's number of this segment's first microbatch.
+        """
         ex = self.executor
+        offset = first_microbatch
+        if inputs is not None:
+            inputs = _shifted(inputs, offset)
+        if targets is not None:
+            targets = _shifted(targets, offset)
         replicas, stage = ex.placement.replicas, ex.stage
         total = ex.microbatches * minibatches
         ops = replica_order(Schedule.PIPEDREAM, replicas=replicas, stage=stage,
@@ -157,9 +171,9 @@ class PipeDreamSchedule:
             if op.kind == "F":
                 ex.forward(op.microbatch, inputs=inputs, targets=targets)
                 for m, loss in ex.losses:
-                    self.loss_times.append((m, loss.item(), time.time()))
+                    self.loss_times.append((m + offset, loss.item(), time.time()))
                     if on_loss is not None:
-                        on_loss(m, self.loss_times[-1][1])
+                        on_loss(m + offset, self.loss_times[-1][1])
                 ex.losses.clear()
             else:
                 ex.backward(op.microbatch)
@@ -181,3 +195,7 @@ class PipeDreamSchedule:
         self.stash.updated()
         self.updates += 1
         self.step_s += time.perf_counter() - start
+
+
+def _shifted(fn: Callable[[int], Any], offset: int) -> Callable[[int], Any]:
+    return lambda m: fn(m + offset)

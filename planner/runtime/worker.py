@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from planner.plan import Plan
+from planner.runtime.checkpoint import Checkpointer, plan_digest, resume_state
 from planner.runtime.comm import (
     BoundaryMeta,
     CommTimers,
@@ -213,6 +214,12 @@ def train(
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
+    digest = plan_digest(plan.to_json())
+    start, saved = 0, None
+    if config.resume:
+        assert config.checkpoint_dir is not None
+        start, saved = resume_state(config.checkpoint_dir, rank=env.rank, stage=prep.stage,
+                                    replica=prep.replica, plan=digest, steps=config.steps)
     source = None
     if prep.stage in (0, len(plan.stages) - 1):  # inputs for stage 0, targets for the last
         source = data_source(prep.spec, data=config.data, minibatch_size=plan.minibatch_size,
@@ -229,14 +236,19 @@ def train(
     try:
         check_agreement(prep.metas, rank=env.rank)
         groups = make_groups(prep.placement, prep.shared)
-        result = _run(plan, prep, config, env, groups, device, backend, source, return_state)
+        checkpointer = Checkpointer(config.checkpoint_dir, every=config.checkpoint_every,
+                                    rank=env.rank, plan=digest, group=groups.active,
+                                    leader=env.rank == min(prep.placement.ranks[0]))
+        resume = _Resume(start_step=start, saved=saved, checkpointer=checkpointer)
+        result = _run(plan, prep, config, env, groups, device, backend, source, resume,
+                      return_state)
     finally:
         dist.destroy_process_group()
     return result
 
 
 def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: Any,
-         device: torch.device, backend: str, source: DataSource | None,
+         device: torch.device, backend: str, source: DataSource | None, resume: _Resume,
          return_state: bool) -> RankResult:
     timers = CommTimers()
     stats: RankStats | None = None
@@ -252,7 +264,8 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
                            replica=prep.replica, placement=prep.placement, module=module,
                            metas=prep.metas, loss_fn=prep.spec.loss_fn, sync=sync,
                            stage_group=groups.stages[prep.stage], source=source, device=device,
-                           timers=timers)
+                           timers=timers, start_step=resume.start_step, saved=resume.saved,
+                           checkpointer=resume.checkpointer)
         loop = SCHEDULE_LOOPS[plan.schedule](ctx)
         steps, stats, losses = loop.steps, loop.stats, loop.losses
         if return_state:
@@ -276,6 +289,13 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
         steps = list(report.step_stats)
     return RankResult(rank=env.rank, stage=prep.stage, losses=tuple(s.loss for s in steps),
                       stats=stats, state=state, report=report)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Resume:
+    start_step: int
+    saved: dict[str, Any] | None
+    checkpointer: Checkpointer
 
 
 def _backend(choice: Backend) -> str:

@@ -95,18 +95,19 @@ def _rank_main(rank: int, cases: list[tuple[str, str, RunConfig, int]], out: str
 
 def run_cases(cases: dict[str, Plan], tmp: Path, *, steps: int = 3, lr: float = 0.1,
               momentum: float = 0.0, timeout_s: float = 30.0,
-              update_interval: dict[str, int] | None = None) -> dict[str, dict[int, Any]]:
-    """Train every plan on one set of spawned local ranks (saves process start-ups).
+              overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[int, Any]]:
+    """Train every plan, in order, on one set of spawned local ranks (saves process start-ups).
 
-    Returns, per case, every rank's final stage parameters and losses (or its error).
+    ``overrides[name]`` replaces RunConfig fields for one case. Returns, per case, every rank's
+    final stage parameters and losses (or its error).
     """
-    update_interval = update_interval or {}
+    overrides = overrides or {}
     world = max(1 + max(r for s in p.stages for r in s.ranks) for p in cases.values())
     jobs = []
     for name, plan in cases.items():
-        config = RunConfig(plan_path=str(tmp / f"{name}.json"), steps=steps, lr=lr,
-                           momentum=momentum, timeout_s=timeout_s, log_every=0,
-                           update_interval=update_interval.get(name, 1))
+        fields: dict[str, Any] = dict(plan_path=str(tmp / f"{name}.json"), steps=steps, lr=lr,
+                                      momentum=momentum, timeout_s=timeout_s, log_every=0)
+        config = RunConfig(**{**fields, **overrides.get(name, {})})
         jobs.append((name, plan.to_json(), config, free_port()))
     mp.spawn(_rank_main, args=(jobs, str(tmp)), nprocs=world, join=True)
     results: dict[str, dict[int, Any]] = {}

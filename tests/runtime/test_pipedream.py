@@ -93,7 +93,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     plans = {name: make_plan(model, schedule="pipedream", **kw)
              for name, (model, kw, _) in CASES.items()}
     results = run_cases(plans, Path(tmp_path_factory.mktemp("pd")), steps=STEPS, lr=LR,
-                        update_interval={n: c[2] for n, c in CASES.items()})
+                        overrides={n: {"update_interval": c[2]} for n, c in CASES.items()})
     return {"plans": plans, "results": results}
 
 
