@@ -1,0 +1,491 @@
+"""Measuring a model layer by layer: forward and backward time, activation and parameter sizes.
+
+How a profile is taken (:func:`profile_module`):
+
+1. **Capture** the model as a layer DAG (:func:`planner.profile.capture.capture`).
+2. **Warm up and record**: ``warmup - 1`` untimed whole-model steps, then one run through the
+   graph with an fx interpreter (:func:`planner.profile.record.record`) that keeps every layer's
+   inputs and learns the sizes; with its backward pass (when ``warmup >= 1``) it is the last
+   warm-up step. Every layer runs inside these steps on exactly the shapes it is timed on, so one
+   whole-model step warms every layer's kernels (oneDNN primitives, cuDNN plans, allocator
+   pools) for the price of one step instead of one isolated warm-up per layer.
+3. **Time the layers**: ``reps`` rounds over the layers, each running a layer alone on fresh
+   copies of its recorded inputs and timing its forward and then its backward
+   (``torch.autograd.grad`` w.r.t. the inputs that required grad in the model and the layer's
+   parameters, grad outputs of ones). Medians are kept; raw samples are in ``*_samples_ms``.
+4. **Time the whole step**: the recorded activations are freed, then one whole-model
+   forward+backward is timed; if it disagrees with the per-layer sum by more than 10%, more are
+   timed (up to ``reps``) and the median is kept, so one disturbed sample cannot trigger (5).
+5. **Check**: if the per-layer sum is still off the whole step by more than 10%, forward and
+   backward times are scaled separately to the whole step's forward and backward, and
+   ``Profile.calibration`` says by how much (raw samples stay unscaled).
+
+Decisions:
+
+* Inputs get ``requires_grad`` where the value required grad in the model, not merely where it
+  is floating point: the model's input images or a float mask buffer get no gradient in
+  training, so differentiating w.r.t. them would overstate the backward.
+* A layer with nothing differentiable (no input requiring grad, no trainable parameter) has
+  backward time 0: autograd never visits it in a training step.
+* Inputs of layers that changed an input in place during the recording (``ReLU(inplace=True)``)
+  are cloned for every repetition, so repetitions cannot corrupt them; every other layer gets
+  fresh detached aliases (new autograd leaves, no copy), since the recording proved it leaves
+  its inputs alone. This keeps gigabytes of copies out of the profiling time.
+* Recorded values may have been overwritten by a later in-place layer; shapes, dtypes and
+  strides are exact, which is what the cost of dense kernels depends on.
+* On Linux with glibc, CPU tensors over 32 MiB are fresh ``mmap`` s, page-faulted in on every
+  allocation and unmapped when freed, in every step; on this project's VM that was a third of a
+  ResNet-50 step and made timings noisy. :func:`keep_freed_memory` makes malloc keep freed
+  memory during profiling, as a caching allocator (CUDA's, or jemalloc's) would; the runtime
+  should train under the same setting for its steps to match the profile.
+
+Defaults ``warmup=1, reps=3``: one warm-up suffices because of (2); three repetitions give a
+median robust to one outlier (another process waking up). The cost is about ``warmup + reps + 1``
+training steps plus the first step's start-up; benchmarks/profile_overhead.py measures it.
+
+Example:
+    >>> import torch
+    >>> torch.manual_seed(0) and None
+    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> p = profile_module(net, (torch.randn(8, 16),), model_name="mlp")
+    >>> [layer.name for layer in p.layers], p.layers[0].parameter_bytes, p.layers[0].output_bytes
+    (['_0', '_1', '_2'], 2176, (1024,))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate, map_arg
+from tqdm import tqdm
+
+from planner.errors import ProfileError
+from planner.profile.capture import CapturedGraph, CapturedLayer, capture
+from planner.profile.format import LayerProfile, Profile
+from planner.profile.record import Recording, fetch_attr, flatten_tensors, layer_sizes, record
+
+__all__ = [
+    "DEFAULT_REPS",
+    "DEFAULT_WARMUP",
+    "SUM_TOLERANCE",
+    "keep_freed_memory",
+    "machine_description",
+    "profile_model",
+    "profile_module",
+]
+
+DEFAULT_WARMUP = 1
+"""Untimed whole-model steps before timing (each warms every layer once)."""
+DEFAULT_REPS = 3
+"""Timed repetitions, per layer and of the whole step; the median is kept."""
+SUM_TOLERANCE = 0.10
+"""Per-layer times must add up to the whole step within this fraction, else they are calibrated."""
+
+Clock = Callable[[], float]
+
+
+def profile_model(
+    spec: str,
+    *,
+    batch_size: int,
+    input_shape: Sequence[int] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    leaf_modules: Sequence[str] = (),
+    warmup: int = DEFAULT_WARMUP,
+    reps: int = DEFAULT_REPS,
+    threads: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    calibrate: bool = True,
+) -> Profile:
+    """Profile a model by name (see :func:`planner.models.load_model`) on synthetic data.
+
+    Args:
+        spec: torchvision model name, bundled GPT name, or ``package.module:factory``.
+        batch_size: Samples per profiled batch.
+        input_shape: One sample's shape (vision default ``(3, 224, 224)``; GPT ``(seq_len,)``).
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
+        dtype: Parameter and activation dtype, e.g. ``"float32"`` or ``"bfloat16"``.
+        leaf_modules: Module types or qualified names kept whole as one layer.
+        warmup: Untimed whole-model steps before timing (at least 1 recommended).
+        reps: Timed repetitions per layer and of the whole step (median kept).
+        threads: CPU threads to fix for the run (default: torch's current count).
+        progress: Show a progress bar over layers on stderr.
+        seed: Seed of the weights and the synthetic batch.
+        calibrate: Scale per-layer times to the whole step when they are off by more than 10%.
+
+    Raises:
+        ModelError: the model cannot be built, traced or run on this input shape.
+        ProfileError: bad ``warmup``, ``reps`` or ``threads``.
+
+    Example:
+        >>> p = profile_model("gpt2-tiny", batch_size=2, leaf_modules=["Block"], progress=False)
+        >>> [layer.name for layer in p.layers][3:6], p.input_shape, p.source
+        (['add', 'blocks_0', 'blocks_1'], (32,), 'planner')
+    """
+    from planner.models import load_model
+
+    model = load_model(
+        spec, batch_size=batch_size, input_shape=input_shape, dtype=dtype, device=device, seed=seed
+    )
+    inputs, _ = model.make_batch(batch_size, seed)
+    return profile_module(
+        model.module,
+        inputs,
+        model_name=model.name,
+        leaf_modules=leaf_modules,
+        warmup=warmup,
+        reps=reps,
+        threads=threads,
+        progress=progress,
+        calibrate=calibrate,
+    )
+
+
+def profile_module(
+    module: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    model_name: str | None = None,
+    leaf_modules: Sequence[str] = (),
+    warmup: int = DEFAULT_WARMUP,
+    reps: int = DEFAULT_REPS,
+    threads: int | None = None,
+    progress: bool = False,
+    calibrate: bool = True,
+    clock: Clock = time.perf_counter,
+) -> Profile:
+    """Profile ``module`` on the batch ``inputs`` (dim 0 of the first is the batch size).
+
+    The module runs in training mode; its mode, its buffers (BatchNorm statistics) and the
+    thread count are restored afterwards, and no ``.grad`` is touched. ``clock`` returns seconds
+    (tests inject a fake one); on CUDA the device is synchronised before every reading.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+        >>> p = profile_module(net, (torch.randn(2, 4),), warmup=0, reps=1)
+        >>> p.batch_size, p.input_shape, p.reps, len(p.layers[0].forward_samples_ms)
+        (2, (4,), 1, 1)
+    """
+    if warmup < 0 or reps < 1:
+        raise ProfileError(f"need warmup >= 0 and reps >= 1, got warmup={warmup}, reps={reps}")
+    if threads is not None and threads < 1:
+        raise ProfileError(f"threads must be at least 1, got {threads}; omit it to keep torch's")
+    inputs = tuple(inputs)
+    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if first is None:
+        raise ProfileError("profile_module needs a batched tensor input (dim 0 is the batch)")
+    name = model_name or type(module).__name__
+    old_threads = torch.get_num_threads()
+    n_threads = threads or old_threads
+    was_training = module.training
+    buffers = {key: b.detach().clone() for key, b in module.named_buffers()}
+    memory = keep_freed_memory() if first.device.type == "cpu" else contextlib.nullcontext()
+    try:
+        torch.set_num_threads(n_threads)
+        module.train()
+        graph = capture(module, leaf_modules)
+        with memory:
+            layers, whole_ms, calibration = _measure(
+                graph, inputs, warmup, reps, _Timer(clock, first.device), progress, name, calibrate
+            )
+    finally:
+        torch.set_num_threads(old_threads)
+        module.train(was_training)
+        with torch.no_grad():
+            for key, b in module.named_buffers():
+                if key in buffers:
+                    b.copy_(buffers[key])
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), first.dtype)
+    return Profile(
+        model=name,
+        batch_size=int(first.shape[0]),
+        layers=layers,
+        input_shape=tuple(int(d) for d in first.shape[1:]),
+        dtype=str(dtype).removeprefix("torch."),
+        device=first.device.type,
+        source="planner",
+        torch_version=torch.__version__,
+        graph_hash=graph.graph_hash,
+        threads=n_threads,
+        warmup=warmup,
+        reps=reps,
+        whole_step_ms=whole_ms,
+        calibration=calibration,
+        leaf_modules=tuple(leaf_modules),
+        machine=machine_description(first.device),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """A line naming the machine: CPU model and cores, OS, and the GPU when measuring on one.
+
+    Example:
+        >>> "logical cores" in machine_description()
+        True
+    """
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    text = f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def keep_freed_memory() -> Iterator[bool]:
+    """Make glibc malloc serve large tensors from its heap and keep freed memory, for a while.
+
+    Inside, freed CPU tensors are reused instead of being unmapped and page-faulted in again,
+    as a caching allocator would; on exit glibc's default limits are set again and free memory
+    is returned to the system (``malloc_trim``). Yields whether it applied (glibc only).
+
+    Example:
+        >>> with keep_freed_memory() as applied:
+        ...     isinstance(applied, bool)
+        True
+    """
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, -1)  # converted to SIZE_MAX by glibc: never trim
+    try:
+        yield True
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+class _Timer:
+    """Reads the clock with the device synchronised, so queued GPU work is counted."""
+
+    def __init__(self, clock: Clock, device: torch.device) -> None:
+        self.clock = clock
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
+
+def _measure(
+    graph: CapturedGraph,
+    inputs: tuple[torch.Tensor, ...],
+    warmup: int,
+    reps: int,
+    timer: _Timer,
+    progress: bool,
+    name: str,
+    calibrate: bool,
+) -> tuple[tuple[LayerProfile, ...], float, str | None]:
+    """Steps 2-5 of the module docstring: the layers, the whole-step median, the calibration."""
+    for _ in range(warmup - 1):
+        _whole_step(graph.module, inputs, timer)
+    recording = record(graph, inputs, backward=warmup > 0)
+    sizes = layer_sizes(graph, inputs, recording)
+    runners = [_LayerRunner(graph.module, layer, recording) for layer in graph.layers]
+    with tqdm(
+        total=reps * len(runners),
+        desc=f"profiling {name}",
+        unit="layer",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for _ in range(reps):
+            for runner in runners:
+                runner.run(timer)
+                bar.update()
+    # Free the recorded activations first, so the whole step reuses their memory instead of
+    # touching (page-faulting) as much again.
+    recording.values.clear()
+    layer_ms = sum(
+        statistics.median(r.forward_ms) + statistics.median(r.backward_ms) for r in runners
+    )
+    whole = [_whole_step(graph.module, inputs, timer)]
+    # One whole step checks the sum; only a disagreement earns more samples (up to reps), so
+    # one disturbed sample cannot trigger a calibration.
+    while len(whole) < reps and _disagree(layer_ms, _median_total(whole)):
+        whole.append(_whole_step(graph.module, inputs, timer))
+    fwd = [statistics.median(r.forward_ms) for r in runners]
+    bwd = [statistics.median(r.backward_ms) for r in runners]
+    whole_fwd = statistics.median(f for f, _ in whole)
+    whole_bwd = statistics.median(b for _, b in whole)
+    whole_ms = _median_total(whole)
+    total = sum(fwd) + sum(bwd)
+    calibration = None
+    if calibrate and _disagree(total, whole_ms):
+        f_scale = whole_fwd / sum(fwd) if sum(fwd) > 0 else 1.0
+        b_scale = whole_bwd / sum(bwd) if sum(bwd) > 0 else 1.0
+        fwd = [t * f_scale for t in fwd]
+        bwd = [t * b_scale for t in bwd]
+        calibration = (
+            f"per-layer medians summed to {total:.3f} ms against a whole step of {whole_ms:.3f} ms "
+            f"(ratio {total / whole_ms:.3f}); forward times scaled by {f_scale:.4f} and backward "
+            f"times by {b_scale:.4f} to the whole step's forward {whole_fwd:.3f} ms and backward "
+            f"{whole_bwd:.3f} ms; *_samples_ms are unscaled"
+        )
+    layers = tuple(
+        LayerProfile(
+            name=layer.name,
+            op=layer.op,
+            forward_ms=fwd[i],
+            backward_ms=bwd[i],
+            output_bytes=sizes[i].output_bytes,
+            parameter_bytes=sizes[i].parameter_bytes,
+            inputs=layer.inputs,
+            saved_bytes=sizes[i].saved_bytes,
+            buffer_bytes=sizes[i].buffer_bytes,
+            target=layer.target,
+            forward_samples_ms=tuple(runners[i].forward_ms),
+            backward_samples_ms=tuple(runners[i].backward_ms),
+        )
+        for i, layer in enumerate(graph.layers)
+    )
+    return layers, whole_ms, calibration
+
+
+def _disagree(layer_sum_ms: float, whole_ms: float) -> bool:
+    """Whether the per-layer sum is off the whole step by more than :data:`SUM_TOLERANCE`."""
+    return whole_ms > 0 and abs(layer_sum_ms / whole_ms - 1) > SUM_TOLERANCE
+
+
+def _median_total(samples: list[tuple[float, float]]) -> float:
+    return statistics.median(f + b for f, b in samples)
+
+
+def _whole_step(
+    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], timer: _Timer
+) -> tuple[float, float]:
+    """One forward+backward of the whole model: (forward ms, backward ms)."""
+    params = [p for p in gm.parameters() if p.requires_grad]
+    t0 = timer()
+    out = gm(*inputs)
+    t1 = timer()
+    outs = [t for t in flatten_tensors(out) if t.requires_grad]
+    grads = [torch.ones_like(t) for t in outs]
+    t2 = timer()
+    if outs and params:
+        torch.autograd.grad(outs, params, grads, allow_unused=True)
+    t3 = timer()
+    return (t1 - t0) * 1e3, (t3 - t2) * 1e3
+
+
+class _LayerRunner:
+    """Runs one layer alone on fresh copies of its recorded inputs, collecting samples."""
+
+    def __init__(self, gm: fx.GraphModule, layer: CapturedLayer, rec: Recording) -> None:
+        self.node = layer.node
+        self.rec = rec
+        self.call = _caller(gm, layer.node)
+        self.params = _trainable(gm, layer.node)
+        self.inplace = layer.node in rec.inplace
+        self.grad_out: list[torch.Tensor] | None = None
+        self.forward_ms: list[float] = []
+        self.backward_ms: list[float] = []
+
+    def run(self, timer: _Timer) -> None:
+        """One repetition: time the forward, then the backward, on fresh inputs."""
+        leaves: list[torch.Tensor] = []
+
+        def fresh(n: fx.Node) -> Any:
+            return map_aggregate(self.rec.values[n], lambda x: self._fresh(x, leaves))
+
+        args, kwargs = map_arg(self.node.args, fresh), map_arg(self.node.kwargs, fresh)
+        wrt = leaves + self.params
+        t0 = timer()
+        out = self.call(args, kwargs)
+        t1 = timer()
+        outs = [t for t in flatten_tensors(out) if t.requires_grad]
+        if self.grad_out is None:
+            self.grad_out = [torch.ones_like(t) for t in outs]
+        backward_ms = 0.0
+        if outs and wrt:
+            t2 = timer()
+            torch.autograd.grad(outs, wrt, self.grad_out, allow_unused=True)
+            backward_ms = (timer() - t2) * 1e3
+        self.forward_ms.append((t1 - t0) * 1e3)
+        self.backward_ms.append(backward_ms)
+
+    def _fresh(self, x: Any, leaves: list[torch.Tensor]) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if id(x) not in self.rec.grad_ids:
+            return x.clone() if self.inplace else x.detach()
+        if not self.inplace:
+            leaf = x.detach().requires_grad_(True)
+            leaves.append(leaf)
+            return leaf
+        leaf = x.clone().requires_grad_(True)
+        leaves.append(leaf)
+        # An in-place op may not modify a leaf that requires grad; give it a non-leaf copy.
+        return leaf.clone()
+
+
+def _caller(gm: fx.GraphModule, node: fx.Node) -> Callable[[Any, Any], Any]:
+    """A function running ``node``'s computation on given args and kwargs."""
+    target = node.target
+    if node.op == "call_module":
+        sub = gm.get_submodule(str(target))
+        return lambda a, k: sub(*a, **k)
+    if node.op == "call_function":
+        fn: Any = target
+        return lambda a, k: fn(*a, **k)
+    if node.op == "call_method":
+        return lambda a, k: getattr(a[0], str(target))(*a[1:], **k)
+    value = fetch_attr(gm, str(target))
+    return lambda a, k: value
+
+
+def _trainable(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
+    """The trainable parameters a layer's backward computes gradients for."""
+    if node.op == "call_module":
+        return [p for p in gm.get_submodule(str(node.target)).parameters() if p.requires_grad]
+    if node.op == "get_attr":
+        value = fetch_attr(gm, str(node.target))
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+            return [value]
+    return []
