@@ -53,6 +53,9 @@ class Partition:
         solver: Which solver produced it, e.g. ``"dp"``, ``"ilp"``, ``"baseline:data-parallel"``.
         optimal: Proven optimal for its state space (False e.g. when the ILP hit its time limit).
         cost_model: ``"planner"`` or ``"pipedream"``.
+        fits: Every stage fits in device memory. Solvers only return plans that fit (when the
+            memory constraint is on); a baseline that does not fit is still reported, with False.
+        note: Why it does not fit, or another remark worth showing next to the plan.
     """
 
     stages: tuple[StageAssignment, ...]
@@ -64,6 +67,8 @@ class Partition:
     solver: str
     optimal: bool = True
     cost_model: str = "planner"
+    fits: bool = True
+    note: str = ""
 
     @property
     def num_devices_used(self) -> int:
