@@ -30,7 +30,8 @@ from typing import Any
 
 from planner._io import atomic_write_text
 
-__all__ = ["FORMAT", "RankStats", "RunReport", "StageStats", "StepStats"]
+__all__ = ["FORMAT", "Comparison", "RankStats", "RunReport", "StageComparison", "StageStats",
+           "StepStats"]
 
 FORMAT = "planner.runtime-report/1"
 
@@ -123,6 +124,54 @@ class StepStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StageComparison:
+    """One stage, predicted (simulator, plan) beside measured; per step, per replica.
+
+    Attributes:
+        stage: The stage.
+        predicted_compute_ms: Forwards and backwards of the replica's microbatches.
+        measured_compute_ms: The same, measured.
+        predicted_comm_ms: Transfers in and out of the stage (the plan's ``comm_s`` per
+            microbatch times the replica's microbatches).
+        measured_comm_ms: Time in sends (posting and completion) measured.
+        predicted_idle: Share of the time idle (bubble) in the simulator's steady state.
+        measured_idle: Share of wall time not computing, all-reducing or updating.
+    """
+
+    stage: int
+    predicted_compute_ms: float
+    measured_compute_ms: float
+    predicted_comm_ms: float
+    measured_comm_ms: float
+    predicted_idle: float
+    measured_idle: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """Predicted against measured, per stage and for the whole run."""
+
+    stages: tuple[StageComparison, ...]
+    predicted_samples_per_s: float
+    measured_samples_per_s: float
+
+    def describe(self) -> str:
+        """The table ``plan run`` ends with."""
+        lines = ["predicted vs measured, per step and replica (pred / meas):",
+                 "stage    compute ms           comm ms         idle"]
+        for c in self.stages:
+            lines.append(
+                f"{c.stage:>5}  {c.predicted_compute_ms:>7.2f} / {c.measured_compute_ms:<7.2f}  "
+                f"{c.predicted_comm_ms:>6.2f} / {c.measured_comm_ms:<6.2f}  "
+                f"{c.predicted_idle:>4.0%} / {c.measured_idle:<4.0%}")
+        ratio = (self.measured_samples_per_s / self.predicted_samples_per_s
+                 if self.predicted_samples_per_s > 0 else float("nan"))
+        lines.append(f"samples/s: predicted {self.predicted_samples_per_s:.1f}, measured "
+                     f"{self.measured_samples_per_s:.1f} ({ratio:.2f}x the prediction)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunReport:
     """What a run measured.
 
@@ -143,6 +192,7 @@ class RunReport:
         backend: torch.distributed backend.
         threads: CPU threads per process.
         torch_version: torch version.
+        comparison: Predicted against measured, when the plan's profile could be found.
     """
 
     plan: str
@@ -161,6 +211,7 @@ class RunReport:
     backend: str
     threads: int
     torch_version: str
+    comparison: Comparison | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)

@@ -22,6 +22,7 @@ environment)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from collections.abc import Callable
@@ -42,10 +43,11 @@ from planner.runtime.comm import (
     make_gradient_sync,
     make_groups,
 )
+from planner.runtime.compare import compare_run
 from planner.runtime.config import Backend, RunConfig, RunError
 from planner.runtime.data import DataSource, ModelLike, data_source, microbatch
 from planner.runtime.loops import SCHEDULE_LOOPS, StageContext, merge_losses
-from planner.runtime.report import RankStats, RunReport, StageStats, StepStats
+from planner.runtime.report import Comparison, RankStats, RunReport, StageStats, StepStats
 from planner.runtime.stage import (
     SharedParameter,
     StageCut,
@@ -275,6 +277,7 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
     report = None
     if env.rank == 0:
         report = _report(plan, config, env, backend, gathered)
+        report = dataclasses.replace(report, comparison=_compare(report, plan, config))
         report.save(config.report_file)
         if config.log_every and plan.schedule is Schedule.PIPEDREAM and \
                 plan.stages[-1].replicas > 1:  # no single replica saw every loss: log them now
@@ -284,6 +287,8 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
                           f"{step.samples_per_s:.1f} samples/s", flush=True)
         if config.log_every:
             print(report.describe(), flush=True)
+            if report.comparison is not None:
+                print(report.comparison.describe(), flush=True)
             print(f"report written to {config.report_file}", flush=True)
     if plan.schedule is Schedule.PIPEDREAM and report is not None:
         steps = list(report.step_stats)
@@ -296,6 +301,15 @@ class _Resume:
     start_step: int
     saved: dict[str, Any] | None
     checkpointer: Checkpointer
+
+
+def _compare(report: RunReport, plan: Plan, config: RunConfig) -> Comparison | None:
+    """The predicted-vs-measured table; a run never fails for want of it."""
+    try:
+        return compare_run(report, plan, config.plan_path)
+    except Exception as exc:  # a profile that no longer fits the plan: report, do not fail
+        print(f"(no predicted-vs-measured table: {type(exc).__name__}: {exc})", flush=True)
+        return None
 
 
 def _backend(choice: Backend) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Sequence
@@ -12,10 +13,12 @@ import torch
 import torch.multiprocessing as mp
 
 from planner.models import load_model
-from planner.plan import Plan, PlanStage, Prediction, ProfileRef
+from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.capture import capture
+from planner.profile.format import LayerProfile, Profile
 from planner.runtime.config import RunConfig
 from planner.runtime.data import microbatch, minibatch_seed
+from planner.runtime.stage import propagate
 from planner.runtime.worker import DistEnv, load_spec, train
 from planner.schedules import OptimizerKind, Schedule
 from planner.topology import Topology
@@ -62,6 +65,33 @@ def make_plan(
                              single_device_s=0.1, data_parallel_s=None),
         recompute=recompute,
     )
+
+
+def with_profile(plan: Plan, folder: Path, *, forward_ms: float = 0.05) -> Plan:
+    """``plan`` with a profile of made-up costs saved as ``folder/profile.json`` (for the
+    predicted-vs-measured table); the plan is saved as ``folder/plan.json``."""
+    spec = load_model(plan.profile.model, batch_size=plan.microbatch_size)
+    captured = capture(spec.module)
+    inputs, _ = spec.make_batch(plan.microbatch_size, 0)
+    values = propagate(captured, list(inputs))
+    layers = []
+    for layer in captured.layers:
+        out = values[layer.name]
+        nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+        params = (sum(p.numel() * 4 for p in captured.module.get_submodule(layer.target).parameters())
+                  if layer.node.op == "call_module" else 0)
+        layers.append(LayerProfile(name=layer.name, op=layer.op, forward_ms=forward_ms,
+                                   backward_ms=2 * forward_ms, output_bytes=(nbytes,),
+                                   parameter_bytes=params, inputs=layer.inputs))
+    profile = Profile(model=plan.profile.model, batch_size=plan.microbatch_size,
+                      layers=tuple(layers), input_shape=spec.input_shape,
+                      graph_hash=captured.graph_hash)
+    profile.save(folder / "profile.json")
+    ref = dataclasses.replace(plan.profile, path="profile.json",
+                              sha256=file_sha256(folder / "profile.json"))
+    planned = dataclasses.replace(plan, profile=ref)
+    planned.save(folder / "plan.json")
+    return planned
 
 
 def free_port() -> int:

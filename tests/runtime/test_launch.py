@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_helpers import HERE, REPO, free_port, make_plan
+from runtime_helpers import HERE, REPO, free_port, make_plan, with_profile
 
 from planner.errors import PlanError, PlannerError
 from planner.runtime import command
@@ -38,11 +38,11 @@ def _args(*argv: str) -> argparse.Namespace:
 @pytest.mark.distributed
 def test_plan_run_trains_and_writes_a_report(tmp_path: Path, env_path: dict,
                                              capfd: pytest.CaptureFixture[str]) -> None:
-    plan = make_plan(MLP, cuts=["_3"], replicas=[2, 1], schedule="1f1b")
-    plan.save(tmp_path / "plan.json")
+    with_profile(make_plan(MLP, cuts=["_3"], replicas=[2, 1], schedule="1f1b"), tmp_path)
     assert command.run(_args(str(tmp_path / "plan.json"), "--steps", "3", "--timeout", "30")) == 0
     out = capfd.readouterr().out
     assert "step 3/3  loss" in out and "samples/s" in out
+    assert "predicted vs measured" in out and "x the prediction" in out
     report = json.loads((tmp_path / "plan.report.json").read_text())
     assert report["format"] == "planner.runtime-report/1"
     assert len(report["losses"]) == 3 and report["measured_steps"] == 2
@@ -50,6 +50,11 @@ def test_plan_run_trains_and_writes_a_report(tmp_path: Path, env_path: dict,
     assert [s["ranks"] for s in report["stages"]] == [[0, 1], [2]]
     first = next(r for r in report["ranks"] if r["rank"] == 0)
     assert first["compute_s"] > 0 and first["bytes_sent"] > 0 and first["microbatches_per_step"] == 2
+    comparison = report["comparison"]
+    assert [c["stage"] for c in comparison["stages"]] == [0, 1]
+    assert comparison["predicted_samples_per_s"] > 0 and comparison["measured_samples_per_s"] > 0
+    # 3 layers (_0.._2) x (0.05 + 0.10) ms x 2 microbatches per replica of stage 0
+    assert comparison["stages"][0]["predicted_compute_ms"] == pytest.approx(0.9)
 
 
 def test_corrupt_plan_is_refused_before_starting(tmp_path: Path) -> None:
