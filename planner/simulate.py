@@ -466,7 +466,7 @@ class _Engine:
         start = 0
         for j, point in enumerate(points):  # an all-reduce names the last microbatch it covers
             out.extend(ops[start:point])
-            out.append((_AR, (j + 1) * unit - 1))
+            out.append((_AR, min((j + 1) * unit, self.total) - 1))
             start = point
         out.extend(ops[start:])
         return out
