@@ -211,7 +211,8 @@ def sync_points(
     minibatch ``k`` is ``k * M + j``), and it all-reduces at the end of every minibatch. For
     ``pipedream``, :func:`replica_order` of all ``M x minibatches`` microbatches, and the ``R``
     replicas all-reduce once per round of ``R`` consecutive microbatches, one on each replica
-    (PipeDream's data parallelism with weight stashing; a last, partial round reduces too).
+    (PipeDream's data parallelism with weight stashing; the gradients of a last, partial round
+    are not applied).
 
     The point is the same place of the stage's order for every replica: right after the
     backward of the round's last microbatch, so a replica whose own backward came earlier first
@@ -247,7 +248,7 @@ def sync_points(
     for op in order:
         if replica_of(op.microbatch, count) == replica:
             mine += 1
-        if op.kind == "B" and ((op.microbatch + 1) % count == 0 or op.microbatch == total - 1):
+        if op.kind == "B" and (op.microbatch + 1) % count == 0:
             points.append(mine)
     return tuple(points)
 
