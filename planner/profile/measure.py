@@ -9,10 +9,12 @@ How a profile is taken (:func:`profile_module`):
    warm-up step. Every layer runs inside these steps on exactly the shapes it is timed on, so one
    whole-model step warms every layer's kernels (oneDNN primitives, cuDNN plans, allocator
    pools) for the price of one step instead of one isolated warm-up per layer.
-3. **Time the layers**: ``reps`` rounds over the layers, each running a layer alone on fresh
-   copies of its recorded inputs and timing its forward and then its backward
-   (``torch.autograd.grad`` w.r.t. the inputs that required grad in the model and the layer's
-   parameters, grad outputs of ones). Medians are kept; raw samples are in ``*_samples_ms``.
+3. **Time the layers**: rounds over the layers, each running a layer alone on fresh copies of
+   its recorded inputs and timing its forward and then its backward (``torch.autograd.grad``
+   w.r.t. the inputs that required grad in the model and the layer's parameters, grad outputs
+   of ones). Two rounds always; up to ``reps`` rounds for the layers whose samples do not yet
+   agree (two within 5% or 0.02 ms), so repetitions go where the noise is. Medians are kept;
+   raw samples are in ``*_samples_ms``.
 4. **Time the whole step**: the recorded activations are freed, then one whole-model
    forward+backward is timed; if it disagrees with the per-layer sum by more than 10%, more are
    timed (up to ``reps``) and the median is kept, so one disturbed sample cannot trigger (5).
@@ -39,9 +41,10 @@ Decisions:
   memory during profiling, as a caching allocator (CUDA's, or jemalloc's) would; the runtime
   should train under the same setting for its steps to match the profile.
 
-Defaults ``warmup=1, reps=3``: one warm-up suffices because of (2); three repetitions give a
-median robust to one outlier (another process waking up). The cost is about ``warmup + reps + 1``
-training steps plus the first step's start-up; benchmarks/profile_overhead.py measures it.
+Defaults ``warmup=1, reps=3``: one warm-up suffices because of (2); up to three repetitions
+give a median robust to one outlier (another process waking up), and stopping at two agreeing
+samples keeps the cost near ``warmup + 2 + 1`` training steps plus start-up (first-touch page
+faults, building the model); benchmarks/profile_overhead.py measures it.
 
 Example:
     >>> import torch
@@ -58,6 +61,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime as _dt
+import itertools
 import os
 import platform
 import statistics
@@ -77,6 +81,8 @@ from planner.profile.format import LayerProfile, Profile
 from planner.profile.record import Recording, fetch_attr, flatten_tensors, layer_sizes, record
 
 __all__ = [
+    "AGREE_FRACTION",
+    "AGREE_MS",
     "DEFAULT_REPS",
     "DEFAULT_WARMUP",
     "SUM_TOLERANCE",
@@ -89,7 +95,10 @@ __all__ = [
 DEFAULT_WARMUP = 1
 """Untimed whole-model steps before timing (each warms every layer once)."""
 DEFAULT_REPS = 3
-"""Timed repetitions, per layer and of the whole step; the median is kept."""
+"""Most timed repetitions per layer and of the whole step; the median is kept."""
+AGREE_FRACTION = 0.05
+AGREE_MS = 0.02
+"""Two samples agree within this fraction of the smaller or this many ms; agreeing stops early."""
 SUM_TOLERANCE = 0.10
 """Per-layer times must add up to the whole step within this fraction, else they are calibrated."""
 
@@ -326,17 +335,24 @@ def _measure(
         _whole_step(graph.module, inputs, timer)
     recording = record(graph, inputs, backward=warmup > 0)
     sizes = layer_sizes(graph, inputs, recording)
-    runners = [_LayerRunner(graph.module, layer, recording) for layer in graph.layers]
+    ones = _Ones()
+    runners = [_LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
     with tqdm(
-        total=reps * len(runners),
+        total=min(reps, 2) * len(runners),
         desc=f"profiling {name}",
         unit="layer",
         file=sys.stderr,
         disable=not progress,
         leave=False,
     ) as bar:
-        for _ in range(reps):
-            for runner in runners:
+        pending = runners
+        for done in range(reps):
+            if done >= 2:
+                # Further repetitions only for layers whose samples do not yet agree.
+                pending = [r for r in pending if not r.settled()]
+                bar.total += len(pending)
+                bar.refresh()
+            for runner in pending:
                 runner.run(timer)
                 bar.update()
     # Free the recorded activations first, so the whole step reuses their memory instead of
@@ -414,18 +430,44 @@ def _whole_step(
     return (t1 - t0) * 1e3, (t3 - t2) * 1e3
 
 
+class _Ones:
+    """Grad outputs of ones, one tensor per (shape, strides, dtype, device), shared by layers.
+
+    One per layer would hold as much memory again as all the recorded activations; autograd
+    only reads grad outputs, so layers with equal outputs can share one.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.stride(), like.dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = torch.ones_like(like)
+        return self._cache[key]
+
+
 class _LayerRunner:
     """Runs one layer alone on fresh copies of its recorded inputs, collecting samples."""
 
-    def __init__(self, gm: fx.GraphModule, layer: CapturedLayer, rec: Recording) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, layer: CapturedLayer, rec: Recording, ones: _Ones
+    ) -> None:
+        self.ones = ones
         self.node = layer.node
         self.rec = rec
         self.call = _caller(gm, layer.node)
         self.params = _trainable(gm, layer.node)
         self.inplace = layer.node in rec.inplace
-        self.grad_out: list[torch.Tensor] | None = None
         self.forward_ms: list[float] = []
         self.backward_ms: list[float] = []
+
+    def settled(self) -> bool:
+        """Whether two of the samples (forward + backward) agree, so more would not change much."""
+        totals = sorted(f + b for f, b in zip(self.forward_ms, self.backward_ms, strict=True))
+        return any(
+            hi - lo <= max(AGREE_FRACTION * lo, AGREE_MS) for lo, hi in itertools.pairwise(totals)
+        )
 
     def run(self, timer: _Timer) -> None:
         """One repetition: time the forward, then the backward, on fresh inputs."""
@@ -440,12 +482,11 @@ class _LayerRunner:
         out = self.call(args, kwargs)
         t1 = timer()
         outs = [t for t in flatten_tensors(out) if t.requires_grad]
-        if self.grad_out is None:
-            self.grad_out = [torch.ones_like(t) for t in outs]
+        grad_out = [self.ones(t) for t in outs]
         backward_ms = 0.0
         if outs and wrt:
             t2 = timer()
-            torch.autograd.grad(outs, wrt, self.grad_out, allow_unused=True)
+            torch.autograd.grad(outs, wrt, grad_out, allow_unused=True)
             backward_ms = (timer() - t2) * 1e3
         self.forward_ms.append((t1 - t0) * 1e3)
         self.backward_ms.append(backward_ms)

@@ -107,32 +107,45 @@ def test_fake_layers_recover_their_costs():
         f, b = FakeNet.COSTS.get(layer.name, (0.0, 0.0))
         assert layer.forward_ms == pytest.approx(f, abs=1e-9), layer.name
         assert layer.backward_ms == pytest.approx(b, abs=1e-9), layer.name
-        assert len(layer.forward_samples_ms) == 3
+        assert len(layer.forward_samples_ms) == 2  # two agreeing samples: no third
     assert p.whole_step_ms == pytest.approx(sum(f + b for f, b in FakeNet.COSTS.values()))
     assert p.total_compute_ms == pytest.approx(p.whole_step_ms)
     assert p.calibration is None
-    # record pass, 3 rounds and the single whole step that agrees: 5 forwards per layer
-    assert net.a.calls == 5
+    # record pass, 2 rounds and the single whole step that agrees: 4 forwards per layer
+    assert net.a.calls == 4
 
 
 def test_disagreeing_whole_step_is_remeasured_and_calibrates_with_raw_samples_kept():
     clock = FakeClock()
-    # After the recording and 3 rounds (4 forwards) every layer becomes twice as slow.
-    net = FakeNet(clock, slow_after=4, slow_factor=2.0)
+    # After the recording and 2 rounds (3 forwards) every layer becomes twice as slow.
+    net = FakeNet(clock, slow_after=3, slow_factor=2.0)
     p = profile_module(net, (torch.randn(4, 3),), leaf_modules=["FakeLayer"], reps=3, clock=clock)
     raw = sum(f + b for f, b in FakeNet.COSTS.values())
     assert p.whole_step_ms == pytest.approx(2 * raw)
-    assert net.a.calls == 4 + 3  # the whole step was timed reps times
+    assert net.a.calls == 3 + 3  # the whole step was timed reps times
     assert p.calibration is not None and "scaled by 2.0000" in p.calibration
     a = p.layers[p.index("a")]
     assert a.forward_ms == pytest.approx(4.0) and a.backward_ms == pytest.approx(8.0)
-    assert a.forward_samples_ms == pytest.approx((2.0, 2.0, 2.0))
+    assert a.forward_samples_ms == pytest.approx((2.0, 2.0))
     assert p.total_compute_ms == pytest.approx(p.whole_step_ms)
+
+
+def test_disagreeing_samples_earn_more_repetitions_and_the_median():
+    clock = FakeClock()
+    net = FakeNet(clock)
+    # Layer b's second timed run is disturbed (3x); its third agrees with the first.
+    net.b.factor = lambda: 3.0 if net.b.calls == 3 else 1.0
+    p = profile_module(net, (torch.randn(4, 3),), leaf_modules=["FakeLayer"], reps=5, clock=clock)
+    b, a = p.layers[p.index("b")], p.layers[p.index("a")]
+    assert b.forward_samples_ms == pytest.approx((1.0, 3.0, 1.0))
+    assert b.forward_ms == pytest.approx(1.0) and b.backward_ms == pytest.approx(3.0)
+    assert len(a.forward_samples_ms) == 2  # undisturbed layers stop at two
+    assert p.reps == 5
 
 
 def test_calibration_can_be_switched_off():
     clock = FakeClock()
-    net = FakeNet(clock, slow_after=4, slow_factor=2.0)
+    net = FakeNet(clock, slow_after=3, slow_factor=2.0)
     p = profile_module(
         net, (torch.randn(4, 3),), leaf_modules=["FakeLayer"], clock=clock, calibrate=False
     )
