@@ -109,7 +109,7 @@ def summary(plan: Plan, result: SimulationResult) -> str:
     ]
     limit = result.memory_limit_bytes
     over = [d for d in result.devices if limit is not None and d.peak_memory_bytes > limit]
-    if over:
+    if over and limit is not None:
         worst = max(over, key=lambda d: d.peak_memory_bytes)
         lines.append(
             f"warning: {len(over)} devices exceed the {limit / 1024**3:.3g} GiB of device memory "

@@ -23,6 +23,7 @@ import math
 import os
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -158,8 +159,8 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
     ax.set_axisbelow(True)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    handles = [Patch(color=COLORS["forward"], label="forward"),
-               Patch(color=COLORS["backward"], label="backward")]
+    handles: list[Artist] = [Patch(color=COLORS["forward"], label="forward"),
+                             Patch(color=COLORS["backward"], label="backward")]
     if len(recv):
         handles.append(Patch(color=COLORS["communication"],
                              label="transfer in (activations / gradients)"))
@@ -234,7 +235,7 @@ def partition_figure(plan: Plan, profile: Profile, *, title: str | None = None) 
     bottom.bar(xs, per_replica, color="#D9D9D9", label="one replica")
     bottom.bar(xs, effective, color=[_STAGE_COLORS[s % len(_STAGE_COLORS)] for s in xs],
                label="÷ replicas (pipeline's view)")
-    for s in xs:
+    for s in range(len(groups)):
         ranks = plan.stages[s].ranks
         text = f"×{replicas[s]}\nranks {_ranks(ranks)}" if replicas[s] > 1 else f"rank {ranks[0]}"
         bottom.text(s, per_replica[s], text, ha="center", va="bottom", fontsize=7)
