@@ -224,6 +224,45 @@ class RunReport:
         """Write the report atomically (temporary file, then rename)."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
+    @classmethod
+    def from_dict(cls, doc: Any, what: str = "report") -> RunReport:
+        """Read a report document back (as :meth:`to_dict` wrote it).
+
+        Raises:
+            RunError: Not a runtime report, or fields missing.
+        """
+        from planner.runtime.config import RunError
+
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise RunError(f"{what} is not a runtime report (format {FORMAT!r}); "
+                           "pass the .report.json that `plan run` wrote")
+        try:
+            fields = {f.name for f in dataclasses.fields(RankStats)}
+            comparison = doc.get("comparison")
+            return cls(**{
+                **{k: v for k, v in doc.items() if k not in ("format", "comparison")},
+                "losses": tuple(doc["losses"]),
+                "step_stats": tuple(StepStats(**s) for s in doc["step_stats"]),
+                "ranks": tuple(RankStats(**{k: v for k, v in r.items() if k in fields})
+                               for r in doc["ranks"]),
+                "stages": tuple(StageStats(**{**s, "ranks": tuple(s["ranks"])})
+                                for s in doc["stages"]),
+                "comparison": None if comparison is None else Comparison(
+                    stages=tuple(StageComparison(**c) for c in comparison["stages"]),
+                    predicted_samples_per_s=comparison["predicted_samples_per_s"],
+                    measured_samples_per_s=comparison["measured_samples_per_s"]),
+            })
+        except (KeyError, TypeError) as exc:
+            raise RunError(f"{what} is incomplete or damaged ({exc}); run `plan run` again") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RunReport:
+        """Read a report file."""
+        from planner._io import load_json
+        from planner.runtime.config import RunError
+
+        return cls.from_dict(load_json(path, RunError, "report"), f"report {os.fspath(path)}")
+
     def describe(self) -> str:
         """A per-stage table of where the time went, per step."""
         cols = ("stage", "ranks", "compute ms", "wait ms", "send ms", "sync ms", "update ms",

@@ -1,0 +1,86 @@
+"""Calibration: rescale a profile's compute and a topology's bandwidth from what a run measured.
+
+A run's report (with its predicted-vs-measured comparison) says how far the prediction was off:
+``compute_scale`` is measured over predicted compute, summed over every replica of every stage;
+``comm_scale`` is measured over predicted transfer time likewise (None when the plan predicted no
+communication). :func:`calibrate` multiplies every layer's forward and backward time by
+``compute_scale`` and divides every level's bandwidth by ``comm_scale``; planning again with the
+results predicts what this machine does. ``plan --calibrate REPORT.json`` is built on it.
+
+Example:
+    >>> report = RunReport.load("plan.report.json")                    # doctest: +SKIP
+    >>> profile, topology = calibrate(profile, plan.topology, report)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from planner.profile.format import Profile
+from planner.runtime.config import RunError
+from planner.runtime.report import RunReport
+from planner.topology import Topology
+
+__all__ = ["Calibration", "calibrate", "calibration_of"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How far a run was from its prediction.
+
+    Attributes:
+        compute_scale: Measured over predicted compute time.
+        comm_scale: Measured over predicted communication time, or None if none was predicted.
+    """
+
+    compute_scale: float
+    comm_scale: float | None
+
+    def describe(self) -> str:
+        comm = "n/a" if self.comm_scale is None else f"{self.comm_scale:.2f}x"
+        return f"compute {self.compute_scale:.2f}x the profile, communication {comm} the topology"
+
+
+def calibration_of(report: RunReport) -> Calibration:
+    """The scales a run's report implies.
+
+    Raises:
+        RunError: The report has no predicted-vs-measured comparison (the run did not find the
+            plan's profile) or predicted no compute.
+    """
+    if report.comparison is None:
+        raise RunError(
+            f"report of {report.plan} has no predicted-vs-measured table (the run did not find "
+            "the plan's profile); keep the profile where the plan says and run again"
+        )
+    replicas = {s.stage: len(s.ranks) for s in report.stages}
+    rows = report.comparison.stages
+    predicted = sum(c.predicted_compute_ms * replicas[c.stage] for c in rows)
+    measured = sum(c.measured_compute_ms * replicas[c.stage] for c in rows)
+    if predicted <= 0:
+        raise RunError("the prediction has no compute time to calibrate; check the profile")
+    predicted_comm = sum(c.predicted_comm_ms * replicas[c.stage] for c in rows)
+    measured_comm = sum(c.measured_comm_ms * replicas[c.stage] for c in rows)
+    comm = measured_comm / predicted_comm if predicted_comm > 0 and measured_comm > 0 else None
+    return Calibration(compute_scale=measured / predicted, comm_scale=comm)
+
+
+def calibrate(profile: Profile, topology: Topology, report: RunReport,
+              ) -> tuple[Profile, Topology]:
+    """``profile`` and ``topology`` rescaled to what ``report`` measured."""
+    cal = calibration_of(report)
+    k = cal.compute_scale
+    layers = tuple(dataclasses.replace(layer, forward_ms=layer.forward_ms * k,
+                                       backward_ms=layer.backward_ms * k,
+                                       forward_samples_ms=(), backward_samples_ms=())
+                   for layer in profile.layers)
+    note = f"calibrated from {report.plan}: {cal.describe()}"
+    calibrated = dataclasses.replace(
+        profile, layers=layers, calibration=note,
+        whole_step_ms=None if profile.whole_step_ms is None else profile.whole_step_ms * k)
+    if cal.comm_scale is None:
+        return calibrated, topology
+    levels = tuple(dataclasses.replace(level, bandwidth_bytes_per_s=level.bandwidth_bytes_per_s
+                                       / cal.comm_scale) for level in topology.levels)
+    return calibrated, dataclasses.replace(topology, levels=levels)
