@@ -4,9 +4,9 @@ The order comes from :func:`planner.schedules.replica_order`, the same lists the
 this module only carries them out. :class:`StageExecutor` knows how to run one ``F m`` or ``B m``
 on its stage (receive, compute, send); :class:`FlushSchedule` runs one minibatch of ``gpipe`` or
 ``1f1b`` and ends it with the flush: wait for sends, sum gradients across replicas, step the
-optimizer. The asynchronous ``pipedream`` schedule is meant to slot in as another driver of the
-same executor, over the run's whole op list, with weight stashing around ``forward``/``backward``
-(:meth:`StageExecutor.forward` and :meth:`StageExecutor.backward` are its hooks).
+optimizer. The asynchronous ``pipedream`` schedule is another driver of the same executor
+(:mod:`planner.runtime.pipedream`): it walks the run's whole op list and plugs a weight stash
+into the executor (:class:`WeightSource`), so forwards and backwards see stashed versions.
 
 Receives are posted early: before an operation runs, the receives of the next few operations
 (as many as the stage holds microbatches in flight, twice over) are already posted, so a transfer
