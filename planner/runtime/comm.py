@@ -231,9 +231,8 @@ class PendingRecv:
             for work in self.works:
                 work.wait()
         except RuntimeError as exc:  # gloo: peer closed the connection, or the timeout passed
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(
-                f"lost rank {self.src}: no {self.what} from it ({reason}); "
+                f"lost rank {self.src}: no {self.what} from it ({_first_line(exc)}); "
                 "that rank failed or was stopped"
             ) from exc
         self.timers.wait_s += time.perf_counter() - start
@@ -252,7 +251,7 @@ class PointToPoint:
     device: torch.device
     timers: CommTimers
     max_tensors: int
-    _sends: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+    _sends: list[tuple[Any, torch.Tensor, int]] = field(default_factory=list)
 
     def tag(self, microbatch: int, backward: bool, index: int) -> int:
         return (2 * microbatch + int(backward)) * self.max_tensors + index
@@ -274,7 +273,7 @@ class PointToPoint:
         for i, tensor in enumerate(tensors):
             buffer = tensor.detach().contiguous()
             work = dist.isend(buffer, dst=dst, tag=self.tag(microbatch, backward, i))
-            self._sends.append((work, buffer))
+            self._sends.append((work, buffer, dst))
             self.timers.bytes_sent += buffer.numel() * buffer.element_size()
         self.timers.send_s += time.perf_counter() - start
         if len(self._sends) > 64:  # bound the buffers kept alive; most have long completed
@@ -283,13 +282,17 @@ class PointToPoint:
     def flush(self) -> None:
         """Wait until every send has completed."""
         start = time.perf_counter()
-        for work, _ in self._sends:
-            work.wait()
+        for work, _, dst in self._sends:
+            try:
+                work.wait()
+            except RuntimeError as exc:  # the receiver is gone
+                raise RuntimeError(f"lost rank {dst}: a send to it failed ({_first_line(exc)}); "
+                                   "that rank failed or was stopped") from exc
         self._sends.clear()
         self.timers.send_s += time.perf_counter() - start
 
     def _reap(self) -> None:
-        self._sends = [(w, b) for w, b in self._sends if not w.is_completed()]
+        self._sends = [(w, b, d) for w, b, d in self._sends if not w.is_completed()]
 
 
 @dataclass
@@ -310,7 +313,13 @@ class GradientSync:
         for bucket in self.buckets:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=bucket.group)
+            try:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=bucket.group)
+            except RuntimeError as exc:
+                ranks = dist.get_process_group_ranks(bucket.group)
+                raise RuntimeError(f"gradient all-reduce among ranks {ranks} failed "
+                                   f"({_first_line(exc)}); one of them failed or was stopped"
+                                   ) from exc
             offset = 0
             for p, g in zip(bucket.params, grads, strict=True):
                 n = p.numel()
@@ -377,6 +386,11 @@ def make_gradient_sync(
     if groups.stages[stage] is not None and own:
         buckets.insert(0, _Bucket(group=groups.stages[stage], params=own))
     return GradientSync(buckets=_split_by_dtype(buckets), timers=timers)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unique(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
