@@ -1,0 +1,261 @@
+"""The PipeDream-compatible DP: PipeDream's released optimizer's assumptions, our code.
+
+Reproduces ``optimizer_graph_hierarchical.py`` (msr-fiddle/pipedream) as it runs by default with
+``--use_memory_constraint``: its formulas (:class:`planner.optimize.cost.PipeDreamFormulas`), its
+antichain states, every device used, and its hierarchy (level ``l``'s best sub-pipelines on all
+of its devices become the stage times of level ``l + 1``, whose data-parallel term of a single
+stage is divided by the devices below). Written from reading that file; no code taken. One
+deliberate difference: at non-final levels PipeDream also combines states that are not nested (it
+subtracts prefix sums of incomparable antichains); we only combine nested ones, which changes
+nothing on chain-like graphs (VGG16, AlexNet) and keeps every stage a real set of layers.
+
+Example:
+    >>> from planner.profile import LayerProfile, Profile
+    >>> from planner.topology import Topology
+    >>> from planner.optimize.cost import CostModel, CostModelKind, SolverOptions
+    >>> from planner.optimize.states import build_states
+    >>> la = [LayerProfile(name=f"l{i}", op="", forward_ms=10, backward_ms=20, output_bytes=(8,),
+    ...                    parameter_bytes=0, inputs=(i - 1,) if i else ()) for i in range(3)]
+    >>> c = CostModel(Profile(model="m", batch_size=1, layers=tuple(la)), Topology.from_args(gpus=3),
+    ...               SolverOptions(cost_model=CostModelKind.PIPEDREAM))
+    >>> solve_pipedream(c, build_states(c.profile, "antichain")).bottleneck_s
+    0.03
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.errors import InfeasibleError
+from planner.optimize.cost import CostModel, DownsetTables
+from planner.optimize.result import Partition, StageAssignment
+from planner.optimize.states import StateSpace
+
+__all__ = ["solve_pipedream"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Level:
+    value: np.ndarray  # (starts, states, devices + 1)
+    arg_k: np.ndarray
+    arg_m: np.ndarray  # replicas of the last stage; 0: single stage; -1: fewer devices
+    starts: np.ndarray
+    devices: int
+
+
+def solve_pipedream(cost: CostModel, space: StateSpace) -> Partition:
+    """PipeDream's optimum (its "time per stage") and the partition it picks.
+
+    Raises:
+        InfeasibleError: No partition passes PipeDream's memory check.
+    """
+    o = cost.options
+    topo = cost.topology
+    t = DownsetTables.from_masks(cost, space.masks)
+    n_states = len(space)
+    last = n_states - 1
+    comp, act, par = t.compute_s, t.output_bytes, t.parameter_bytes
+    frontier = space.frontier_bytes if space.frontier_bytes is not None else t.cut_bytes
+    inc = space.includes
+    memory = cost.memory_limit_bytes if o.memory_constraint else np.inf
+    ratio = o.activation_compression_ratio
+
+    def diff(x: np.ndarray) -> np.ndarray:
+        out = x[None, :] - x[:, None]
+        return np.where(inc, out, np.nan)
+
+    stage_time = diff(comp)  # level 0: compute of D_j \\ D_i
+    act_d, par_d = diff(act), diff(par)
+    levels: list[_Level] = []
+    within = 1
+    for li, lv in enumerate(topo.levels):
+        final = li == len(topo.levels) - 1
+        level = _solve_level(
+            stage_time,
+            act_d,
+            par_d,
+            inc,
+            frontier,
+            lv.devices,
+            lv.bandwidth_bytes_per_s,
+            within,
+            memory,
+            ratio,
+            straight=o.straight,
+            fewer=o.allow_fewer_devices and final,
+            starts=np.array([0]) if final else np.arange(n_states),
+        )
+        levels.append(level)
+        within = lv.devices
+        if not final:
+            stage_time = np.where(inc, level.value[:, :, lv.devices], np.nan)
+    top = levels[-1]
+    best = top.value[0, last, top.devices]
+    if not np.isfinite(best):
+        raise InfeasibleError(
+            f"PipeDream's optimizer finds no partition of {cost.profile.model!r} on "
+            f"{topo.num_devices} devices within {memory:.4g} bytes each; use more devices, "
+            "or turn the memory constraint off"
+        )
+    tree = _expand(levels, len(levels) - 1, 0, last, top.devices)
+    return _partition(cost, space, tree, float(best), t)
+
+
+def _solve_level(
+    stage_time,
+    act_d,
+    par_d,
+    inc,
+    frontier,
+    devices,
+    bandwidth,
+    within,
+    memory,
+    ratio,
+    *,
+    straight: bool,
+    fewer: bool,
+    starts: np.ndarray,
+) -> _Level:
+    n_states = inc.shape[0]
+    last = n_states - 1
+    value = np.full((len(starts), n_states, devices + 1), np.inf)
+    arg_k = np.full(value.shape, -1, dtype=np.int64)
+    arg_m = np.zeros(value.shape, dtype=np.int64)
+    ct, ad, pdiff = stage_time[starts], act_d[starts], par_d[starts]
+    with np.errstate(invalid="ignore"):
+        for m in range(1, (1 if straight else devices) + 1):
+            # one stage from the start, replicated m times (its dp term divided by `within`)
+            stash = np.ceil((devices - m) / m) * (ad + pdiff)
+            dp = 4.0 * (m - 1) * pdiff / (bandwidth * m) / within
+            v = (ct + dp) / m
+            ok = np.isfinite(ct) & (stash <= memory)
+            value[:, :, m] = np.where(ok, v, np.inf)
+        reps_all = np.arange(1, devices)
+        for m in range(2, devices + 1):
+            reps = reps_all[: m - 1] if not straight else reps_all[:1]
+            for j in range(1, n_states):
+                if fewer and m > 1:
+                    better = value[:, j, m - 1] < value[:, j, m]
+                    value[:, j, m] = np.where(better, value[:, j, m - 1], value[:, j, m])
+                    arg_m[:, j, m] = np.where(better, -1, arg_m[:, j, m])
+                ks = np.flatnonzero(inc[:, j])
+                ks = ks[ks > 0]
+                if len(ks) == 0:
+                    continue
+                c = stage_time[ks, j]  # (k,)
+                p = par_d[ks, j]
+                a = act_d[ks, j]
+                mp = reps[None, :].astype(float)
+                last_t = (c[:, None] + 4.0 * (mp - 1) * p[:, None] / (bandwidth * mp)) / mp
+                stash = (a + p)[:, None] * np.ceil((devices - m) / mp)
+                last_t = np.where(np.isfinite(c)[:, None] & (stash <= memory), last_t, np.inf)
+                if ratio is not None:
+                    transfer = 2.0 * frontier[ks][:, None] / (bandwidth * mp) / ratio
+                    last_t = np.maximum(last_t, transfer)
+                    if j < last:
+                        last_t = np.maximum(last_t, 2.0 * frontier[j] / (bandwidth * mp) / ratio)
+                prev = value[:, ks][:, :, m - reps]  # (start, k, m')
+                nested = inc[starts][:, ks] | (starts[:, None] == 0)
+                cand = np.where(nested[:, :, None], np.maximum(prev, last_t[None]), np.inf)
+                flat = cand.reshape(len(starts), -1)
+                pick = flat.argmin(axis=1)
+                best = flat[np.arange(len(starts)), pick]
+                better = best < value[:, j, m]
+                kk, mm = np.unravel_index(pick, (len(ks), len(reps)))
+                value[:, j, m] = np.where(better, best, value[:, j, m])
+                arg_k[:, j, m] = np.where(better, ks[kk], arg_k[:, j, m])
+                arg_m[:, j, m] = np.where(better, reps[mm], arg_m[:, j, m])
+    # rows are indexed by state; the final level only has the root row
+    if len(starts) < n_states:
+        full = np.full((n_states, n_states, devices + 1), np.inf)
+        full[starts] = value
+        ak = np.full(full.shape, -1, dtype=np.int64)
+        ak[starts] = arg_k
+        am = np.zeros(full.shape, dtype=np.int64)
+        am[starts] = arg_m
+        value, arg_k, arg_m = full, ak, am
+    return _Level(value=value, arg_k=arg_k, arg_m=arg_m, starts=starts, devices=devices)
+
+
+def _expand(levels: list[_Level], li: int, i: int, j: int, m: int) -> list:
+    """The nested plan under ``levels[li]`` from state ``i`` to ``j`` on ``m`` units.
+
+    A pipeline is a list of groups ``(units, sub, start, end, time)``; ``sub`` is the lower
+    level's pipeline, or None at level 0 (a stage of ``units`` devices).
+    """
+    lv = levels[li]
+    groups = []
+    while True:
+        am = int(lv.arg_m[i, j, m])
+        if am == -1:
+            m -= 1
+            continue
+        if am == 0:
+            start, units = i, m
+        else:
+            start, units = int(lv.arg_k[i, j, m]), am
+        sub = None
+        if li > 0:
+            below = levels[li - 1]
+            sub = _expand(levels, li - 1, start, j, below.devices)
+        groups.append((units, sub, start, j))
+        if am == 0:
+            break
+        j, m = start, m - am
+    return groups[::-1]
+
+
+def _partition(
+    cost: CostModel, space: StateSpace, tree: list, best: float, t: DownsetTables
+) -> Partition:
+    from planner.optimize.hierarchy import nested_ranks
+
+    leaves, ranks = nested_ranks(cost.topology, tree)
+    o = cost.options
+    topo = cost.topology
+    n0 = topo.levels[0].devices
+    stages = []
+    used = 0
+    for (start, end, replicas, inner_units), rs in zip(leaves, ranks, strict=True):
+        layers = space.stage(start, end)
+        compute = float(t.compute_s[end] - t.compute_s[start])
+        params = float(t.parameter_bytes[end] - t.parameter_bytes[start])
+        bw = topo.levels[max(topo.span_level(rs), 0)].bandwidth_bytes_per_s
+        dp = 4.0 * (replicas - 1) * params / (bw * replicas)
+        used = used % n0 + inner_units
+        stash = (float(t.output_bytes[end] - t.output_bytes[start]) + params) * -(
+            -(n0 - used) // inner_units
+        )
+        stages.append(
+            StageAssignment(
+                layers=tuple(int(x) for x in layers),
+                replicas=replicas,
+                ranks=rs,
+                compute_s=compute,
+                comm_s=0.0,
+                allreduce_s=dp,
+                time_s=(compute + dp) / replicas,
+                memory_bytes=stash,
+            )
+        )
+    # PipeDream's objective is its DP value; stage times follow its own flat formula, scaled so
+    # the slowest equals the value (its hierarchy shares a group's data-parallel time).
+    slowest = max(s.time_s for s in stages)
+    scale = best / slowest if slowest > 0 else 1.0
+    import dataclasses
+
+    stages = [dataclasses.replace(s, time_s=s.time_s * scale) for s in stages]
+    return Partition(
+        stages=tuple(stages),
+        schedule=o.schedule,
+        microbatches=o.microbatches,
+        bottleneck_s=best,
+        minibatch_s=best * o.microbatches,
+        objective_s=best,
+        solver="dp",
+        optimal=True,
+        cost_model=str(o.cost_model),
+    )
