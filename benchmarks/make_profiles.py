@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=item.warmup,
             reps=item.reps,
             threads=args.threads,
+            progress=sys.stderr.isatty(),
         )
         path = args.out / f"{item.name}.json"
         profile.save(path)

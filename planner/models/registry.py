@@ -124,7 +124,7 @@ def load_model(
         seed: Seed of the weights.
 
     Raises:
-        ModelError: unknown name (with the closest names), bad factory, bad dtype, or an input
+        ModelError: unknown name (with the closest names), bad factory, dtype or device, or an input
             shape that is non-positive, of the wrong rank, or makes the forward fail.
 
     Example:
@@ -138,7 +138,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     if not torch_dtype.is_floating_point:
         raise ModelError(f"model dtype must be floating point, got {torch_dtype}")
-    dev = torch.device(device)
+    dev = _parse_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if ":" in spec:
@@ -161,6 +161,20 @@ def load_model(
 
 
 # --- builders ------------------------------------------------------------------------------
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            f"device {device!r} asked for, but CUDA is not available; use --device cpu"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
 
 
 def _parse_shape(input_shape: Sequence[int] | None) -> tuple[int, ...] | None:

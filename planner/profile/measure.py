@@ -129,8 +129,10 @@ def profile_model(
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
         dtype: Parameter and activation dtype, e.g. ``"float32"`` or ``"bfloat16"``.
         leaf_modules: Module types or qualified names kept whole as one layer.
-        warmup: Untimed whole-model steps before timing (at least 1 recommended).
-        reps: Timed repetitions per layer and of the whole step (median kept).
+        warmup: Untimed whole-model forward+backward steps before timing; the last is the
+            recording pass. 0 leaves only the recording forward untimed.
+        reps: Most timed repetitions per layer and of the whole step (median kept); a layer
+            stops at two when they agree, the whole step at one when it matches the layers.
         threads: CPU threads to fix for the run (default: torch's current count).
         progress: Show a progress bar over layers on stderr.
         seed: Seed of the weights and the synthetic batch.
@@ -181,7 +183,8 @@ def profile_module(
 
     The module runs in training mode; its mode, its buffers (BatchNorm statistics) and the
     thread count are restored afterwards, and no ``.grad`` is touched. ``clock`` returns seconds
-    (tests inject a fake one); on CUDA the device is synchronised before every reading.
+    (tests inject a fake one); on CUDA the device is synchronised before every reading. On the
+    CPU it runs inside :func:`keep_freed_memory`.
 
     Example:
         >>> import torch
@@ -265,6 +268,7 @@ def machine_description(device: torch.device | str = "cpu") -> str:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_kept = 0  # depth of nested keep_freed_memory() blocks
 
 
 @contextlib.contextmanager
@@ -272,26 +276,32 @@ def keep_freed_memory() -> Iterator[bool]:
     """Make glibc malloc serve large tensors from its heap and keep freed memory, for a while.
 
     Inside, freed CPU tensors are reused instead of being unmapped and page-faulted in again,
-    as a caching allocator would; on exit glibc's default limits are set again and free memory
-    is returned to the system (``malloc_trim``). Yields whether it applied (glibc only).
+    as a caching allocator would; on leaving the outermost block glibc's default limits are set
+    again and free memory is returned to the system (``malloc_trim``). Yields whether it
+    applied (glibc only). Process-wide, like the thread count: not for concurrent threads.
 
     Example:
         >>> with keep_freed_memory() as applied:
         ...     isinstance(applied, bool)
         True
     """
+    global _kept
     libc = _glibc()
     if libc is None:
         yield False
         return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, -1)  # converted to SIZE_MAX by glibc: never trim
+    if _kept == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, -1)  # converted to SIZE_MAX by glibc: never trim
+    _kept += 1
     try:
         yield True
     finally:
-        for param, value in _GLIBC_DEFAULTS.items():
-            libc.mallopt(param, value)
-        libc.malloc_trim(0)
+        _kept -= 1
+        if _kept == 0:
+            for param, value in _GLIBC_DEFAULTS.items():
+                libc.mallopt(param, value)
+            libc.malloc_trim(0)
 
 
 def _glibc() -> Any:
@@ -373,16 +383,22 @@ def _measure(
     whole_ms = _median_total(whole)
     total = sum(fwd) + sum(bwd)
     calibration = None
-    if calibrate and _disagree(total, whole_ms):
-        f_scale = whole_fwd / sum(fwd) if sum(fwd) > 0 else 1.0
-        b_scale = whole_bwd / sum(bwd) if sum(bwd) > 0 else 1.0
+    if calibrate and total > 0 and _disagree(total, whole_ms):
+        # Split the whole step as its own forward and backward medians split, then scale the
+        # layers' forward and backward times separately so their sum is the whole step.
+        fwd_share = whole_fwd / (whole_fwd + whole_bwd) if whole_fwd + whole_bwd > 0 else 0.5
+        if sum(fwd) > 0 and sum(bwd) > 0:
+            f_scale = whole_ms * fwd_share / sum(fwd)
+            b_scale = whole_ms * (1 - fwd_share) / sum(bwd)
+        else:
+            f_scale = b_scale = whole_ms / total
         fwd = [t * f_scale for t in fwd]
         bwd = [t * b_scale for t in bwd]
         calibration = (
             f"per-layer medians summed to {total:.3f} ms against a whole step of {whole_ms:.3f} ms "
             f"(ratio {total / whole_ms:.3f}); forward times scaled by {f_scale:.4f} and backward "
-            f"times by {b_scale:.4f} to the whole step's forward {whole_fwd:.3f} ms and backward "
-            f"{whole_bwd:.3f} ms; *_samples_ms are unscaled"
+            f"times by {b_scale:.4f}, splitting the whole step as its forward ({whole_fwd:.3f} ms) "
+            f"and backward ({whole_bwd:.3f} ms) medians split; *_samples_ms are unscaled"
         )
     layers = tuple(
         LayerProfile(

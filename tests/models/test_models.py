@@ -151,6 +151,14 @@ def test_bad_input_shape_raises_model_error(name, shape, reason):
         load_model(name, batch_size=1, input_shape=shape)
 
 
+def test_bad_device():
+    with pytest.raises(ModelError, match="unknown device 'gpu0'"):
+        load_model("gpt2-tiny", batch_size=1, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            load_model("gpt2-tiny", batch_size=1, device="cuda")
+
+
 def test_bad_dtype_and_batch_size():
     with pytest.raises(ModelError, match="unknown dtype 'float8'"):
         load_model("gpt2-tiny", batch_size=1, dtype="float8")

@@ -323,10 +323,13 @@ def test_bad_settings_raise_profile_error():
         profile_module(net, ())
 
 
-def test_keep_freed_memory_applies_and_restores():
-    with keep_freed_memory() as applied:
+def test_keep_freed_memory_nests():
+    from planner.profile import measure
+
+    with keep_freed_memory() as applied, keep_freed_memory():
         torch.empty(64 << 20, dtype=torch.uint8)  # a 64 MiB allocation, mmap-sized by default
-    assert isinstance(applied, bool)
+        assert measure._kept == (2 if applied else 0)
+    assert isinstance(applied, bool) and measure._kept == 0
 
 
 @pytest.mark.slow
