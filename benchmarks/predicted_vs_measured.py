@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         cal_report = _run(calibration, folder, "calibration", args.steps)
         cal = calibration_of(cal_report)
-        cal_profile, cal_topology = calibrate(profile, LOOPBACK, cal_report)
+        cal_profile, cal_topology = calibrate(profile, LOOPBACK, cal_report, plan=calibration)
         cal_profile.save(folder / "profile-calibrated.json")
         plan = build_plan(
             cal_profile,

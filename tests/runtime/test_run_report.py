@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from planner.profile.format import LayerProfile, Profile
-from planner.runtime.calibrate import calibrate, calibration_of
+from planner.runtime.calibrate import calibrate, calibration_of, fit_latency
 from planner.runtime.config import RunError
 from planner.runtime.loops import merge_losses
 from planner.runtime.report import (
@@ -70,13 +70,15 @@ def test_a_file_that_is_not_a_report_is_refused(tmp_path: Path) -> None:
 
 def test_calibration_rescales_compute_and_bandwidth() -> None:
     cal = calibration_of(_report(COMPARISON))
-    assert cal.compute_scale == pytest.approx(2.0) and cal.comm_scale == pytest.approx(5.0)
+    # (200 + 50 ms optimizer) + (300 + 50) measured over 100 + 150 predicted
+    assert cal.compute_scale == pytest.approx(2.4) and cal.comm_scale == pytest.approx(5.0)
     profile = Profile(model="m", batch_size=2, layers=(
         LayerProfile(name="a", op="x", forward_ms=1.0, backward_ms=2.0, output_bytes=(8,),
                      parameter_bytes=4),))
     topology = Topology.from_args(gpus=2, bandwidth_gbps=10)
     new_profile, new_topology = calibrate(profile, topology, _report(COMPARISON))
-    assert new_profile.layers[0].forward_ms == 2.0 and new_profile.layers[0].backward_ms == 4.0
+    assert new_profile.layers[0].forward_ms == pytest.approx(2.4)
+    assert new_profile.layers[0].backward_ms == pytest.approx(4.8)
     assert "calibrated" in (new_profile.calibration or "")
     assert new_topology.levels[0].bandwidth_bytes_per_s == pytest.approx(2e9)
     with pytest.raises(RunError, match="no predicted-vs-measured"):
@@ -89,3 +91,18 @@ def test_pipedream_losses_merge_across_replicas() -> None:
     assert [s.loss for s in steps] == [1.5, 3.5]  # step 2 is incomplete and left out
     assert steps[1].wall_s == pytest.approx(0.8)
     assert dataclasses.asdict(steps[0])["step"] == 0
+
+
+def test_latency_is_fitted_to_the_measured_rate(tmp_path: Path) -> None:
+    from runtime_helpers import make_plan, with_profile
+
+    from planner.simulate import simulate
+
+    plan = with_profile(make_plan("runtime_models:mlp", cuts=["_3"], replicas=[1, 1]), tmp_path)
+    profile = Profile.load(tmp_path / "profile.json")
+    fast = simulate(plan, profile).samples_per_s
+    topology = fit_latency(plan, profile, plan.topology, fast / 2)
+    assert topology.levels[0].latency_s > 0
+    fitted = simulate(dataclasses.replace(plan, topology=topology), profile).samples_per_s
+    assert fitted == pytest.approx(fast / 2, rel=1e-3)
+    assert fit_latency(plan, profile, plan.topology, fast * 2).levels[0].latency_s == 0.0
