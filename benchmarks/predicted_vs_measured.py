@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 "minibatch": f"{target.microbatches}x{target.microbatch_size}",
                 "predicted_raw": raw.predicted.samples_per_s,
                 "compute_scale": cal.compute_scale,
-                "comm_scale": cal.comm_scale,
+                "latency_ms": cal_topology.levels[0].latency_s * 1e3,
                 "predicted": predicted,
                 "measured": measured,
                 "error": measured / predicted - 1,
@@ -273,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps per run (first left out); calibrated on a different 2-stage 1f1b run"
     )
     print(
-        f"{'model':<24} {'stages':>6} {'schedule':<9} {'minibatch':>9} {'raw pred':>9} "
-        f"{'cal pred':>9} {'measured':>9} {'error':>7}"
+        f"{'model':<24} {'stages':>6} {'schedule':<9} {'minibatch':>9} {'compute x':>9} "
+        f"{'lat ms':>6} {'raw pred':>9} {'cal pred':>9} {'measured':>9} {'error':>7}"
     )
     for r in rows:
         print(
             f"{r['model']:<24} {r['stages']:>6} {r['schedule']:<9} {r['minibatch']:>9} "
-            f"{r['predicted_raw']:>9.1f} {r['predicted']:>9.1f} {r['measured']:>9.1f} "
+            f"{r['compute_scale']:>9.2f} {r['latency_ms']:>6.2f} {r['predicted_raw']:>9.1f} {r['predicted']:>9.1f} {r['measured']:>9.1f} "
             f"{r['error']:>+7.1%}"
         )
     if args.json:

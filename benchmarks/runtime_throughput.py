@@ -55,8 +55,9 @@ MODELS = {  # name -> (model spec, first layer of stage 1)
 
 def _batch(batch_size: int, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch_size, 512, generator=gen),), torch.randint(10, (batch_size,),
-                                                                          generator=gen)
+    return (torch.randn(batch_size, 512, generator=gen),), torch.randint(
+        10, (batch_size,), generator=gen
+    )
 
 
 def mlp() -> ModelSpec:
@@ -65,8 +66,14 @@ def mlp() -> ModelSpec:
     for _ in range(8):
         layers += [nn.Linear(512, 512), nn.ReLU()]
     module = nn.Sequential(*layers, nn.Linear(512, 10))
-    return ModelSpec(name="runtime_throughput:mlp", module=module, input_shape=(512,),
-                     input_dtype=torch.float32, make_batch=_batch, loss_fn=F.cross_entropy)
+    return ModelSpec(
+        name="runtime_throughput:mlp",
+        module=module,
+        input_shape=(512,),
+        input_dtype=torch.float32,
+        make_batch=_batch,
+        loss_fn=F.cross_entropy,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,29 +93,59 @@ def make_plan(case: Case) -> Plan:
     names = [layer.name for layer in captured.layers]
     at = names.index(cut)
     stages = tuple(
-        PlanStage(layers=tuple(part), replicas=1, ranks=(rank,), compute_s=0.0, comm_s=0.0,
-                  allreduce_s=0.0, time_s=0.0, memory_bytes=0.0)
-        for rank, part in enumerate((names[:at], names[at:])))
+        PlanStage(
+            layers=tuple(part),
+            replicas=1,
+            ranks=(rank,),
+            compute_s=0.0,
+            comm_s=0.0,
+            allreduce_s=0.0,
+            time_s=0.0,
+            memory_bytes=0.0,
+        )
+        for rank, part in enumerate((names[:at], names[at:]))
+    )
     return Plan(
-        profile=ProfileRef(path="benchmark", sha256="0" * 64, model=spec_name,
-                           batch_size=case.microbatch_size, graph_hash=captured.graph_hash,
-                           input_shape=spec.input_shape),
-        topology=Topology.from_args(gpus=2), schedule=case.schedule,
-        optimizer=OptimizerKind.SGD, minibatch_size=case.microbatches * case.microbatch_size,
-        microbatch_size=case.microbatch_size, microbatches=case.microbatches, stages=stages,
-        predicted=Prediction(bottleneck_s=1.0, minibatch_s=1.0, samples_per_s=1.0,
-                             single_device_s=1.0, data_parallel_s=None))
+        profile=ProfileRef(
+            path="benchmark",
+            sha256="0" * 64,
+            model=spec_name,
+            batch_size=case.microbatch_size,
+            graph_hash=captured.graph_hash,
+            input_shape=spec.input_shape,
+        ),
+        topology=Topology.from_args(gpus=2),
+        schedule=case.schedule,
+        optimizer=OptimizerKind.SGD,
+        minibatch_size=case.microbatches * case.microbatch_size,
+        microbatch_size=case.microbatch_size,
+        microbatches=case.microbatches,
+        stages=stages,
+        predicted=Prediction(
+            bottleneck_s=1.0,
+            minibatch_s=1.0,
+            samples_per_s=1.0,
+            single_device_s=1.0,
+            data_parallel_s=None,
+        ),
+    )
 
 
 def _ours(rank: int, case: Case, port: int, tmp: str) -> float | None:
     plan = make_plan(case)
-    config = RunConfig(plan_path=os.path.join(tmp, "plan.json"), steps=case.warmup + case.steps,
-                       lr=0.01, timeout_s=60, log_every=0)
-    result = train(plan, lambda: load_spec(plan), config, DistEnv(rank=rank, world_size=2,
-                                                                  master_port=port))
+    config = RunConfig(
+        plan_path=os.path.join(tmp, "plan.json"),
+        steps=case.warmup + case.steps,
+        lr=0.01,
+        timeout_s=60,
+        log_every=0,
+    )
+    result = train(
+        plan, lambda: load_spec(plan), config, DistEnv(rank=rank, world_size=2, master_port=port)
+    )
     if result.report is None:
         return None
-    walls = [s.wall_s for s in result.report.step_stats[case.warmup:]]
+    walls = [s.wall_s for s in result.report.step_stats[case.warmup :]]
     return plan.minibatch_size / statistics.mean(walls)
 
 
@@ -120,14 +157,21 @@ def _torch(rank: int, case: Case, port: int) -> float | None:
     captured = capture(spec.module)
     cut = cut_graph(captured, [s.layers for s in plan.stages])
     module = build_stage_module(captured, cut, rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
-        example, _ = microbatch(spec.make_batch(plan.microbatch_size, 0), 0,
-                                size=plan.microbatch_size)
+        example, _ = microbatch(
+            spec.make_batch(plan.microbatch_size, 0), 0, size=plan.microbatch_size
+        )
         hidden = build_stage_module(captured, cut, 0)(*example)[0].detach()
-        stage = PipelineStage(module, rank, 2, torch.device("cpu"),
-                              input_args=example if rank == 0 else (hidden,))
+        stage = PipelineStage(
+            module, rank, 2, torch.device("cpu"), input_args=example if rank == 0 else (hidden,)
+        )
         kind = Schedule1F1B if case.schedule is Schedule.ONE_F_ONE_B else ScheduleGPipe
         schedule = kind(stage, plan.microbatches, loss_fn=spec.loss_fn)
         opt = torch.optim.SGD(module.parameters(), lr=0.01)
@@ -145,7 +189,7 @@ def _torch(rank: int, case: Case, port: int) -> float | None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    return plan.minibatch_size / statistics.mean(walls[case.warmup:]) if rank == 1 else None
+    return plan.minibatch_size / statistics.mean(walls[case.warmup :]) if rank == 1 else None
 
 
 def _rank(rank: int, cases: list[Case], rounds: int, out: str) -> None:
@@ -156,12 +200,17 @@ def _rank(rank: int, cases: list[Case], rounds: int, out: str) -> None:
         for case in cases:
             for impl in ("ours", "torch"):
                 port = int(Path(out, f"port-{r}-{case.model}-{case.schedule}-{impl}").read_text())
-                rate = (_ours(rank, case, port, out) if impl == "ours"
-                        else _torch(rank, case, port))
+                rate = _ours(rank, case, port, out) if impl == "ours" else _torch(rank, case, port)
                 if rate is not None:
-                    results.append({"round": r, "model": case.model,
-                                    "schedule": str(case.schedule), "impl": impl,
-                                    "samples_per_s": rate})
+                    results.append(
+                        {
+                            "round": r,
+                            "model": case.model,
+                            "schedule": str(case.schedule),
+                            "impl": impl,
+                            "samples_per_s": rate,
+                        }
+                    )
     if results:
         Path(out, f"results-{rank}.json").write_text(json.dumps(results))
 
@@ -174,8 +223,9 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="gpt2-tiny,mlp", help="comma-separated: " +
-                        ", ".join(MODELS))
+    parser.add_argument(
+        "--models", default="gpt2-tiny,mlp", help="comma-separated: " + ", ".join(MODELS)
+    )
     parser.add_argument("--schedules", default="1f1b,gpipe")
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--microbatch-size", type=int, default=8)
@@ -184,45 +234,84 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    cases = [Case(model=m, schedule=Schedule(s), microbatches=args.microbatches,
-                  microbatch_size=args.microbatch_size, steps=args.steps, warmup=args.warmup)
-             for m in args.models.split(",") for s in args.schedules.split(",")]
+    cases = [
+        Case(
+            model=m,
+            schedule=Schedule(s),
+            microbatches=args.microbatches,
+            microbatch_size=args.microbatch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+        )
+        for m in args.models.split(",")
+        for s in args.schedules.split(",")
+    ]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for case in cases:
                 for impl in ("ours", "torch"):
                     Path(tmp, f"port-{r}-{case.model}-{case.schedule}-{impl}").write_text(
-                        str(_free_port()))
+                        str(_free_port())
+                    )
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         mp.spawn(_rank, args=(cases, args.rounds, tmp), nprocs=2, join=True)
-        rows = [row for rank in (0, 1) if Path(tmp, f"results-{rank}.json").exists()
-                for row in json.loads(Path(tmp, f"results-{rank}.json").read_text())]
+        rows = [
+            row
+            for rank in (0, 1)
+            if Path(tmp, f"results-{rank}.json").exists()
+            for row in json.loads(Path(tmp, f"results-{rank}.json").read_text())
+        ]
     summary = []
-    print(f"{datetime.date.today()}  torch {torch.__version__}  2 gloo ranks x 1 thread, "
-          f"minibatch {args.microbatches} x {args.microbatch_size}, {args.steps} timed steps, "
-          f"median of {args.rounds} rounds")
-    print(f"{'model':<10} {'schedule':<8} {'ours samples/s':>15} {'torch samples/s':>16} "
-          f"{'ours/torch':>10}")
+    print(
+        f"{datetime.date.today()}  torch {torch.__version__}  2 gloo ranks x 1 thread, "
+        f"minibatch {args.microbatches} x {args.microbatch_size}, {args.steps} timed steps, "
+        f"median of {args.rounds} rounds"
+    )
+    print(
+        f"{'model':<10} {'schedule':<8} {'ours samples/s':>15} {'torch samples/s':>16} "
+        f"{'ours/torch':>10}"
+    )
     for case in cases:
+
         def median(impl: str, case: Case = case) -> float:
-            return statistics.median(x["samples_per_s"] for x in rows
-                                     if x["model"] == case.model
-                                     and x["schedule"] == str(case.schedule)
-                                     and x["impl"] == impl)
+            return statistics.median(
+                x["samples_per_s"]
+                for x in rows
+                if x["model"] == case.model
+                and x["schedule"] == str(case.schedule)
+                and x["impl"] == impl
+            )
+
         ours, theirs = median("ours"), median("torch")
-        summary.append({"model": case.model, "schedule": str(case.schedule),
-                        "ours_samples_per_s": ours, "torch_samples_per_s": theirs,
-                        "ratio": ours / theirs})
-        print(f"{case.model:<10} {case.schedule!s:<8} {ours:>15.1f} {theirs:>16.1f} "
-              f"{ours / theirs:>10.2f}")
+        summary.append(
+            {
+                "model": case.model,
+                "schedule": str(case.schedule),
+                "ours_samples_per_s": ours,
+                "torch_samples_per_s": theirs,
+                "ratio": ours / theirs,
+            }
+        )
+        print(
+            f"{case.model:<10} {case.schedule!s:<8} {ours:>15.1f} {theirs:>16.1f} "
+            f"{ours / theirs:>10.2f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": str(datetime.date.today()),
-                                               "torch": torch.__version__, "args": vars(args),
-                                               "results": summary, "rounds": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": str(datetime.date.today()),
+                    "torch": torch.__version__,
+                    "args": vars(args),
+                    "results": summary,
+                    "rounds": rows,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

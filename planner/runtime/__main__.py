@@ -27,8 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from planner.runtime.config import RunConfig, add_run_arguments
     from planner.runtime.worker import DistEnv, load_spec, train
 
-    parser = argparse.ArgumentParser(prog="python -m planner.runtime",
-                                     description="run one rank of a plan (under torchrun)")
+    parser = argparse.ArgumentParser(
+        prog="python -m planner.runtime", description="run one rank of a plan (under torchrun)"
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "?")
@@ -46,8 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("PLANNER_TRACEBACK"):
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"planner.runtime: rank {rank}: {type(exc).__name__}: {first}"
-              " (PLANNER_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
+        print(
+            f"planner.runtime: rank {rank}: {type(exc).__name__}: {first}"
+            " (PLANNER_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

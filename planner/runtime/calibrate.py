@@ -72,8 +72,9 @@ def calibration_of(report: RunReport) -> Calibration:
     return Calibration(compute_scale=measured / predicted, comm_scale=comm)
 
 
-def calibrate(profile: Profile, topology: Topology, report: RunReport, *,
-              plan: Plan | None = None) -> tuple[Profile, Topology]:
+def calibrate(
+    profile: Profile, topology: Topology, report: RunReport, *, plan: Plan | None = None
+) -> tuple[Profile, Topology]:
     """``profile`` and ``topology`` rescaled to what ``report`` measured.
 
     Args:
@@ -84,25 +85,45 @@ def calibrate(profile: Profile, topology: Topology, report: RunReport, *,
     """
     cal = calibration_of(report)
     k = cal.compute_scale
-    layers = tuple(dataclasses.replace(layer, forward_ms=layer.forward_ms * k,
-                                       backward_ms=layer.backward_ms * k,
-                                       forward_samples_ms=(), backward_samples_ms=())
-                   for layer in profile.layers)
+    layers = tuple(
+        dataclasses.replace(
+            layer,
+            forward_ms=layer.forward_ms * k,
+            backward_ms=layer.backward_ms * k,
+            forward_samples_ms=(),
+            backward_samples_ms=(),
+        )
+        for layer in profile.layers
+    )
     note = f"calibrated from {report.plan}: {cal.describe()}"
     calibrated = dataclasses.replace(
-        profile, layers=layers, calibration=note,
-        whole_step_ms=None if profile.whole_step_ms is None else profile.whole_step_ms * k)
+        profile,
+        layers=layers,
+        calibration=note,
+        whole_step_ms=None if profile.whole_step_ms is None else profile.whole_step_ms * k,
+    )
     if plan is not None and len(plan.stages) > 1:
         return calibrated, fit_latency(plan, calibrated, topology, report.samples_per_s)
     if cal.comm_scale is None:
         return calibrated, topology
-    levels = tuple(dataclasses.replace(level, bandwidth_bytes_per_s=level.bandwidth_bytes_per_s
-                                       / cal.comm_scale) for level in topology.levels)
+    levels = tuple(
+        dataclasses.replace(
+            level, bandwidth_bytes_per_s=level.bandwidth_bytes_per_s / cal.comm_scale
+        )
+        for level in topology.levels
+    )
     return calibrated, dataclasses.replace(topology, levels=levels)
 
 
-def fit_latency(plan: Plan, profile: Profile, topology: Topology, samples_per_s: float, *,
-                upper_s: float = 0.05, iterations: int = 25) -> Topology:
+def fit_latency(
+    plan: Plan,
+    profile: Profile,
+    topology: Topology,
+    samples_per_s: float,
+    *,
+    upper_s: float = 0.05,
+    iterations: int = 25,
+) -> Topology:
     """``topology`` with every level's latency set so that ``plan`` simulates at ``samples_per_s``.
 
     The simulated rate falls as latency grows, so bisection finds it; 0 when compute alone
@@ -115,8 +136,9 @@ def fit_latency(plan: Plan, profile: Profile, topology: Topology, samples_per_s:
         return dataclasses.replace(topology, levels=levels)
 
     def rate(latency_s: float) -> float:
-        return simulate(dataclasses.replace(plan, topology=with_latency(latency_s)),
-                        profile).samples_per_s
+        return simulate(
+            dataclasses.replace(plan, topology=with_latency(latency_s)), profile
+        ).samples_per_s
 
     if rate(0.0) <= samples_per_s:
         return with_latency(0.0)

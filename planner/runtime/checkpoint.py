@@ -111,8 +111,9 @@ class Checkpointer:
         leader: Whether this rank writes the ``latest`` marker.
     """
 
-    def __init__(self, root: str | None, *, every: int, rank: int, plan: str, group: Any,
-                 leader: bool) -> None:
+    def __init__(
+        self, root: str | None, *, every: int, rank: int, plan: str, group: Any, leader: bool
+    ) -> None:
         self.root, self.every, self.rank, self.plan = root, every, rank, plan
         self.group, self.leader = group, leader
 
@@ -120,27 +121,44 @@ class Checkpointer:
         """Whether a checkpoint falls after ``steps_done`` steps."""
         return self.root is not None and self.every > 0 and steps_done % self.every == 0
 
-    def save(self, steps_done: int, *, module: torch.nn.Module,
-             optimizer: torch.optim.Optimizer | None, stage: int, replica: int,
-             extra: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        steps_done: int,
+        *,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        stage: int,
+        replica: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """Save this rank's state after ``steps_done`` steps; all stage ranks call it together."""
         import torch.distributed as dist
 
         assert self.root is not None
-        save_rank(self.root, step=steps_done, rank=self.rank, state={
-            "step": steps_done, "plan": self.plan, "stage": stage, "replica": replica,
-            "module": module.state_dict(),
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
-            "rng": torch.get_rng_state(), **(extra or {}),
-        })
+        save_rank(
+            self.root,
+            step=steps_done,
+            rank=self.rank,
+            state={
+                "step": steps_done,
+                "plan": self.plan,
+                "stage": stage,
+                "replica": replica,
+                "module": module.state_dict(),
+                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                **(extra or {}),
+            },
+        )
         dist.barrier(group=self.group)  # every rank's file is in place
         if self.leader:
             mark_complete(self.root, step=steps_done)
         dist.barrier(group=self.group)  # nobody runs on (or resumes) before the marker moved
 
     @staticmethod
-    def restore(state: dict[str, Any], *, module: torch.nn.Module,
-                optimizer: torch.optim.Optimizer | None) -> None:
+    def restore(
+        state: dict[str, Any], *, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
         """Put a loaded state back: parameters, buffers, optimizer state, RNG."""
         module.load_state_dict(state["module"])
         if optimizer is not None and state["optimizer"] is not None:
@@ -148,8 +166,9 @@ class Checkpointer:
         torch.set_rng_state(state["rng"])
 
 
-def resume_state(root: str, *, rank: int, stage: int | None, replica: int, plan: str,
-                 steps: int) -> tuple[int, dict[str, Any] | None]:
+def resume_state(
+    root: str, *, rank: int, stage: int | None, replica: int, plan: str, steps: int
+) -> tuple[int, dict[str, Any] | None]:
     """The step to start from and this rank's saved state, checked against the run.
 
     Raises:
@@ -159,15 +178,21 @@ def resume_state(root: str, *, rank: int, stage: int | None, replica: int, plan:
     if step is None:
         raise RunError(f"--resume: no complete checkpoint in {root}; run without --resume")
     if step >= steps:
-        raise RunError(f"--resume: the checkpoint is after step {step}; --steps {steps} "
-                       f"leaves nothing to run: pass --steps above {step}")
+        raise RunError(
+            f"--resume: the checkpoint is after step {step}; --steps {steps} "
+            f"leaves nothing to run: pass --steps above {step}"
+        )
     if stage is None:
         return step, None
     state = load_rank(root, step=step, rank=rank)
     if state.get("plan") != plan:
-        raise RunError(f"--resume: checkpoint {root} was made with another plan; "
-                       "resume with the plan that made it or start afresh")
+        raise RunError(
+            f"--resume: checkpoint {root} was made with another plan; "
+            "resume with the plan that made it or start afresh"
+        )
     if (state.get("stage"), state.get("replica")) != (stage, replica):
-        raise RunError(f"--resume: rank {rank} ran stage {state.get('stage')} in the checkpoint "
-                       f"but runs stage {stage} now; the plan's ranks changed")
+        raise RunError(
+            f"--resume: rank {rank} ran stage {state.get('stage')} in the checkpoint "
+            f"but runs stage {stage} now; the plan's ranks changed"
+        )
     return step, state

@@ -126,11 +126,14 @@ class BoundaryMeta:
         for name in names:
             flat, spec = pytree.tree_flatten(values[name])
             specs.append(spec)
-            leaves.append(tuple(
-                TensorMeta(shape=tuple(x.shape), dtype=x.dtype, requires_grad=x.requires_grad)
-                if isinstance(x, torch.Tensor) else x
-                for x in flat
-            ))
+            leaves.append(
+                tuple(
+                    TensorMeta(shape=tuple(x.shape), dtype=x.dtype, requires_grad=x.requires_grad)
+                    if isinstance(x, torch.Tensor)
+                    else x
+                    for x in flat
+                )
+            )
         return cls(names=tuple(names), specs=tuple(specs), leaves=tuple(leaves))
 
     @property
@@ -157,8 +160,11 @@ class BoundaryMeta:
             for leaf, meta in zip(flat, expected, strict=True):
                 if not isinstance(meta, TensorMeta):
                     continue
-                if (tuple(leaf.shape) != meta.shape or leaf.dtype != meta.dtype
-                        or (check_grad and leaf.requires_grad != meta.requires_grad)):
+                if (
+                    tuple(leaf.shape) != meta.shape
+                    or leaf.dtype != meta.dtype
+                    or (check_grad and leaf.requires_grad != meta.requires_grad)
+                ):
                     raise RuntimeError(
                         f"boundary value {name} is {tuple(leaf.shape)} {leaf.dtype} "
                         f"(requires_grad={leaf.requires_grad}) but {meta.shape} {meta.dtype} "
@@ -256,18 +262,22 @@ class PointToPoint:
     def tag(self, microbatch: int, backward: bool, index: int) -> int:
         return (2 * microbatch + int(backward)) * self.max_tensors + index
 
-    def irecv(self, metas: Sequence[TensorMeta], *, src: int, microbatch: int,
-              backward: bool) -> PendingRecv:
+    def irecv(
+        self, metas: Sequence[TensorMeta], *, src: int, microbatch: int, backward: bool
+    ) -> PendingRecv:
         """Post receives for ``metas`` from ``src`` now; wait on the result later."""
         tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas]
-        works = [dist.irecv(t, src=src, tag=self.tag(microbatch, backward, i))
-                 for i, t in enumerate(tensors)]
+        works = [
+            dist.irecv(t, src=src, tag=self.tag(microbatch, backward, i))
+            for i, t in enumerate(tensors)
+        ]
         self.timers.bytes_received += sum(t.numel() * t.element_size() for t in tensors)
         what = f"{'gradients' if backward else 'activations'} of microbatch {microbatch}"
         return PendingRecv(tensors=tensors, works=works, timers=self.timers, src=src, what=what)
 
-    def isend(self, tensors: Iterable[torch.Tensor], *, dst: int, microbatch: int,
-              backward: bool) -> None:
+    def isend(
+        self, tensors: Iterable[torch.Tensor], *, dst: int, microbatch: int, backward: bool
+    ) -> None:
         """Start sending ``tensors`` to ``dst``; they are kept alive until :meth:`flush`."""
         start = time.perf_counter()
         for i, tensor in enumerate(tensors):
@@ -286,8 +296,10 @@ class PointToPoint:
             try:
                 work.wait()
             except RuntimeError as exc:  # the receiver is gone
-                raise RuntimeError(f"lost rank {dst}: a send to it failed ({_first_line(exc)}); "
-                                   "that rank failed or was stopped") from exc
+                raise RuntimeError(
+                    f"lost rank {dst}: a send to it failed ({_first_line(exc)}); "
+                    "that rank failed or was stopped"
+                ) from exc
         self._sends.clear()
         self.timers.send_s += time.perf_counter() - start
 
@@ -317,13 +329,14 @@ class GradientSync:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=bucket.group)
             except RuntimeError as exc:
                 ranks = dist.get_process_group_ranks(bucket.group)
-                raise RuntimeError(f"gradient all-reduce among ranks {ranks} failed "
-                                   f"({_first_line(exc)}); one of them failed or was stopped"
-                                   ) from exc
+                raise RuntimeError(
+                    f"gradient all-reduce among ranks {ranks} failed "
+                    f"({_first_line(exc)}); one of them failed or was stopped"
+                ) from exc
             offset = 0
             for p, g in zip(bucket.params, grads, strict=True):
                 n = p.numel()
-                summed = flat[offset:offset + n].view_as(p)
+                summed = flat[offset : offset + n].view_as(p)
                 if p.grad is None:
                     p.grad = summed.clone()
                 else:
@@ -353,8 +366,9 @@ def make_groups(placement: Placement, shared: Sequence[SharedParameter]) -> Proc
     One group per replicated stage; one per set of stages sharing parameters (the union of their
     ranks). The order depends only on the plan and the model, so it is the same on every rank.
     """
-    stage_groups = tuple(dist.new_group(list(ranks)) if len(ranks) > 1 else None
-                         for ranks in placement.ranks)
+    stage_groups = tuple(
+        dist.new_group(list(ranks)) if len(ranks) > 1 else None for ranks in placement.ranks
+    )
     shared_groups = {}
     for stages in dict.fromkeys(p.stages for p in shared):
         union = sorted({r for s in stages for r in placement.ranks[s]})
@@ -408,6 +422,8 @@ def _split_by_dtype(buckets: list[_Bucket]) -> list[_Bucket]:
     out: list[_Bucket] = []
     for bucket in buckets:
         dtypes = sorted({p.dtype for p in bucket.params}, key=str)
-        out.extend(_Bucket(group=bucket.group, params=[p for p in bucket.params if p.dtype == d])
-                   for d in dtypes)
+        out.extend(
+            _Bucket(group=bucket.group, params=[p for p in bucket.params if p.dtype == d])
+            for d in dtypes
+        )
     return out

@@ -40,20 +40,32 @@ def run(args: argparse.Namespace) -> int:
     world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
     spec = load_spec(plan, seed=config.seed)
     prepare(plan, spec, rank=0, world_size=world)
-    data_source(spec, data=config.data, minibatch_size=plan.minibatch_size, seed=config.seed,
-                input_shape=plan.profile.input_shape)  # a bad --data fails here, not in a rank
+    data_source(
+        spec,
+        data=config.data,
+        minibatch_size=plan.minibatch_size,
+        seed=config.seed,
+        input_shape=plan.profile.input_shape,
+    )  # a bad --data fails here, not in a rank
     if config.resume:  # no checkpoint, or nothing left to run: say so before starting
         assert config.checkpoint_dir is not None
-        resume_state(config.checkpoint_dir, rank=0, stage=None, replica=0, plan="",
-                     steps=config.steps)
+        resume_state(
+            config.checkpoint_dir, rank=0, stage=None, replica=0, plan="", steps=config.steps
+        )
     if config.log_every:
-        print(f"plan run: {plan.profile.model}, {len(plan.stages)} stages on {world} processes, "
-              f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
-              f"{plan.microbatch_size}, {config.steps} steps", flush=True)
+        print(
+            f"plan run: {plan.profile.model}, {len(plan.stages)} stages on {world} processes, "
+            f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
+            f"{plan.microbatch_size}, {config.steps} steps",
+            flush=True,
+        )
     result = launch_local(config, world_size=world)
     if result.status != 0:
-        print(f"plan run: failed (rank {result.first_failure} first, status "
-              f"{result.returncodes[result.first_failure or 0]})", file=sys.stderr)
+        print(
+            f"plan run: failed (rank {result.first_failure} first, status "
+            f"{result.returncodes[result.first_failure or 0]})",
+            file=sys.stderr,
+        )
     return result.status
 
 
@@ -61,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m planner.runtime.command PLAN.json ...``: ``plan run`` without the ``plan`` CLI."""
     from planner.errors import PlannerError
 
-    parser = argparse.ArgumentParser(prog="plan run", description="train with a plan on local "
-                                     "processes, one per rank")
+    parser = argparse.ArgumentParser(
+        prog="plan run", description="train with a plan on local processes, one per rank"
+    )
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

@@ -31,8 +31,9 @@ def find_profile(plan: Plan, plan_path: str | os.PathLike[str]) -> Profile | Non
     return None
 
 
-def compare_run(report: RunReport, plan: Plan, plan_path: str | os.PathLike[str],
-                profile: Profile | None = None) -> Comparison | None:
+def compare_run(
+    report: RunReport, plan: Plan, plan_path: str | os.PathLike[str], profile: Profile | None = None
+) -> Comparison | None:
     """Predicted against measured for a finished run; None when the profile is not found."""
     from planner.simulate import plan_stages, simulate
 
@@ -48,20 +49,31 @@ def compare_run(report: RunReport, plan: Plan, plan_path: str | os.PathLike[str]
         ranks = [r for r in report.ranks if r.stage == s]
         steps = [max(r.steps, 1) for r in ranks]
         walls = [r.wall_s / n for r, n in zip(ranks, steps, strict=True)]
-        busy = [(r.compute_s + r.sync_s + r.update_s) / n for r, n in zip(ranks, steps, strict=True)]
-        rows.append(StageComparison(
-            stage=s,
-            predicted_compute_ms=(sim.forward_s + sim.backward_s) * per_replica * 1e3,
-            measured_compute_ms=_mean([r.compute_s / n for r, n in zip(ranks, steps, strict=True)])
-            * 1e3,
-            predicted_comm_ms=stage.comm_s * per_replica * 1e3,
-            measured_comm_ms=_mean([r.send_s / n for r, n in zip(ranks, steps, strict=True)]) * 1e3,
-            predicted_idle=_mean([d.idle_fraction for d in devices]),
-            measured_idle=_mean([1 - b / w if w > 0 else 0.0 for b, w in zip(busy, walls,
-                                                                              strict=True)]),
-        ))
-    return Comparison(stages=tuple(rows), predicted_samples_per_s=simulation.samples_per_s,
-                      measured_samples_per_s=report.samples_per_s)
+        busy = [
+            (r.compute_s + r.sync_s + r.update_s) / n for r, n in zip(ranks, steps, strict=True)
+        ]
+        rows.append(
+            StageComparison(
+                stage=s,
+                predicted_compute_ms=(sim.forward_s + sim.backward_s) * per_replica * 1e3,
+                measured_compute_ms=_mean(
+                    [r.compute_s / n for r, n in zip(ranks, steps, strict=True)]
+                )
+                * 1e3,
+                predicted_comm_ms=stage.comm_s * per_replica * 1e3,
+                measured_comm_ms=_mean([r.send_s / n for r, n in zip(ranks, steps, strict=True)])
+                * 1e3,
+                predicted_idle=_mean([d.idle_fraction for d in devices]),
+                measured_idle=_mean(
+                    [1 - b / w if w > 0 else 0.0 for b, w in zip(busy, walls, strict=True)]
+                ),
+            )
+        )
+    return Comparison(
+        stages=tuple(rows),
+        predicted_samples_per_s=simulation.samples_per_s,
+        measured_samples_per_s=report.samples_per_s,
+    )
 
 
 def _mean(values: list[float]) -> float:

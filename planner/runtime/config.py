@@ -102,29 +102,61 @@ class RunConfig:
 
     def to_argv(self) -> list[str]:
         """Command-line arguments that :meth:`from_argv` reads back into this config."""
-        argv = [self.plan_path, "--steps", str(self.steps), "--lr", repr(self.lr),
-                "--momentum", repr(self.momentum), "--data", self.data,
-                "--timeout", repr(self.timeout_s), "--threads", str(self.threads),
-                "--seed", str(self.seed), "--backend", str(self.backend),
-                "--log-every", str(self.log_every),
-                "--update-interval", str(self.update_interval)]
+        argv = [
+            self.plan_path,
+            "--steps",
+            str(self.steps),
+            "--lr",
+            repr(self.lr),
+            "--momentum",
+            repr(self.momentum),
+            "--data",
+            self.data,
+            "--timeout",
+            repr(self.timeout_s),
+            "--threads",
+            str(self.threads),
+            "--seed",
+            str(self.seed),
+            "--backend",
+            str(self.backend),
+            "--log-every",
+            str(self.log_every),
+            "--update-interval",
+            str(self.update_interval),
+        ]
         if self.report_path is not None:
             argv += ["--report", self.report_path]
         if self.checkpoint_dir is not None:
-            argv += ["--checkpoint-dir", self.checkpoint_dir,
-                     "--checkpoint-every", str(self.checkpoint_every)]
+            argv += [
+                "--checkpoint-dir",
+                self.checkpoint_dir,
+                "--checkpoint-every",
+                str(self.checkpoint_every),
+            ]
         if self.resume:
             argv.append("--resume")
         return argv
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
-        return cls(plan_path=args.plan, steps=args.steps, lr=args.lr, momentum=args.momentum,
-                   data=args.data, timeout_s=args.timeout, threads=args.threads, seed=args.seed,
-                   backend=Backend(args.backend), report_path=args.report,
-                   log_every=args.log_every, update_interval=args.update_interval,
-                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                   resume=args.resume)
+        return cls(
+            plan_path=args.plan,
+            steps=args.steps,
+            lr=args.lr,
+            momentum=args.momentum,
+            data=args.data,
+            timeout_s=args.timeout,
+            threads=args.threads,
+            seed=args.seed,
+            backend=Backend(args.backend),
+            report_path=args.report,
+            log_every=args.log_every,
+            update_interval=args.update_interval,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> RunConfig:
@@ -140,24 +172,64 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (minibatches)")
     parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    parser.add_argument("--data", default=d.data,
-                        help="'synthetic' (default) or a torchvision image-folder path")
-    parser.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
-                        help="seconds before a silent peer fails the run (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=d.threads,
-                        help="CPU threads per process (default %(default)s)")
+    parser.add_argument(
+        "--data", default=d.data, help="'synthetic' (default) or a torchvision image-folder path"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout_s,
+        metavar="S",
+        help="seconds before a silent peer fails the run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="CPU threads per process (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data")
-    parser.add_argument("--backend", choices=[b.value for b in Backend], default=str(d.backend),
-                        help="torch.distributed backend (auto: nccl with CUDA, else gloo)")
-    parser.add_argument("--report", default=None, metavar="PATH",
-                        help="JSON report path (default: <plan>.report.json beside the plan)")
-    parser.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
-                        help="print loss and samples/s every N steps (0: never)")
-    parser.add_argument("--update-interval", type=int, default=d.update_interval, metavar="N",
-                        help="pipedream: step the optimizer every N update points (default 1)")
-    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                        help="save checkpoints here (one file per rank per checkpoint)")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                        help="checkpoint every N steps (0: never; pipedream drains there)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest complete checkpoint in --checkpoint-dir")
+    parser.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        default=str(d.backend),
+        help="torch.distributed backend (auto: nccl with CUDA, else gloo)",
+    )
+    parser.add_argument(
+        "--report",
+        default=None,
+        metavar="PATH",
+        help="JSON report path (default: <plan>.report.json beside the plan)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=d.log_every,
+        metavar="N",
+        help="print loss and samples/s every N steps (0: never)",
+    )
+    parser.add_argument(
+        "--update-interval",
+        type=int,
+        default=d.update_interval,
+        metavar="N",
+        help="pipedream: step the optimizer every N update points (default 1)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="save checkpoints here (one file per rank per checkpoint)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        metavar="N",
+        help="checkpoint every N steps (0: never; pipedream drains there)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --checkpoint-dir",
+    )

@@ -57,12 +57,14 @@ def microbatch(batch: Batch, index: int, *, size: int) -> Batch:
     rows = slice(index * size, (index + 1) * size)
     inputs, targets = batch
     cut = [x[rows] if isinstance(x, torch.Tensor) else x for x in inputs]
-    return tuple(cut), pytree.tree_map(lambda x: x[rows] if isinstance(x, torch.Tensor) else x,
-                                       targets)
+    return tuple(cut), pytree.tree_map(
+        lambda x: x[rows] if isinstance(x, torch.Tensor) else x, targets
+    )
 
 
-def data_source(spec: ModelLike, *, data: str, minibatch_size: int, seed: int,
-                input_shape: tuple[int, ...] = ()) -> DataSource:
+def data_source(
+    spec: ModelLike, *, data: str, minibatch_size: int, seed: int, input_shape: tuple[int, ...] = ()
+) -> DataSource:
     """A function from step to that step's minibatch.
 
     Args:
@@ -77,12 +79,14 @@ def data_source(spec: ModelLike, *, data: str, minibatch_size: int, seed: int,
     """
     if data == "synthetic":
         return lambda step: spec.make_batch(minibatch_size, minibatch_seed(seed, step))
-    return _image_folder(Path(data), minibatch_size=minibatch_size, seed=seed,
-                         input_shape=input_shape)
+    return _image_folder(
+        Path(data), minibatch_size=minibatch_size, seed=seed, input_shape=input_shape
+    )
 
 
-def _image_folder(root: Path, *, minibatch_size: int, seed: int,
-                  input_shape: tuple[int, ...]) -> DataSource:
+def _image_folder(
+    root: Path, *, minibatch_size: int, seed: int, input_shape: tuple[int, ...]
+) -> DataSource:
     if not root.is_dir():
         raise ModelError(f"--data {root} is not a folder; pass 'synthetic' or an image folder")
     if len(input_shape) != 3:
@@ -92,10 +96,12 @@ def _image_folder(root: Path, *, minibatch_size: int, seed: int,
         )
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([
-        transforms.Resize(tuple(input_shape[1:])),
-        transforms.ToTensor(),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(tuple(input_shape[1:])),
+            transforms.ToTensor(),
+        ]
+    )
     dataset = datasets.ImageFolder(str(root), transform=transform)
     if len(dataset) < minibatch_size:
         raise ModelError(
@@ -106,7 +112,7 @@ def _image_folder(root: Path, *, minibatch_size: int, seed: int,
     def load(step: int) -> Batch:
         epoch, index = divmod(step, per_epoch)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        picks = order[index * minibatch_size:(index + 1) * minibatch_size].tolist()
+        picks = order[index * minibatch_size : (index + 1) * minibatch_size].tolist()
         samples = [dataset[i] for i in picks]
         images = torch.stack([image for image, _ in samples])
         if images.shape[1] != input_shape[0]:  # grey images for a 3-channel model, or back

@@ -38,17 +38,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def rank_environment(rank: int, world_size: int, *, port: int, threads: int,
-                     base: Mapping[str, str] | None = None) -> dict[str, str]:
+def rank_environment(
+    rank: int, world_size: int, *, port: int, threads: int, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of one local rank: torchrun's variables and the thread count."""
     env = dict(os.environ if base is None else base)
     env.pop("TORCHELASTIC_RUN_ID", None)  # not under torchrun's agent: rendezvous over TCP
-    env.update({
-        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    })
+    env.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        }
+    )
     return env
 
 
@@ -73,8 +80,9 @@ class LaunchResult:
         return code if code > 0 else 1
 
 
-def launch_local(config: RunConfig, *, world_size: int,
-                 python: str = sys.executable) -> LaunchResult:
+def launch_local(
+    config: RunConfig, *, world_size: int, python: str = sys.executable
+) -> LaunchResult:
     """Run ``world_size`` ranks of ``config``'s plan on this machine and wait for them.
 
     Args:
@@ -84,17 +92,24 @@ def launch_local(config: RunConfig, *, world_size: int,
     """
     port = free_port()
     argv = [python, "-m", "planner.runtime", *config.to_argv()]
-    procs = [subprocess.Popen(argv, env=rank_environment(r, world_size, port=port,
-                                                         threads=config.threads))
-             for r in range(world_size)]
+    procs = [
+        subprocess.Popen(
+            argv, env=rank_environment(r, world_size, port=port, threads=config.threads)
+        )
+        for r in range(world_size)
+    ]
     first: int | None = None
     try:
         while any(p.poll() is None for p in procs):
             for rank, p in enumerate(procs):
                 if first is None and p.returncode not in (None, 0):
                     first = rank
-                    print(f"plan run: rank {rank} exited with status {p.returncode}; "
-                          "stopping the other ranks", file=sys.stderr, flush=True)
+                    print(
+                        f"plan run: rank {rank} exited with status {p.returncode}; "
+                        "stopping the other ranks",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     _stop(procs)
             time.sleep(0.05)
     except BaseException:

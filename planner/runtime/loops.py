@@ -29,7 +29,14 @@ from planner.runtime.report import RankStats, StepStats
 from planner.runtime.schedules import FlushSchedule, StageExecutor
 from planner.schedules import Schedule
 
-__all__ = ["SCHEDULE_LOOPS", "LoopResult", "StageContext", "merge_losses", "run_flush", "run_pipedream"]
+__all__ = [
+    "SCHEDULE_LOOPS",
+    "LoopResult",
+    "StageContext",
+    "merge_losses",
+    "run_flush",
+    "run_pipedream",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,35 +89,52 @@ class StageContext:
         max_tensors = max([len(m.tensors) for m in self.metas] + [1])
         last = self.placement.num_stages - 1
         return StageExecutor(
-            module=self.module, stage=self.stage, placement=self.placement,
+            module=self.module,
+            stage=self.stage,
+            placement=self.placement,
             in_meta=self.metas[self.stage - 1] if self.stage > 0 else None,
             out_meta=self.metas[self.stage] if self.stage < last else None,
-            microbatches=self.plan.microbatches, loss_fn=self.loss_fn,
+            microbatches=self.plan.microbatches,
+            loss_fn=self.loss_fn,
             p2p=PointToPoint(device=self.device, timers=self.timers, max_tensors=max_tensors),
-            recompute=self.plan.recompute, **kwargs,
+            recompute=self.plan.recompute,
+            **kwargs,
         )
 
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The stage's SGD; restored with the module from a resumed checkpoint."""
         params = list(dict.fromkeys(p for p in self.module.parameters() if p.requires_grad))
-        optimizer = (torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
-                     if params else None)
+        optimizer = (
+            torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
+            if params
+            else None
+        )
         if self.saved is not None:
             Checkpointer.restore(self.saved, module=self.module, optimizer=optimizer)
         return optimizer
 
-    def maybe_checkpoint(self, steps_done: int, optimizer: torch.optim.Optimizer | None,
-                         **extra: Any) -> None:
+    def maybe_checkpoint(
+        self, steps_done: int, optimizer: torch.optim.Optimizer | None, **extra: Any
+    ) -> None:
         if self.checkpointer is not None and self.checkpointer.due(steps_done):
-            self.checkpointer.save(steps_done, module=self.module, optimizer=optimizer,
-                                   stage=self.stage, replica=self.replica, extra=extra)
+            self.checkpointer.save(
+                steps_done,
+                module=self.module,
+                optimizer=optimizer,
+                stage=self.stage,
+                replica=self.replica,
+                extra=extra,
+            )
 
     def log(self, step: int, loss: float, wall_s: float) -> None:
         every = self.config.log_every
         if every and (step + 1) % every == 0:
             rate = self.plan.minibatch_size / wall_s if wall_s > 0 else float("inf")
-            print(f"step {step + 1}/{self.config.steps}  loss {loss:.4f}  {rate:.1f} samples/s  "
-                  f"({wall_s * 1e3:.1f} ms)", flush=True)
+            print(
+                f"step {step + 1}/{self.config.steps}  loss {loss:.4f}  {rate:.1f} samples/s  "
+                f"({wall_s * 1e3:.1f} ms)",
+                flush=True,
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,8 +156,13 @@ def run_flush(ctx: StageContext) -> LoopResult:
     """``gpipe`` or ``1f1b``: one minibatch per step, flushed; the first step is warm-up."""
     plan, timers = ctx.plan, ctx.timers
     executor = ctx.executor()
-    runner = FlushSchedule(executor=executor, schedule=plan.schedule, replica=ctx.replica,
-                           sync=ctx.sync, optimizer=ctx.optimizer())
+    runner = FlushSchedule(
+        executor=executor,
+        schedule=plan.schedule,
+        replica=ctx.replica,
+        sync=ctx.sync,
+        optimizer=ctx.optimizer(),
+    )
     logs = ctx.replica == 0 and ctx.is_last
     mine = sum(1 for op in runner.ops if op.kind == "F")
     steps: list[StepStats] = []
@@ -156,15 +185,18 @@ def run_flush(ctx: StageContext) -> LoopResult:
                 dist.all_reduce(total, group=ctx.stage_group)
             loss = total.item() / plan.microbatches
         wall = time.perf_counter() - t0
-        steps.append(StepStats(step=step, loss=loss, wall_s=wall,
-                               samples_per_s=plan.minibatch_size / wall))
+        steps.append(
+            StepStats(step=step, loss=loss, wall_s=wall, samples_per_s=plan.minibatch_size / wall)
+        )
         if logs:
             ctx.log(step, loss, wall)
         ctx.maybe_checkpoint(step + 1, runner.optimizer)
     run = ctx.config.steps - ctx.start_step
     measured = run - 1 if run > 1 else 1
-    return LoopResult(steps=steps, stats=_stats(ctx, executor, runner.step_s, mine, measured,
-                                                time.perf_counter() - started))
+    return LoopResult(
+        steps=steps,
+        stats=_stats(ctx, executor, runner.step_s, mine, measured, time.perf_counter() - started),
+    )
 
 
 def run_pipedream(ctx: StageContext) -> LoopResult:
@@ -176,12 +208,18 @@ def run_pipedream(ctx: StageContext) -> LoopResult:
     plan = ctx.plan
     m_count, replicas = plan.microbatches, ctx.placement.replicas
     total = m_count * ctx.config.steps
-    stash = WeightStash(ctx.module, limit=PipeDreamSchedule.version_limit(
-        replicas, ctx.stage, total))
+    stash = WeightStash(
+        ctx.module, limit=PipeDreamSchedule.version_limit(replicas, ctx.stage, total)
+    )
     executor = ctx.executor(loss_divisor=1, weights=stash)
-    runner = PipeDreamSchedule(executor=executor, replica=ctx.replica, sync=ctx.sync,
-                               optimizer=ctx.optimizer(), stash=stash,
-                               update_interval=ctx.config.update_interval)
+    runner = PipeDreamSchedule(
+        executor=executor,
+        replica=ctx.replica,
+        sync=ctx.sync,
+        optimizer=ctx.optimizer(),
+        stash=stash,
+        update_interval=ctx.config.update_interval,
+    )
     batches = _Batches(ctx.source, ctx.device)
 
     def inputs(g: int) -> Any:
@@ -201,8 +239,14 @@ def run_pipedream(ctx: StageContext) -> LoopResult:
         if len(pending[step]) == m_count:
             now = time.perf_counter()
             mean = sum(pending.pop(step)) / m_count
-            steps.append(StepStats(step=step, loss=mean, wall_s=now - last_t,
-                                   samples_per_s=plan.minibatch_size / (now - last_t)))
+            steps.append(
+                StepStats(
+                    step=step,
+                    loss=mean,
+                    wall_s=now - last_t,
+                    samples_per_s=plan.minibatch_size / (now - last_t),
+                )
+            )
             last_t = now
             ctx.log(step, mean, steps[-1].wall_s)
 
@@ -213,20 +257,26 @@ def run_pipedream(ctx: StageContext) -> LoopResult:
     start = ctx.start_step
     while start < ctx.config.steps:
         end = min(ctx.config.steps, (start // every + 1) * every)
-        runner.run(minibatches=end - start, inputs=inputs if ctx.stage == 0 else None,
-                   targets=targets if ctx.is_last else None,
-                   on_loss=on_loss if alone else None, first_microbatch=start * m_count)
+        runner.run(
+            minibatches=end - start,
+            inputs=inputs if ctx.stage == 0 else None,
+            targets=targets if ctx.is_last else None,
+            on_loss=on_loss if alone else None,
+            first_microbatch=start * m_count,
+        )
         ctx.maybe_checkpoint(end, runner.optimizer, stash_version=stash.version)
         start = end
     run = ctx.config.steps - ctx.start_step
     mine = sum(1 for g in range(run * m_count) if g % replicas[ctx.stage] == ctx.replica)
-    stats = _stats(ctx, executor, runner.step_s, mine / run, run,
-                   time.perf_counter() - started, stash)
+    stats = _stats(
+        ctx, executor, runner.step_s, mine / run, run, time.perf_counter() - started, stash
+    )
     return LoopResult(steps=steps, stats=stats, losses=runner.loss_times)
 
 
-def merge_losses(losses: list[tuple[int, float, float]], *, microbatches: int,
-                 minibatch_size: int) -> list[StepStats]:
+def merge_losses(
+    losses: list[tuple[int, float, float]], *, microbatches: int, minibatch_size: int
+) -> list[StepStats]:
     """Per-step losses and times from every last-stage replica's ``(m, loss, time)`` records."""
     by_step: dict[int, list[tuple[float, float]]] = {}
     for m, loss, t in losses:
@@ -239,22 +289,43 @@ def merge_losses(losses: list[tuple[int, float, float]], *, microbatches: int,
             break
         end = max(t for _, t in records)
         wall = max(end - previous, 1e-9)
-        out.append(StepStats(step=step, loss=sum(x for x, _ in records) / microbatches,
-                             wall_s=wall, samples_per_s=minibatch_size / wall))
+        out.append(
+            StepStats(
+                step=step,
+                loss=sum(x for x, _ in records) / microbatches,
+                wall_s=wall,
+                samples_per_s=minibatch_size / wall,
+            )
+        )
         previous = end
     return out
 
 
-def _stats(ctx: StageContext, executor: StageExecutor, update_s: float, microbatches: float,
-           steps: int, wall_s: float, stash: WeightStash | None = None) -> RankStats:
+def _stats(
+    ctx: StageContext,
+    executor: StageExecutor,
+    update_s: float,
+    microbatches: float,
+    steps: int,
+    wall_s: float,
+    stash: WeightStash | None = None,
+) -> RankStats:
     timers = ctx.timers
     return RankStats(
-        rank=ctx.rank, stage=ctx.stage, replica=ctx.replica,
+        rank=ctx.rank,
+        stage=ctx.stage,
+        replica=ctx.replica,
         microbatches_per_step=round(microbatches),
-        samples_per_step=round(microbatches * ctx.plan.microbatch_size), steps=steps,
-        wall_s=wall_s, compute_s=executor.compute_s, wait_s=timers.wait_s,
-        send_s=timers.send_s, sync_s=timers.sync_s, update_s=update_s,
-        bytes_sent=timers.bytes_sent, bytes_received=timers.bytes_received,
+        samples_per_step=round(microbatches * ctx.plan.microbatch_size),
+        steps=steps,
+        wall_s=wall_s,
+        compute_s=executor.compute_s,
+        wait_s=timers.wait_s,
+        send_s=timers.send_s,
+        sync_s=timers.sync_s,
+        update_s=update_s,
+        bytes_sent=timers.bytes_sent,
+        bytes_received=timers.bytes_received,
         max_weight_versions=0 if stash is None else stash.max_versions,
         weight_version_limit=0 if stash is None else stash.limit,
     )

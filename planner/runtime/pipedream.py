@@ -73,8 +73,10 @@ class WeightStash:
     def forward_weights(self, microbatch: int) -> dict[str, torch.Tensor]:
         v = self.version
         if v not in self._versions:
-            self._versions[v] = {name: p.detach().clone().requires_grad_(p.requires_grad)
-                                 for name, p in self.live.items()}
+            self._versions[v] = {
+                name: p.detach().clone().requires_grad_(p.requires_grad)
+                for name, p in self.live.items()
+            }
             self.max_versions = max(self.max_versions, len(self._versions))
             if len(self._versions) > self.limit:
                 raise RuntimeError(
@@ -136,12 +138,23 @@ class PipeDreamSchedule:
     @staticmethod
     def version_limit(replicas: tuple[int, ...], stage: int, microbatches: int) -> int:
         """Most versions a replica of ``stage`` may hold: its most microbatches in flight."""
-        return in_flight(Schedule.PIPEDREAM, num_stages=len(replicas), stage=stage,
-                         microbatches=microbatches, replicas=replicas)
+        return in_flight(
+            Schedule.PIPEDREAM,
+            num_stages=len(replicas),
+            stage=stage,
+            microbatches=microbatches,
+            replicas=replicas,
+        )
 
-    def run(self, *, minibatches: int, inputs: InputsFn | None, targets: TargetsFn | None,
-            on_loss: Callable[[int, float], Any] | None = None,
-            first_microbatch: int = 0) -> None:
+    def run(
+        self,
+        *,
+        minibatches: int,
+        inputs: InputsFn | None,
+        targets: TargetsFn | None,
+        on_loss: Callable[[int, float], Any] | None = None,
+        first_microbatch: int = 0,
+    ) -> None:
         """Run ``minibatches x M`` microbatches to the end (drained).
 
         Args:
@@ -159,12 +172,22 @@ class PipeDreamSchedule:
             targets = _shifted(targets, offset)
         replicas, stage = ex.placement.replicas, ex.stage
         total = ex.microbatches * minibatches
-        ops = replica_order(Schedule.PIPEDREAM, replicas=replicas, stage=stage,
-                            replica=self.replica, microbatches=total)
-        points = sync_points(Schedule.PIPEDREAM, replicas=replicas, stage=stage,
-                             replica=self.replica, microbatches=ex.microbatches,
-                             minibatches=minibatches)
-        steps_at = set(points[self.update_interval - 1::self.update_interval])
+        ops = replica_order(
+            Schedule.PIPEDREAM,
+            replicas=replicas,
+            stage=stage,
+            replica=self.replica,
+            microbatches=total,
+        )
+        points = sync_points(
+            Schedule.PIPEDREAM,
+            replicas=replicas,
+            stage=stage,
+            replica=self.replica,
+            microbatches=ex.microbatches,
+            minibatches=minibatches,
+        )
+        steps_at = set(points[self.update_interval - 1 :: self.update_interval])
         divisor = replicas[stage] * self.update_interval
         ex.plan_receives(ops, window=2 * self.version_limit(replicas, stage, total))
         for done, op in enumerate(ops, start=1):

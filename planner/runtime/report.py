@@ -30,8 +30,15 @@ from typing import Any
 
 from planner._io import atomic_write_text
 
-__all__ = ["FORMAT", "Comparison", "RankStats", "RunReport", "StageComparison", "StageStats",
-           "StepStats"]
+__all__ = [
+    "FORMAT",
+    "Comparison",
+    "RankStats",
+    "RunReport",
+    "StageComparison",
+    "StageStats",
+    "StepStats",
+]
 
 FORMAT = "planner.runtime-report/1"
 
@@ -78,7 +85,9 @@ class RankStats:
 
     @property
     def other_s(self) -> float:
-        return self.wall_s - self.compute_s - self.wait_s - self.send_s - self.sync_s - self.update_s
+        return (
+            self.wall_s - self.compute_s - self.wait_s - self.send_s - self.sync_s - self.update_s
+        )
 
     @property
     def samples_per_s(self) -> float:
@@ -106,11 +115,16 @@ class StageStats:
         def mean(attr: str) -> float:
             return sum(getattr(r, attr) / max(r.steps, 1) for r in ranks) / n
 
-        return cls(stage=stage, ranks=tuple(r.rank for r in ranks),
-                   compute_s_per_step=mean("compute_s"), wait_s_per_step=mean("wait_s"),
-                   send_s_per_step=mean("send_s"), sync_s_per_step=mean("sync_s"),
-                   update_s_per_step=mean("update_s"),
-                   samples_per_s=sum(r.samples_per_s for r in ranks))
+        return cls(
+            stage=stage,
+            ranks=tuple(r.rank for r in ranks),
+            compute_s_per_step=mean("compute_s"),
+            wait_s_per_step=mean("wait_s"),
+            send_s_per_step=mean("send_s"),
+            sync_s_per_step=mean("sync_s"),
+            update_s_per_step=mean("update_s"),
+            samples_per_s=sum(r.samples_per_s for r in ranks),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,17 +171,25 @@ class Comparison:
 
     def describe(self) -> str:
         """The table ``plan run`` ends with."""
-        lines = ["predicted vs measured, per step and replica (pred / meas):",
-                 "stage    compute ms           comm ms         idle"]
+        lines = [
+            "predicted vs measured, per step and replica (pred / meas):",
+            "stage    compute ms           comm ms         idle",
+        ]
         for c in self.stages:
             lines.append(
                 f"{c.stage:>5}  {c.predicted_compute_ms:>7.2f} / {c.measured_compute_ms:<7.2f}  "
                 f"{c.predicted_comm_ms:>6.2f} / {c.measured_comm_ms:<6.2f}  "
-                f"{c.predicted_idle:>4.0%} / {c.measured_idle:<4.0%}")
-        ratio = (self.measured_samples_per_s / self.predicted_samples_per_s
-                 if self.predicted_samples_per_s > 0 else float("nan"))
-        lines.append(f"samples/s: predicted {self.predicted_samples_per_s:.1f}, measured "
-                     f"{self.measured_samples_per_s:.1f} ({ratio:.2f}x the prediction)")
+                f"{c.predicted_idle:>4.0%} / {c.measured_idle:<4.0%}"
+            )
+        ratio = (
+            self.measured_samples_per_s / self.predicted_samples_per_s
+            if self.predicted_samples_per_s > 0
+            else float("nan")
+        )
+        lines.append(
+            f"samples/s: predicted {self.predicted_samples_per_s:.1f}, measured "
+            f"{self.measured_samples_per_s:.1f} ({ratio:.2f}x the prediction)"
+        )
         return "\n".join(lines)
 
 
@@ -234,26 +256,38 @@ class RunReport:
         from planner.runtime.config import RunError
 
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise RunError(f"{what} is not a runtime report (format {FORMAT!r}); "
-                           "pass the .report.json that `plan run` wrote")
+            raise RunError(
+                f"{what} is not a runtime report (format {FORMAT!r}); "
+                "pass the .report.json that `plan run` wrote"
+            )
         try:
             fields = {f.name for f in dataclasses.fields(RankStats)}
             comparison = doc.get("comparison")
-            return cls(**{
-                **{k: v for k, v in doc.items() if k not in ("format", "comparison")},
-                "losses": tuple(doc["losses"]),
-                "step_stats": tuple(StepStats(**s) for s in doc["step_stats"]),
-                "ranks": tuple(RankStats(**{k: v for k, v in r.items() if k in fields})
-                               for r in doc["ranks"]),
-                "stages": tuple(StageStats(**{**s, "ranks": tuple(s["ranks"])})
-                                for s in doc["stages"]),
-                "comparison": None if comparison is None else Comparison(
-                    stages=tuple(StageComparison(**c) for c in comparison["stages"]),
-                    predicted_samples_per_s=comparison["predicted_samples_per_s"],
-                    measured_samples_per_s=comparison["measured_samples_per_s"]),
-            })
+            return cls(
+                **{
+                    **{k: v for k, v in doc.items() if k not in ("format", "comparison")},
+                    "losses": tuple(doc["losses"]),
+                    "step_stats": tuple(StepStats(**s) for s in doc["step_stats"]),
+                    "ranks": tuple(
+                        RankStats(**{k: v for k, v in r.items() if k in fields})
+                        for r in doc["ranks"]
+                    ),
+                    "stages": tuple(
+                        StageStats(**{**s, "ranks": tuple(s["ranks"])}) for s in doc["stages"]
+                    ),
+                    "comparison": None
+                    if comparison is None
+                    else Comparison(
+                        stages=tuple(StageComparison(**c) for c in comparison["stages"]),
+                        predicted_samples_per_s=comparison["predicted_samples_per_s"],
+                        measured_samples_per_s=comparison["measured_samples_per_s"],
+                    ),
+                }
+            )
         except (KeyError, TypeError) as exc:
-            raise RunError(f"{what} is incomplete or damaged ({exc}); run `plan run` again") from None
+            raise RunError(
+                f"{what} is incomplete or damaged ({exc}); run `plan run` again"
+            ) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunReport:
@@ -265,15 +299,34 @@ class RunReport:
 
     def describe(self) -> str:
         """A per-stage table of where the time went, per step."""
-        cols = ("stage", "ranks", "compute ms", "wait ms", "send ms", "sync ms", "update ms",
-                "samples/s")
-        rows = [(str(s.stage), ",".join(map(str, s.ranks)), f"{s.compute_s_per_step * 1e3:.1f}",
-                 f"{s.wait_s_per_step * 1e3:.1f}", f"{s.send_s_per_step * 1e3:.1f}",
-                 f"{s.sync_s_per_step * 1e3:.1f}", f"{s.update_s_per_step * 1e3:.1f}",
-                 f"{s.samples_per_s:.1f}") for s in self.stages]
+        cols = (
+            "stage",
+            "ranks",
+            "compute ms",
+            "wait ms",
+            "send ms",
+            "sync ms",
+            "update ms",
+            "samples/s",
+        )
+        rows = [
+            (
+                str(s.stage),
+                ",".join(map(str, s.ranks)),
+                f"{s.compute_s_per_step * 1e3:.1f}",
+                f"{s.wait_s_per_step * 1e3:.1f}",
+                f"{s.send_s_per_step * 1e3:.1f}",
+                f"{s.sync_s_per_step * 1e3:.1f}",
+                f"{s.update_s_per_step * 1e3:.1f}",
+                f"{s.samples_per_s:.1f}",
+            )
+            for s in self.stages
+        ]
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
         lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        lines.append(f"{self.schedule}, {self.measured_steps} measured steps: "
-                     f"{self.samples_per_s:.1f} samples/s (per-stage times are per step)")
+        lines.append(
+            f"{self.schedule}, {self.measured_steps} measured steps: "
+            f"{self.samples_per_s:.1f} samples/s (per-stage times are per step)"
+        )
         return "\n".join(lines)

@@ -149,8 +149,9 @@ class StageExecutor:
                 assert self.out_meta is not None
                 src = self.placement.rank_of(self.stage + 1, op.microbatch)
                 metas = tuple(self.out_meta.tensors[i] for i in self.out_meta.grad_indices)
-            self._posted[op] = self.p2p.irecv(metas, src=src, microbatch=op.microbatch,
-                                              backward=op.kind == "B")
+            self._posted[op] = self.p2p.irecv(
+                metas, src=src, microbatch=op.microbatch, backward=op.kind == "B"
+            )
 
     def _received(self, op: Op) -> list[torch.Tensor]:
         if op not in self._posted:  # not announced: post it now
@@ -165,8 +166,9 @@ class StageExecutor:
 
     # --- operations ----------------------------------------------------------------------
 
-    def forward(self, microbatch: int, *, inputs: InputsFn | None = None,
-                targets: TargetsFn | None = None) -> None:
+    def forward(
+        self, microbatch: int, *, inputs: InputsFn | None = None, targets: TargetsFn | None = None
+    ) -> None:
         """``F m``: receive (or read) the stage's inputs, compute, send the outputs on."""
         if self.is_first:
             assert inputs is not None, "stage 0 needs the microbatch's inputs"
@@ -188,15 +190,26 @@ class StageExecutor:
         with torch.set_grad_enabled(not self.recompute):
             outputs, sent = self._compute(microbatch, values, target, weights)
         self.compute_s += time.perf_counter() - start
-        self._saved[microbatch] = _Saved(inputs=received, values=values, outputs=outputs,
-                                         rng=rng, targets=target)
+        self._saved[microbatch] = _Saved(
+            inputs=received, values=values, outputs=outputs, rng=rng, targets=target
+        )
         if sent is not None:
-            self.p2p.isend(sent, dst=self.placement.rank_of(self.stage + 1, microbatch),
-                           microbatch=microbatch, backward=False)
+            self.p2p.isend(
+                sent,
+                dst=self.placement.rank_of(self.stage + 1, microbatch),
+                microbatch=microbatch,
+                backward=False,
+            )
 
-    def _compute(self, microbatch: int, values: list[Any], target: Any,
-                 weights: dict[str, torch.Tensor] | None, *, record: bool = True,
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def _compute(
+        self,
+        microbatch: int,
+        values: list[Any],
+        target: Any,
+        weights: dict[str, torch.Tensor] | None,
+        *,
+        record: bool = True,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Run the stage; returns (tensors to back-propagate from, tensors to send or None)."""
         if weights is None:
             out = self.module(*values)
@@ -221,11 +234,13 @@ class StageExecutor:
             assert saved.rng is not None
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(saved.rng)
-                weights = (None if self.weights is None
-                           else self.weights.backward_weights(microbatch))
+                weights = (
+                    None if self.weights is None else self.weights.backward_weights(microbatch)
+                )
                 with torch.enable_grad():
-                    outputs, _ = self._compute(microbatch, saved.values, saved.targets, weights,
-                                               record=False)
+                    outputs, _ = self._compute(
+                        microbatch, saved.values, saved.targets, weights, record=False
+                    )
         if outputs:
             torch.autograd.backward(outputs, grads)
         if self.weights is not None:
@@ -236,11 +251,16 @@ class StageExecutor:
             upstream = [_grad_or_zeros(saved.inputs[i]) for i in self.in_meta.grad_indices]
         self.compute_s += time.perf_counter() - start
         if upstream is not None:
-            self.p2p.isend(upstream, dst=self.placement.rank_of(self.stage - 1, microbatch),
-                           microbatch=microbatch, backward=True)
+            self.p2p.isend(
+                upstream,
+                dst=self.placement.rank_of(self.stage - 1, microbatch),
+                microbatch=microbatch,
+                backward=True,
+            )
 
-    def run_ops(self, ops: Sequence[Op], *, inputs: InputsFn | None = None,
-                targets: TargetsFn | None = None) -> None:
+    def run_ops(
+        self, ops: Sequence[Op], *, inputs: InputsFn | None = None, targets: TargetsFn | None = None
+    ) -> None:
         """Run ``ops`` in order."""
         for op in ops:
             if op.kind == "F":
@@ -283,24 +303,36 @@ class FlushSchedule:
             raise ValueError("FlushSchedule runs gpipe and 1f1b; pipedream has no flush")
 
     @staticmethod
-    def ops_for(schedule: Schedule, *, replicas: Sequence[int], stage: int, replica: int,
-                microbatches: int) -> tuple[Op, ...]:
+    def ops_for(
+        schedule: Schedule, *, replicas: Sequence[int], stage: int, replica: int, microbatches: int
+    ) -> tuple[Op, ...]:
         """The replica's operations for one minibatch: :func:`planner.schedules.replica_order`."""
-        return replica_order(schedule, replicas=replicas, stage=stage, replica=replica,
-                             microbatches=microbatches)
+        return replica_order(
+            schedule, replicas=replicas, stage=stage, replica=replica, microbatches=microbatches
+        )
 
     @property
     def ops(self) -> tuple[Op, ...]:
         ex = self.executor
-        return self.ops_for(self.schedule, replicas=ex.placement.replicas, stage=ex.stage,
-                            replica=self.replica, microbatches=ex.microbatches)
+        return self.ops_for(
+            self.schedule,
+            replicas=ex.placement.replicas,
+            stage=ex.stage,
+            replica=self.replica,
+            microbatches=ex.microbatches,
+        )
 
     def step(self, *, inputs: InputsFn | None, targets: TargetsFn | None) -> list[torch.Tensor]:
         """Run one minibatch and update the weights; returns this replica's microbatch losses."""
         ex = self.executor
         ops = self.ops
-        depth = in_flight(self.schedule, num_stages=ex.placement.num_stages, stage=ex.stage,
-                          microbatches=ex.microbatches, replicas=ex.placement.replicas)
+        depth = in_flight(
+            self.schedule,
+            num_stages=ex.placement.num_stages,
+            stage=ex.stage,
+            microbatches=ex.microbatches,
+            replicas=ex.placement.replicas,
+        )
         ex.plan_receives(ops, window=2 * depth)
         ex.run_ops(ops, inputs=inputs, targets=targets)
         ex.p2p.flush()

@@ -147,7 +147,9 @@ def cut_graph(captured: CapturedGraph, stage_layers: Sequence[Sequence[str]]) ->
     for s, names in enumerate(stage_layers):
         for name in names:
             if name in stage_of:
-                raise PlanError(f"layer {name!r} is in stage {stage_of[name]} and stage {s}; re-plan")
+                raise PlanError(
+                    f"layer {name!r} is in stage {stage_of[name]} and stage {s}; re-plan"
+                )
             stage_of[name] = s
     unknown = sorted(set(stage_of) - set(layer_names))
     if unknown:

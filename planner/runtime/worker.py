@@ -88,10 +88,13 @@ class DistEnv:
             RunError: A variable is missing or not a number.
         """
         try:
-            return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                       master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                       master_port=int(os.environ.get("MASTER_PORT", "29500")))
+            return cls(
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(os.environ.get("MASTER_PORT", "29500")),
+            )
         except (KeyError, ValueError) as exc:
             raise RunError(
                 f"environment variable {exc} missing or invalid; run under torchrun or use "
@@ -154,8 +157,14 @@ def load_spec(plan: Plan, *, seed: int = 0) -> ModelLike:
     from planner.models import load_model
 
     shape = plan.profile.input_shape or None
-    return load_model(plan.profile.model, batch_size=plan.microbatch_size, input_shape=shape,
-                      dtype=plan.profile.dtype, device="cpu", seed=seed)
+    return load_model(
+        plan.profile.model,
+        batch_size=plan.microbatch_size,
+        input_shape=shape,
+        dtype=plan.profile.dtype,
+        device="cpu",
+        seed=seed,
+    )
 
 
 def prepare(plan: Plan, spec: ModelLike, *, rank: int, world_size: int) -> Prepared:
@@ -177,8 +186,7 @@ def prepare(plan: Plan, spec: ModelLike, *, rank: int, world_size: int) -> Prepa
         raise RunError(f"rank {rank} is outside a world of {world_size} processes")
     captured = capture_for_plan(plan, spec.module)
     cut = cut_graph(captured, [stage.layers for stage in plan.stages])
-    example, _ = microbatch(spec.make_batch(plan.microbatch_size, 0), 0,
-                            size=plan.microbatch_size)
+    example, _ = microbatch(spec.make_batch(plan.microbatch_size, 0), 0, size=plan.microbatch_size)
     values = propagate(captured, example)
     metas = tuple(BoundaryMeta.from_values(names, values) for names in cut.boundaries)
     shared = shared_parameters(captured, cut)
@@ -190,10 +198,16 @@ def prepare(plan: Plan, spec: ModelLike, *, rank: int, world_size: int) -> Prepa
         )
     where = placement.locate(rank)
     module = build_stage_module(captured, cut, where[0]) if where is not None else None
-    return Prepared(spec=spec, placement=placement, cut=cut, metas=metas,
-                    shared=shared,
-                    stage=None if where is None else where[0],
-                    replica=0 if where is None else where[1], module=module)
+    return Prepared(
+        spec=spec,
+        placement=placement,
+        cut=cut,
+        metas=metas,
+        shared=shared,
+        stage=None if where is None else where[0],
+        replica=0 if where is None else where[1],
+        module=module,
+    )
 
 
 def train(
@@ -220,38 +234,70 @@ def train(
     start, saved = 0, None
     if config.resume:
         assert config.checkpoint_dir is not None
-        start, saved = resume_state(config.checkpoint_dir, rank=env.rank, stage=prep.stage,
-                                    replica=prep.replica, plan=digest, steps=config.steps)
+        start, saved = resume_state(
+            config.checkpoint_dir,
+            rank=env.rank,
+            stage=prep.stage,
+            replica=prep.replica,
+            plan=digest,
+            steps=config.steps,
+        )
     source = None
     if prep.stage in (0, len(plan.stages) - 1):  # inputs for stage 0, targets for the last
-        source = data_source(prep.spec, data=config.data, minibatch_size=plan.minibatch_size,
-                             seed=config.seed, input_shape=plan.profile.input_shape)
+        source = data_source(
+            prep.spec,
+            data=config.data,
+            minibatch_size=plan.minibatch_size,
+            seed=config.seed,
+            input_shape=plan.profile.input_shape,
+        )
     backend = _backend(config.backend)
-    device = (torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu"))
+    device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
     # under torchrun the agent's store is already there (env://); else rendezvous over TCP
-    init = ("env://" if "TORCHELASTIC_RUN_ID" in os.environ
-            else f"tcp://{env.master_addr}:{env.master_port}")
+    init = (
+        "env://"
+        if "TORCHELASTIC_RUN_ID" in os.environ
+        else f"tcp://{env.master_addr}:{env.master_port}"
+    )
     dist.init_process_group(
-        backend, init_method=init, rank=env.rank, world_size=env.world_size,
+        backend,
+        init_method=init,
+        rank=env.rank,
+        world_size=env.world_size,
         timeout=datetime.timedelta(seconds=config.timeout_s),
     )
     try:
         check_agreement(prep.metas, rank=env.rank)
         groups = make_groups(prep.placement, prep.shared)
-        checkpointer = Checkpointer(config.checkpoint_dir, every=config.checkpoint_every,
-                                    rank=env.rank, plan=digest, group=groups.active,
-                                    leader=env.rank == min(prep.placement.ranks[0]))
+        checkpointer = Checkpointer(
+            config.checkpoint_dir,
+            every=config.checkpoint_every,
+            rank=env.rank,
+            plan=digest,
+            group=groups.active,
+            leader=env.rank == min(prep.placement.ranks[0]),
+        )
         resume = _Resume(start_step=start, saved=saved, checkpointer=checkpointer)
-        result = _run(plan, prep, config, env, groups, device, backend, source, resume,
-                      return_state)
+        result = _run(
+            plan, prep, config, env, groups, device, backend, source, resume, return_state
+        )
     finally:
         dist.destroy_process_group()
     return result
 
 
-def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: Any,
-         device: torch.device, backend: str, source: DataSource | None, resume: _Resume,
-         return_state: bool) -> RankResult:
+def _run(
+    plan: Plan,
+    prep: Prepared,
+    config: RunConfig,
+    env: DistEnv,
+    groups: Any,
+    device: torch.device,
+    backend: str,
+    source: DataSource | None,
+    resume: _Resume,
+    return_state: bool,
+) -> RankResult:
     timers = CommTimers()
     stats: RankStats | None = None
     steps: list[StepStats] = []
@@ -260,14 +306,28 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
     if prep.stage is not None:
         assert prep.module is not None
         module = prep.module.to(device)
-        sync = make_gradient_sync(groups, prep.shared, stage=prep.stage, module=module,
-                                  timers=timers)
-        ctx = StageContext(plan=plan, config=config, rank=env.rank, stage=prep.stage,
-                           replica=prep.replica, placement=prep.placement, module=module,
-                           metas=prep.metas, loss_fn=prep.spec.loss_fn, sync=sync,
-                           stage_group=groups.stages[prep.stage], source=source, device=device,
-                           timers=timers, start_step=resume.start_step, saved=resume.saved,
-                           checkpointer=resume.checkpointer)
+        sync = make_gradient_sync(
+            groups, prep.shared, stage=prep.stage, module=module, timers=timers
+        )
+        ctx = StageContext(
+            plan=plan,
+            config=config,
+            rank=env.rank,
+            stage=prep.stage,
+            replica=prep.replica,
+            placement=prep.placement,
+            module=module,
+            metas=prep.metas,
+            loss_fn=prep.spec.loss_fn,
+            sync=sync,
+            stage_group=groups.stages[prep.stage],
+            source=source,
+            device=device,
+            timers=timers,
+            start_step=resume.start_step,
+            saved=resume.saved,
+            checkpointer=resume.checkpointer,
+        )
         loop = SCHEDULE_LOOPS[plan.schedule](ctx)
         steps, stats, losses = loop.steps, loop.stats, loop.losses
         if return_state:
@@ -279,12 +339,18 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
         report = _report(plan, config, env, backend, gathered)
         report = dataclasses.replace(report, comparison=_compare(report, plan, config))
         report.save(config.report_file)
-        if config.log_every and plan.schedule is Schedule.PIPEDREAM and \
-                plan.stages[-1].replicas > 1:  # no single replica saw every loss: log them now
+        if (
+            config.log_every
+            and plan.schedule is Schedule.PIPEDREAM
+            and plan.stages[-1].replicas > 1
+        ):  # no single replica saw every loss: log them now
             for step in report.step_stats:
                 if (step.step + 1) % config.log_every == 0:
-                    print(f"step {step.step + 1}/{config.steps}  loss {step.loss:.4f}  "
-                          f"{step.samples_per_s:.1f} samples/s", flush=True)
+                    print(
+                        f"step {step.step + 1}/{config.steps}  loss {step.loss:.4f}  "
+                        f"{step.samples_per_s:.1f} samples/s",
+                        flush=True,
+                    )
         if config.log_every:
             print(report.describe(), flush=True)
             if report.comparison is not None:
@@ -292,8 +358,14 @@ def _run(plan: Plan, prep: Prepared, config: RunConfig, env: DistEnv, groups: An
             print(f"report written to {config.report_file}", flush=True)
     if plan.schedule is Schedule.PIPEDREAM and report is not None:
         steps = list(report.step_stats)
-    return RankResult(rank=env.rank, stage=prep.stage, losses=tuple(s.loss for s in steps),
-                      stats=stats, state=state, report=report)
+    return RankResult(
+        rank=env.rank,
+        stage=prep.stage,
+        losses=tuple(s.loss for s in steps),
+        stats=stats,
+        state=state,
+        report=report,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,25 +392,45 @@ def _backend(choice: Backend) -> str:
     return str(choice)
 
 
-def _report(plan: Plan, config: RunConfig, env: DistEnv, backend: str,
-            gathered: list[Any]) -> RunReport:
+def _report(
+    plan: Plan, config: RunConfig, env: DistEnv, backend: str, gathered: list[Any]
+) -> RunReport:
     ranks = [s for s, _, _ in gathered if s is not None]
     if plan.schedule is Schedule.PIPEDREAM:  # losses are spread over the last stage's replicas
-        steps = merge_losses([x for _, _, losses in gathered for x in losses],
-                             microbatches=plan.microbatches, minibatch_size=plan.minibatch_size)
+        steps = merge_losses(
+            [x for _, _, losses in gathered for x in losses],
+            microbatches=plan.microbatches,
+            minibatch_size=plan.minibatch_size,
+        )
     else:
-        steps = next((st for s, st, _ in gathered
-                      if s is not None and s.stage == len(plan.stages) - 1 and s.replica == 0), [])
+        steps = next(
+            (
+                st
+                for s, st, _ in gathered
+                if s is not None and s.stage == len(plan.stages) - 1 and s.replica == 0
+            ),
+            [],
+        )
     measured = steps[1:] if len(steps) > 1 else steps
     mean_s = sum(s.wall_s for s in measured) / max(len(measured), 1)
-    stages = tuple(StageStats.of(s, [r for r in ranks if r.stage == s])
-                   for s in range(len(plan.stages)))
+    stages = tuple(
+        StageStats.of(s, [r for r in ranks if r.stage == s]) for s in range(len(plan.stages))
+    )
     return RunReport(
-        plan=config.plan_path, model=plan.profile.model, schedule=str(plan.schedule),
-        world_size=env.world_size, minibatch_size=plan.minibatch_size,
-        microbatches=plan.microbatches, steps=config.steps, measured_steps=len(measured),
+        plan=config.plan_path,
+        model=plan.profile.model,
+        schedule=str(plan.schedule),
+        world_size=env.world_size,
+        minibatch_size=plan.minibatch_size,
+        microbatches=plan.microbatches,
+        steps=config.steps,
+        measured_steps=len(measured),
         samples_per_s=plan.minibatch_size / mean_s if mean_s > 0 else 0.0,
-        losses=tuple(s.loss for s in steps), step_stats=tuple(steps), ranks=tuple(ranks),
-        stages=stages, backend=backend, threads=config.threads,
+        losses=tuple(s.loss for s in steps),
+        step_stats=tuple(steps),
+        ranks=tuple(ranks),
+        stages=stages,
+        backend=backend,
+        threads=config.threads,
         torch_version=torch.__version__,
     )

@@ -49,20 +49,42 @@ def make_plan(
     starts = [0, *(names.index(c) for c in cuts), len(names)]
     stages, rank = [], 0
     for s, count in enumerate(replicas):
-        stages.append(PlanStage(layers=tuple(names[starts[s]:starts[s + 1]]), replicas=count,
-                                ranks=tuple(range(rank, rank + count)), compute_s=0.01,
-                                comm_s=0.0, allreduce_s=0.0, time_s=0.01, memory_bytes=1e6))
+        stages.append(
+            PlanStage(
+                layers=tuple(names[starts[s] : starts[s + 1]]),
+                replicas=count,
+                ranks=tuple(range(rank, rank + count)),
+                compute_s=0.01,
+                comm_s=0.0,
+                allreduce_s=0.0,
+                time_s=0.01,
+                memory_bytes=1e6,
+            )
+        )
         rank += count
     return Plan(
-        profile=ProfileRef(path="test-profile.json", sha256="0" * 64, model=model,
-                           batch_size=microbatch_size, graph_hash=captured.graph_hash,
-                           input_shape=spec.input_shape),
+        profile=ProfileRef(
+            path="test-profile.json",
+            sha256="0" * 64,
+            model=model,
+            batch_size=microbatch_size,
+            graph_hash=captured.graph_hash,
+            input_shape=spec.input_shape,
+        ),
         topology=Topology.from_args(gpus=rank),
-        schedule=Schedule(schedule), optimizer=OptimizerKind.SGD,
-        minibatch_size=microbatches * microbatch_size, microbatch_size=microbatch_size,
-        microbatches=microbatches, stages=tuple(stages),
-        predicted=Prediction(bottleneck_s=0.01, minibatch_s=0.1, samples_per_s=10.0,
-                             single_device_s=0.1, data_parallel_s=None),
+        schedule=Schedule(schedule),
+        optimizer=OptimizerKind.SGD,
+        minibatch_size=microbatches * microbatch_size,
+        microbatch_size=microbatch_size,
+        microbatches=microbatches,
+        stages=tuple(stages),
+        predicted=Prediction(
+            bottleneck_s=0.01,
+            minibatch_s=0.1,
+            samples_per_s=10.0,
+            single_device_s=0.1,
+            data_parallel_s=None,
+        ),
         recompute=recompute,
     )
 
@@ -78,17 +100,33 @@ def with_profile(plan: Plan, folder: Path, *, forward_ms: float = 0.05) -> Plan:
     for layer in captured.layers:
         out = values[layer.name]
         nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
-        params = (sum(p.numel() * 4 for p in captured.module.get_submodule(layer.target).parameters())
-                  if layer.node.op == "call_module" else 0)
-        layers.append(LayerProfile(name=layer.name, op=layer.op, forward_ms=forward_ms,
-                                   backward_ms=2 * forward_ms, output_bytes=(nbytes,),
-                                   parameter_bytes=params, inputs=layer.inputs))
-    profile = Profile(model=plan.profile.model, batch_size=plan.microbatch_size,
-                      layers=tuple(layers), input_shape=spec.input_shape,
-                      graph_hash=captured.graph_hash)
+        params = (
+            sum(p.numel() * 4 for p in captured.module.get_submodule(layer.target).parameters())
+            if layer.node.op == "call_module"
+            else 0
+        )
+        layers.append(
+            LayerProfile(
+                name=layer.name,
+                op=layer.op,
+                forward_ms=forward_ms,
+                backward_ms=2 * forward_ms,
+                output_bytes=(nbytes,),
+                parameter_bytes=params,
+                inputs=layer.inputs,
+            )
+        )
+    profile = Profile(
+        model=plan.profile.model,
+        batch_size=plan.microbatch_size,
+        layers=tuple(layers),
+        input_shape=spec.input_shape,
+        graph_hash=captured.graph_hash,
+    )
     profile.save(folder / "profile.json")
-    ref = dataclasses.replace(plan.profile, path="profile.json",
-                              sha256=file_sha256(folder / "profile.json"))
+    ref = dataclasses.replace(
+        plan.profile, path="profile.json", sha256=file_sha256(folder / "profile.json")
+    )
     planned = dataclasses.replace(plan, profile=ref)
     planned.save(folder / "plan.json")
     return planned
@@ -110,22 +148,38 @@ def _rank_main(rank: int, cases: list[tuple[str, str, RunConfig, int]], out: str
             continue
         env = DistEnv(rank=rank, world_size=world, master_port=port)
         try:
-            result = train(plan, lambda p=plan, c=config: load_spec(p, seed=c.seed), config, env,
-                           return_state=True)
+            result = train(
+                plan,
+                lambda p=plan, c=config: load_spec(p, seed=c.seed),
+                config,
+                env,
+                return_state=True,
+            )
             stats = result.stats
             record: dict[str, Any] = {
-                "state": result.state, "losses": result.losses, "stage": result.stage,
+                "state": result.state,
+                "losses": result.losses,
+                "stage": result.stage,
                 "error": None,
-                "versions": None if stats is None else (stats.max_weight_versions,
-                                                        stats.weight_version_limit)}
+                "versions": None
+                if stats is None
+                else (stats.max_weight_versions, stats.weight_version_limit),
+            }
         except Exception as exc:  # recorded for the test to report
             record = {"error": f"{type(exc).__name__}: {exc}"}
         torch.save(record, os.path.join(out, f"{name}.rank{rank}.pt"))
 
 
-def run_cases(cases: dict[str, Plan], tmp: Path, *, steps: int = 3, lr: float = 0.1,
-              momentum: float = 0.0, timeout_s: float = 30.0,
-              overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[int, Any]]:
+def run_cases(
+    cases: dict[str, Plan],
+    tmp: Path,
+    *,
+    steps: int = 3,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    timeout_s: float = 30.0,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[int, Any]]:
     """Train every plan, in order, on one set of spawned local ranks (saves process start-ups).
 
     ``overrides[name]`` replaces RunConfig fields for one case. Returns, per case, every rank's
@@ -135,21 +189,29 @@ def run_cases(cases: dict[str, Plan], tmp: Path, *, steps: int = 3, lr: float = 
     world = max(1 + max(r for s in p.stages for r in s.ranks) for p in cases.values())
     jobs = []
     for name, plan in cases.items():
-        fields: dict[str, Any] = dict(plan_path=str(tmp / f"{name}.json"), steps=steps, lr=lr,
-                                      momentum=momentum, timeout_s=timeout_s, log_every=0)
+        fields: dict[str, Any] = dict(
+            plan_path=str(tmp / f"{name}.json"),
+            steps=steps,
+            lr=lr,
+            momentum=momentum,
+            timeout_s=timeout_s,
+            log_every=0,
+        )
         config = RunConfig(**{**fields, **overrides.get(name, {})})
         jobs.append((name, plan.to_json(), config, free_port()))
     mp.spawn(_rank_main, args=(jobs, str(tmp)), nprocs=world, join=True)
     results: dict[str, dict[int, Any]] = {}
     for name, plan in cases.items():
         ranks = range(1 + max(r for s in plan.stages for r in s.ranks))
-        results[name] = {r: torch.load(tmp / f"{name}.rank{r}.pt", weights_only=True)
-                         for r in ranks}
+        results[name] = {
+            r: torch.load(tmp / f"{name}.rank{r}.pt", weights_only=True) for r in ranks
+        }
     return results
 
 
-def reference(model: str, plan: Plan, *, steps: int = 3, lr: float = 0.1,
-              momentum: float = 0.0, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
+def reference(
+    model: str, plan: Plan, *, steps: int = 3, lr: float = 0.1, momentum: float = 0.0, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Single-process training on the same data; parameters by every name, and the losses."""
     torch.manual_seed(seed)
     spec = load_model(model, batch_size=plan.microbatch_size, seed=seed)
@@ -168,8 +230,9 @@ def reference(model: str, plan: Plan, *, steps: int = 3, lr: float = 0.1,
         losses.append(total / plan.microbatches)
         opt.step()
         opt.zero_grad()
-    return {k: v.detach().clone()
-            for k, v in module.named_parameters(remove_duplicate=False)}, losses
+    return {
+        k: v.detach().clone() for k, v in module.named_parameters(remove_duplicate=False)
+    }, losses
 
 
 def _aliases(model: str) -> list[set[str]]:
@@ -180,8 +243,12 @@ def _aliases(model: str) -> list[set[str]]:
     return list(groups.values())
 
 
-def assert_matches_reference(model: str, results: dict[int, dict[str, Any]],
-                             expected: dict[str, torch.Tensor], losses: list[float]) -> None:
+def assert_matches_reference(
+    model: str,
+    results: dict[int, dict[str, Any]],
+    expected: dict[str, torch.Tensor],
+    losses: list[float],
+) -> None:
     """Every stage's parameters equal the reference's; every parameter seen at least once."""
     seen = set()
     errors = {r: res["error"] for r, res in results.items() if res["error"]}

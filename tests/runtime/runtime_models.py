@@ -37,11 +37,23 @@ def _token_ce(logits, targets):
 
 
 def mlp() -> ModelSpec:
-    module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
-                           nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    return ModelSpec(name="runtime_models:mlp", module=module, input_shape=(16,),
-                     input_dtype=torch.float32,
-                     make_batch=partial(_batch, shape=(16,), classes=4), loss_fn=_ce)
+    module = nn.Sequential(
+        nn.Linear(16, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.Tanh(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
+    )
+    return ModelSpec(
+        name="runtime_models:mlp",
+        module=module,
+        input_shape=(16,),
+        input_dtype=torch.float32,
+        make_batch=partial(_batch, shape=(16,), classes=4),
+        loss_fn=_ce,
+    )
 
 
 class _Residual(nn.Module):
@@ -72,16 +84,25 @@ class _ResNetLite(nn.Module):
 
 
 def cnn() -> ModelSpec:
-    return ModelSpec(name="runtime_models:cnn", module=_ResNetLite(), input_shape=(3, 8, 8),
-                     input_dtype=torch.float32,
-                     make_batch=partial(_batch, shape=(3, 8, 8), classes=5), loss_fn=_ce)
+    return ModelSpec(
+        name="runtime_models:cnn",
+        module=_ResNetLite(),
+        input_shape=(3, 8, 8),
+        input_dtype=torch.float32,
+        make_batch=partial(_batch, shape=(3, 8, 8), classes=5),
+        loss_fn=_ce,
+    )
 
 
 def gpt_tied() -> ModelSpec:
     """gpt2-tiny's shape, shorter, with the LM head tied to the token embedding (as GPT-2)."""
     cfg = GPT_CONFIGS["gpt2-tiny"].with_seq_len(8)
     cfg = dataclasses.replace(cfg, tie_weights=True)
-    return ModelSpec(name="runtime_models:gpt_tied", module=GPT(cfg).train(), input_shape=(8,),
-                     input_dtype=torch.long,
-                     make_batch=partial(_tokens, seq_len=8, vocab=cfg.vocab_size),
-                     loss_fn=_token_ce)
+    return ModelSpec(
+        name="runtime_models:gpt_tied",
+        module=GPT(cfg).train(),
+        input_shape=(8,),
+        input_dtype=torch.long,
+        make_batch=partial(_tokens, seq_len=8, vocab=cfg.vocab_size),
+        loss_fn=_token_ce,
+    )

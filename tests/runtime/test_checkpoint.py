@@ -30,8 +30,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cases[f"{name}-stopped"] = plan
         overrides[f"{name}-stopped"] = dict(steps=2, checkpoint_dir=str(tmp / f"{name}-b"), **every)
         cases[f"{name}-resumed"] = plan
-        overrides[f"{name}-resumed"] = dict(steps=5, checkpoint_dir=str(tmp / f"{name}-b"),
-                                            resume=True, **every)
+        overrides[f"{name}-resumed"] = dict(
+            steps=5, checkpoint_dir=str(tmp / f"{name}-b"), resume=True, **every
+        )
     return {"tmp": tmp, "results": run_cases(cases, tmp, overrides=overrides)}
 
 
@@ -45,9 +46,13 @@ def test_resumed_run_equals_uninterrupted_run(runs: dict, name: str) -> None:
             torch.testing.assert_close(resumed[rank]["state"][key], value, rtol=0, atol=0)
         if result["losses"]:
             assert len(result["losses"]) == 5 and len(resumed[rank]["losses"]) == 3
-            torch.testing.assert_close(torch.tensor(resumed[rank]["losses"]),
-                                       torch.tensor(result["losses"][2:]), rtol=0, atol=0,
-                                       equal_nan=True)
+            torch.testing.assert_close(
+                torch.tensor(resumed[rank]["losses"]),
+                torch.tensor(result["losses"][2:]),
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+            )
     assert latest_step(runs["tmp"] / f"{name}-b") == 4
     saved = load_rank(runs["tmp"] / f"{name}-b", step=4, rank=0)
     assert saved["step"] == 4 and saved["stage"] == 0 and "module" in saved and "rng" in saved

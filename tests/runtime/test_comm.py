@@ -17,7 +17,11 @@ def test_round_robin_peers_follow_from_the_plan() -> None:
     assert p.world_size_needed == 6
     # microbatch m: replica m % 3 of stage 0 -> rank 3 -> replica m % 2 of stage 2
     assert [(p.rank_of(0, m), p.rank_of(1, m), p.rank_of(2, m)) for m in range(4)] == [
-        (0, 3, 4), (1, 3, 5), (2, 3, 4), (0, 3, 5)]
+        (0, 3, 4),
+        (1, 3, 5),
+        (2, 3, 4),
+        (0, 3, 5),
+    ]
     assert p.locate(5) == (2, 1)
     assert p.locate(9) is None
 
@@ -26,21 +30,31 @@ def test_every_sender_and_receiver_agree_on_each_microbatch() -> None:
     """What replica r of stage s sends is exactly what stage s+1's replicas expect from it."""
     replicas, m_count = (3, 2), 6
     p = Placement(ranks=((0, 1, 2), (3, 4)))
-    sent = {(p.ranks[0][r], p.rank_of(1, op.microbatch), op.microbatch)
-            for r in range(3)
-            for op in replica_order(Schedule.ONE_F_ONE_B, replicas=replicas, stage=0, replica=r,
-                                    microbatches=m_count) if op.kind == "F"}
-    expected = {(p.rank_of(0, op.microbatch), p.ranks[1][r], op.microbatch)
-                for r in range(2)
-                for op in replica_order(Schedule.ONE_F_ONE_B, replicas=replicas, stage=1,
-                                        replica=r, microbatches=m_count) if op.kind == "F"}
+    sent = {
+        (p.ranks[0][r], p.rank_of(1, op.microbatch), op.microbatch)
+        for r in range(3)
+        for op in replica_order(
+            Schedule.ONE_F_ONE_B, replicas=replicas, stage=0, replica=r, microbatches=m_count
+        )
+        if op.kind == "F"
+    }
+    expected = {
+        (p.rank_of(0, op.microbatch), p.ranks[1][r], op.microbatch)
+        for r in range(2)
+        for op in replica_order(
+            Schedule.ONE_F_ONE_B, replicas=replicas, stage=1, replica=r, microbatches=m_count
+        )
+        if op.kind == "F"
+    }
     assert sent == expected and len(sent) == m_count
 
 
 def _meta() -> BoundaryMeta:
-    values = {"h": torch.zeros(2, 3, requires_grad=True) * 1,
-              "parts": (torch.zeros(2, 4, dtype=torch.long), 7),
-              "n": 2}
+    values = {
+        "h": torch.zeros(2, 3, requires_grad=True) * 1,
+        "parts": (torch.zeros(2, 4, dtype=torch.long), 7),
+        "n": 2,
+    }
     return BoundaryMeta.from_values(["h", "parts", "n"], values)
 
 
@@ -61,7 +75,9 @@ def test_boundary_meta_sends_tensors_and_keeps_constants() -> None:
 def test_boundary_meta_refuses_a_changed_shape() -> None:
     meta = _meta()
     with pytest.raises(RuntimeError, match="agreed at start-up"):
-        meta.flatten([torch.zeros(3, 3, requires_grad=True), (torch.zeros(2, 4, dtype=torch.long), 7), 2])
+        meta.flatten(
+            [torch.zeros(3, 3, requires_grad=True), (torch.zeros(2, 4, dtype=torch.long), 7), 2]
+        )
 
 
 def test_digest_is_stable_and_sensitive() -> None:
@@ -74,20 +90,32 @@ def test_flush_schedule_runs_the_shared_operation_lists() -> None:
     for schedule in (Schedule.GPIPE, Schedule.ONE_F_ONE_B):
         for stage, count in enumerate((3, 1)):
             for r in range(count):
-                assert FlushSchedule.ops_for(schedule, replicas=(3, 1), stage=stage, replica=r,
-                                             microbatches=5) == replica_order(
-                    schedule, replicas=(3, 1), stage=stage, replica=r, microbatches=5)
+                assert FlushSchedule.ops_for(
+                    schedule, replicas=(3, 1), stage=stage, replica=r, microbatches=5
+                ) == replica_order(
+                    schedule, replicas=(3, 1), stage=stage, replica=r, microbatches=5
+                )
 
 
 def test_run_config_round_trips_through_argv() -> None:
-    cfg = RunConfig(plan_path="a/p.json", steps=7, lr=0.25, momentum=0.9, timeout_s=12.5,
-                    threads=2, seed=3, report_path="r.json", log_every=0)
+    cfg = RunConfig(
+        plan_path="a/p.json",
+        steps=7,
+        lr=0.25,
+        momentum=0.9,
+        timeout_s=12.5,
+        threads=2,
+        seed=3,
+        report_path="r.json",
+        log_every=0,
+    )
     assert RunConfig.from_argv(cfg.to_argv()) == cfg
     assert str(RunConfig(plan_path="a/p.json").report_file) == "a/p.report.json"
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=0.0), dict(timeout_s=-1.0),
-                                 dict(threads=0), dict(momentum=1.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(steps=0), dict(lr=0.0), dict(timeout_s=-1.0), dict(threads=0), dict(momentum=1.0)]
+)
 def test_run_config_refuses_bad_values(bad: dict) -> None:
     with pytest.raises(RunError):
         RunConfig(plan_path="p.json", **bad)

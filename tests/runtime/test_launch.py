@@ -36,8 +36,9 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.distributed
-def test_plan_run_trains_and_writes_a_report(tmp_path: Path, env_path: dict,
-                                             capfd: pytest.CaptureFixture[str]) -> None:
+def test_plan_run_trains_and_writes_a_report(
+    tmp_path: Path, env_path: dict, capfd: pytest.CaptureFixture[str]
+) -> None:
     with_profile(make_plan(MLP, cuts=["_3"], replicas=[2, 1], schedule="1f1b"), tmp_path)
     assert command.run(_args(str(tmp_path / "plan.json"), "--steps", "3", "--timeout", "30")) == 0
     out = capfd.readouterr().out
@@ -49,7 +50,9 @@ def test_plan_run_trains_and_writes_a_report(tmp_path: Path, env_path: dict,
     assert sorted(r["rank"] for r in report["ranks"]) == [0, 1, 2]
     assert [s["ranks"] for s in report["stages"]] == [[0, 1], [2]]
     first = next(r for r in report["ranks"] if r["rank"] == 0)
-    assert first["compute_s"] > 0 and first["bytes_sent"] > 0 and first["microbatches_per_step"] == 2
+    assert (
+        first["compute_s"] > 0 and first["bytes_sent"] > 0 and first["microbatches_per_step"] == 2
+    )
     comparison = report["comparison"]
     assert [c["stage"] for c in comparison["stages"]] == [0, 1]
     assert comparison["predicted_samples_per_s"] > 0 and comparison["measured_samples_per_s"] > 0
@@ -75,7 +78,8 @@ def test_plan_for_another_model_is_refused_before_starting(tmp_path: Path) -> No
 
 
 def test_rank_refuses_a_plan_for_more_ranks_than_started(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_plan(MLP, cuts=["_3"], replicas=[2, 1]).save(tmp_path / "plan.json")
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
@@ -86,8 +90,9 @@ def test_rank_refuses_a_plan_for_more_ranks_than_started(
     assert len(err) == 1 and "only 2 processes were started; start 3" in err[0]
 
 
-def test_plan_cli_prints_one_line_and_exits_2(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_cli_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cli = pytest.importorskip("planner.cli")
     assert cli.main(["run", str(tmp_path / "missing.json")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -105,12 +110,36 @@ def test_two_torchrun_nodes_on_loopback(tmp_path: Path, env_path: dict) -> None:
     port = free_port()
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-             str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
-             str(port), "--rdzv-backend", "static", "-m", "planner.runtime",
-             str(tmp_path / "plan.json"), "--steps", "2", "--timeout", "30"],
-            env={**env_path, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "--rdzv-backend",
+                "static",
+                "-m",
+                "planner.runtime",
+                str(tmp_path / "plan.json"),
+                "--steps",
+                "2",
+                "--timeout",
+                "30",
+            ],
+            env={**env_path, "OMP_NUM_THREADS": "1"},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in (0, 1)
     ]
     outputs = [p.communicate(timeout=180)[0] for p in nodes]
@@ -143,9 +172,21 @@ def _children(pid: int) -> dict[int, int]:
 def test_killed_rank_ends_the_run_and_is_named(tmp_path: Path, env_path: dict) -> None:
     make_plan(MLP, cuts=["_3"], replicas=[1, 1]).save(tmp_path / "plan.json")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "planner.runtime.command", str(tmp_path / "plan.json"),
-         "--steps", "1000000", "--timeout", "30"],
-        env=env_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "planner.runtime.command",
+            str(tmp_path / "plan.json"),
+            "--steps",
+            "1000000",
+            "--timeout",
+            "30",
+        ],
+        env=env_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert launcher.stdout is not None
         while "step 1/" not in launcher.stdout.readline():

@@ -34,13 +34,13 @@ CASES = {  # name -> (model, plan arguments, update interval)
     "cnn-relay-3-stages": (CNN, dict(cuts=["relu_1", "block1_conv2"], replicas=[1, 1, 1]), 1),
     "gpt-2-to-1": (GPT, dict(cuts=["blocks_1_ln1"], replicas=[2, 1], microbatch_size=1), 1),
     "mlp-1-to-2-interval-2": (MLP, dict(cuts=["_3"], replicas=[1, 2]), 2),
-    "mlp-3-stages-recompute": (MLP, dict(cuts=["_2", "_5"], replicas=[1, 1, 1],
-                                         recompute=True), 1),
+    "mlp-3-stages-recompute": (MLP, dict(cuts=["_2", "_5"], replicas=[1, 1, 1], recompute=True), 1),
 }
 
 
-def pipedream_reference(model: str, plan: Plan, *, steps: int, lr: float,
-                        interval: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+def pipedream_reference(
+    model: str, plan: Plan, *, steps: int, lr: float, interval: int
+) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Final parameters (by name) and per-step mean losses under PipeDream's semantics."""
     spec = load_model(model, batch_size=plan.microbatch_size, seed=0)
     captured = capture(spec.module)
@@ -52,10 +52,17 @@ def pipedream_reference(model: str, plan: Plan, *, steps: int, lr: float,
     for s, count in enumerate(replicas):
         versions: dict[int, int] = {}
         for r in range(count):
-            ops = replica_order(Schedule.PIPEDREAM, replicas=replicas, stage=s, replica=r,
-                                microbatches=total)
-            points = sync_points(Schedule.PIPEDREAM, replicas=replicas, stage=s, replica=r,
-                                 microbatches=m_count, minibatches=steps)[interval - 1::interval]
+            ops = replica_order(
+                Schedule.PIPEDREAM, replicas=replicas, stage=s, replica=r, microbatches=total
+            )
+            points = sync_points(
+                Schedule.PIPEDREAM,
+                replicas=replicas,
+                stage=s,
+                replica=r,
+                microbatches=m_count,
+                minibatches=steps,
+            )[interval - 1 :: interval]
             for i, op in enumerate(ops):
                 if op.kind == "F":
                     versions[op.microbatch] = sum(1 for p in points if p <= i)
@@ -67,8 +74,10 @@ def pipedream_reference(model: str, plan: Plan, *, steps: int, lr: float,
     for g in range(total):
         batch = spec.make_batch(plan.minibatch_size, minibatch_seed(0, g // m_count))
         inputs, targets = microbatch(batch, g % m_count, size=plan.microbatch_size)
-        weights = [{n: t.clone().requires_grad_() for n, t in history[s][seen[s][g]].items()}
-                   for s in range(len(modules))]
+        weights = [
+            {n: t.clone().requires_grad_() for n, t in history[s][seen[s][g]].items()}
+            for s in range(len(modules))
+        ]
         values: tuple = tuple(inputs)
         for s, module in enumerate(modules):
             out = torch.func.functional_call(module, weights[s], values)
@@ -82,20 +91,27 @@ def pipedream_reference(model: str, plan: Plan, *, steps: int, lr: float,
             done[s] += 1
             if done[s] == count * interval:  # the round closes: one update of the stage
                 latest = history[s][-1]
-                history[s].append({n: latest[n] - lr * grads[s][n] / (count * interval)
-                                   for n in latest})
+                history[s].append(
+                    {n: latest[n] - lr * grads[s][n] / (count * interval) for n in latest}
+                )
                 grads[s], done[s] = {}, 0
     final = {n: t for h in history for n, t in h[-1].items()}
-    per_step = [sum(losses[k * m_count:(k + 1) * m_count]) / m_count for k in range(steps)]
+    per_step = [sum(losses[k * m_count : (k + 1) * m_count]) / m_count for k in range(steps)]
     return final, per_step
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    plans = {name: make_plan(model, schedule="pipedream", **kw)
-             for name, (model, kw, _) in CASES.items()}
-    results = run_cases(plans, Path(tmp_path_factory.mktemp("pd")), steps=STEPS, lr=LR,
-                        overrides={n: {"update_interval": c[2]} for n, c in CASES.items()})
+    plans = {
+        name: make_plan(model, schedule="pipedream", **kw) for name, (model, kw, _) in CASES.items()
+    }
+    results = run_cases(
+        plans,
+        Path(tmp_path_factory.mktemp("pd")),
+        steps=STEPS,
+        lr=LR,
+        overrides={n: {"update_interval": c[2]} for n, c in CASES.items()},
+    )
     return {"plans": plans, "results": results}
 
 
@@ -151,8 +167,9 @@ def _two_versions(module: torch.nn.Module) -> None:
 
 
 def test_pipedream_refuses_tied_weights_across_stages() -> None:
-    plan = make_plan("runtime_models:gpt_tied", cuts=["ln_f"], replicas=[1, 1],
-                     schedule="pipedream")
+    plan = make_plan(
+        "runtime_models:gpt_tied", cuts=["ln_f"], replicas=[1, 1], schedule="pipedream"
+    )
     spec = load_model("runtime_models:gpt_tied", batch_size=plan.microbatch_size)
     with pytest.raises(PlannerError, match="drift apart"):
         prepare(plan, spec, rank=0, world_size=2)

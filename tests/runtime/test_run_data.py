@@ -38,5 +38,6 @@ def test_image_folder_gives_resized_images_and_labels(tmp_path: Path) -> None:
 def test_missing_folder_is_refused(tmp_path: Path) -> None:
     spec = load_model("runtime_models:mlp", batch_size=2)
     with pytest.raises(ModelError, match="not a folder"):
-        data_source(spec, data=str(tmp_path / "nope"), minibatch_size=2, seed=0,
-                    input_shape=(3, 8, 8))
+        data_source(
+            spec, data=str(tmp_path / "nope"), minibatch_size=2, seed=0, input_shape=(3, 8, 8)
+        )

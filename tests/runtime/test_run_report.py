@@ -23,30 +23,74 @@ from planner.topology import Topology
 
 
 def _rank(rank: int, stage: int, compute_s: float) -> RankStats:
-    return RankStats(rank=rank, stage=stage, replica=0, microbatches_per_step=4,
-                     samples_per_step=8, steps=2, wall_s=1.0, compute_s=compute_s, wait_s=0.2,
-                     send_s=0.1, sync_s=0.0, update_s=0.1, bytes_sent=100, bytes_received=100)
+    return RankStats(
+        rank=rank,
+        stage=stage,
+        replica=0,
+        microbatches_per_step=4,
+        samples_per_step=8,
+        steps=2,
+        wall_s=1.0,
+        compute_s=compute_s,
+        wait_s=0.2,
+        send_s=0.1,
+        sync_s=0.0,
+        update_s=0.1,
+        bytes_sent=100,
+        bytes_received=100,
+    )
 
 
 def _report(comparison: Comparison | None) -> RunReport:
     ranks = (_rank(0, 0, 0.4), _rank(1, 1, 0.6))
     return RunReport(
-        plan="p.json", model="m", schedule="1f1b", world_size=2, minibatch_size=8,
-        microbatches=4, steps=3, measured_steps=2, samples_per_s=16.0, losses=(3.0, 2.5, 2.0),
-        step_stats=tuple(StepStats(step=i, loss=x, wall_s=0.5, samples_per_s=16.0)
-                         for i, x in enumerate((3.0, 2.5, 2.0))),
-        ranks=ranks, stages=tuple(StageStats.of(s, [ranks[s]]) for s in (0, 1)),
-        backend="gloo", threads=1, torch_version="2", comparison=comparison)
+        plan="p.json",
+        model="m",
+        schedule="1f1b",
+        world_size=2,
+        minibatch_size=8,
+        microbatches=4,
+        steps=3,
+        measured_steps=2,
+        samples_per_s=16.0,
+        losses=(3.0, 2.5, 2.0),
+        step_stats=tuple(
+            StepStats(step=i, loss=x, wall_s=0.5, samples_per_s=16.0)
+            for i, x in enumerate((3.0, 2.5, 2.0))
+        ),
+        ranks=ranks,
+        stages=tuple(StageStats.of(s, [ranks[s]]) for s in (0, 1)),
+        backend="gloo",
+        threads=1,
+        torch_version="2",
+        comparison=comparison,
+    )
 
 
 COMPARISON = Comparison(
-    stages=(StageComparison(stage=0, predicted_compute_ms=100.0, measured_compute_ms=200.0,
-                            predicted_comm_ms=10.0, measured_comm_ms=50.0, predicted_idle=0.1,
-                            measured_idle=0.3),
-            StageComparison(stage=1, predicted_compute_ms=150.0, measured_compute_ms=300.0,
-                            predicted_comm_ms=10.0, measured_comm_ms=50.0, predicted_idle=0.2,
-                            measured_idle=0.4)),
-    predicted_samples_per_s=40.0, measured_samples_per_s=16.0)
+    stages=(
+        StageComparison(
+            stage=0,
+            predicted_compute_ms=100.0,
+            measured_compute_ms=200.0,
+            predicted_comm_ms=10.0,
+            measured_comm_ms=50.0,
+            predicted_idle=0.1,
+            measured_idle=0.3,
+        ),
+        StageComparison(
+            stage=1,
+            predicted_compute_ms=150.0,
+            measured_compute_ms=300.0,
+            predicted_comm_ms=10.0,
+            measured_comm_ms=50.0,
+            predicted_idle=0.2,
+            measured_idle=0.4,
+        ),
+    ),
+    predicted_samples_per_s=40.0,
+    measured_samples_per_s=16.0,
+)
 
 
 @pytest.mark.parametrize("comparison", [None, COMPARISON])
@@ -72,9 +116,20 @@ def test_calibration_rescales_compute_and_bandwidth() -> None:
     cal = calibration_of(_report(COMPARISON))
     # (200 + 50 ms optimizer) + (300 + 50) measured over 100 + 150 predicted
     assert cal.compute_scale == pytest.approx(2.4) and cal.comm_scale == pytest.approx(5.0)
-    profile = Profile(model="m", batch_size=2, layers=(
-        LayerProfile(name="a", op="x", forward_ms=1.0, backward_ms=2.0, output_bytes=(8,),
-                     parameter_bytes=4),))
+    profile = Profile(
+        model="m",
+        batch_size=2,
+        layers=(
+            LayerProfile(
+                name="a",
+                op="x",
+                forward_ms=1.0,
+                backward_ms=2.0,
+                output_bytes=(8,),
+                parameter_bytes=4,
+            ),
+        ),
+    )
     topology = Topology.from_args(gpus=2, bandwidth_gbps=10)
     new_profile, new_topology = calibrate(profile, topology, _report(COMPARISON))
     assert new_profile.layers[0].forward_ms == pytest.approx(2.4)

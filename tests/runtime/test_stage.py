@@ -46,8 +46,10 @@ def _run_stages(captured, cut, inputs):
         out = build_stage_module(captured, cut, s)(*current)
         if s == cut.num_stages - 1:
             return out
-        received = [t.detach().clone().requires_grad_(m.requires_grad)
-                    for t, m in zip(metas[s].flatten(out), metas[s].tensors, strict=True)]
+        received = [
+            t.detach().clone().requires_grad_(m.requires_grad)
+            for t, m in zip(metas[s].flatten(out), metas[s].tensors, strict=True)
+        ]
         current = metas[s].unflatten(received)
     raise AssertionError("unreachable")
 
@@ -70,18 +72,20 @@ def test_model_input_read_late_is_relayed() -> None:
     torch.testing.assert_close(_run_stages(captured, cut, [x]), captured.module(x))
 
 
-@pytest.mark.parametrize(("model", "cuts"), [
-    ("runtime_models:cnn", ["relu_1", "block1_conv2", "view"]),  # relay and an int (size) cut
-    ("gpt2-tiny", ["getitem", "blocks_1_ln1"]),  # a tuple (unbind) crosses the cut
-    ("runtime_models:gpt_tied", ["add", "ln_f"]),
-])
+@pytest.mark.parametrize(
+    ("model", "cuts"),
+    [
+        ("runtime_models:cnn", ["relu_1", "block1_conv2", "view"]),  # relay and an int (size) cut
+        ("gpt2-tiny", ["getitem", "blocks_1_ln1"]),  # a tuple (unbind) crosses the cut
+        ("runtime_models:gpt_tied", ["add", "ln_f"]),
+    ],
+)
 def test_stage_modules_compose_to_the_model(model: str, cuts: list[str]) -> None:
     spec = load_model(model, batch_size=2)
     captured = capture(spec.module)
     cut = cut_graph(captured, _split(captured, cuts))
     inputs, _ = spec.make_batch(2, 0)
-    torch.testing.assert_close(_run_stages(captured, cut, list(inputs)),
-                               captured.module(*inputs))
+    torch.testing.assert_close(_run_stages(captured, cut, list(inputs)), captured.module(*inputs))
 
 
 def test_shape_values_cross_as_constants() -> None:
@@ -91,8 +95,9 @@ def test_shape_values_cross_as_constants() -> None:
     values = propagate(captured, [torch.zeros(2, 3, 8, 8)])
     meta = BoundaryMeta.from_values(cut.boundaries[0], values)
     assert meta.leaves[1] == (2,)  # x.size(0) for a microbatch of 2: baked in, not sent
-    assert meta.tensors == (TensorMeta(shape=(2, 8, 1, 1), dtype=torch.float32,
-                                       requires_grad=True),)
+    assert meta.tensors == (
+        TensorMeta(shape=(2, 8, 1, 1), dtype=torch.float32, requires_grad=True),
+    )
 
 
 def test_relayed_model_input_carries_no_gradient() -> None:
@@ -121,17 +126,27 @@ def test_stage_module_holds_only_its_own_parameters() -> None:
     captured = capture(load_model("runtime_models:cnn", batch_size=1).module)
     cut = cut_graph(captured, _split(captured, ["block1_conv2"]))
     names = {n for n, _ in build_stage_module(captured, cut, 1).named_parameters()}
-    assert names == {"block1.conv2.weight", "block1.conv2.bias", "block2.conv1.weight",
-                     "block2.conv1.bias", "block2.conv2.weight", "block2.conv2.bias",
-                     "fc.weight", "fc.bias"}
+    assert names == {
+        "block1.conv2.weight",
+        "block1.conv2.bias",
+        "block2.conv1.weight",
+        "block2.conv1.bias",
+        "block2.conv2.weight",
+        "block2.conv2.bias",
+        "fc.weight",
+        "fc.bias",
+    }
 
 
-@pytest.mark.parametrize(("stages", "message"), [
-    ([["_0", "_1"], ["_2", "_9"]], "lacks"),
-    ([["_0", "_1"], ["_2", "_3", "_4"]], "in no stage"),
-    ([["_0", "_1", "_2"], ["_2", "_3", "_4", "_5", "_6"]], "stage 0 and stage 1"),
-    ([["_0", "_2", "_3", "_4", "_5", "_6"], ["_1"]], "later stage"),
-])
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([["_0", "_1"], ["_2", "_9"]], "lacks"),
+        ([["_0", "_1"], ["_2", "_3", "_4"]], "in no stage"),
+        ([["_0", "_1", "_2"], ["_2", "_3", "_4", "_5", "_6"]], "stage 0 and stage 1"),
+        ([["_0", "_2", "_3", "_4", "_5", "_6"], ["_1"]], "later stage"),
+    ],
+)
 def test_bad_assignments_are_refused(stages: list[list[str]], message: str) -> None:
     captured = capture(load_model("runtime_models:mlp", batch_size=1).module)
     with pytest.raises(PlanError, match=message):
@@ -142,8 +157,10 @@ def test_plan_for_another_model_is_refused() -> None:
     plan = make_plan("runtime_models:mlp", cuts=["_3"], replicas=[1, 1])
     other = dataclasses.replace(plan.profile, graph_hash="0123456789abcdef")
     with pytest.raises(PlanError, match="graph hash"):
-        capture_for_plan(dataclasses.replace(plan, profile=other),
-                         load_model("runtime_models:mlp", batch_size=2).module)
+        capture_for_plan(
+            dataclasses.replace(plan, profile=other),
+            load_model("runtime_models:mlp", batch_size=2).module,
+        )
     no_hash = dataclasses.replace(plan, profile=dataclasses.replace(plan.profile, graph_hash=None))
     with pytest.raises(PlanError, match="lacks"):  # without a hash, the layer names decide
         capture_for_plan(no_hash, load_model("runtime_models:cnn", batch_size=2).module)
