@@ -1,0 +1,1 @@
+"""The ``plan`` subcommands: each module has ``add_arguments(parser)`` and ``run(args) -> int``."""

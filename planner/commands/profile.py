@@ -1,0 +1,79 @@
+"""``plan profile``: measure a model's per-layer costs and write a profile."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from planner.commands._args import nonnegative_int, positive_int, shape
+from planner.errors import ModelError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_profiling_arguments(parser: argparse.ArgumentParser, *, batch_required: bool) -> None:
+    """The options that say how to measure (shared with ``plan`` when it must profile)."""
+    parser.add_argument("--input-shape", type=shape, metavar="C,H,W",
+                        help="one sample's shape without the batch dimension "
+                             "(default: the model's, e.g. 3,224,224)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to measure (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="parameter and activation dtype (default: float32)")
+    parser.add_argument("--leaf-modules", nargs="+", default=[], metavar="NAME",
+                        help="module types (Block) or qualified names (blocks.3) to keep whole "
+                             "as one layer; also the fix for models torch.fx cannot trace")
+    parser.add_argument("--warmup", type=nonnegative_int, default=None,
+                        help="untimed repetitions per layer before timing (default: 1)")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help="timed repetitions per layer; the median is kept (default: 3)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads while measuring (default: all cores); recorded")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="torchvision model name (resnet50), gpt2-small/gpt2-medium/gpt2-tiny, "
+                             "or package.module:factory for your own model")
+    parser.add_argument("--batch-size", type=positive_int, required=True,
+                        help="samples per measured batch")
+    add_profiling_arguments(parser, batch_required=True)
+    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="where to write the profile JSON")
+
+
+def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyped-def]
+    """Profile ``args.model`` as the options say; returns the Profile."""
+    from planner.profile.measure import profile_model
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelError("--device cuda but CUDA is not available here; use --device cpu")
+    kwargs = {k: getattr(args, k) for k in ("warmup", "reps", "threads") if getattr(args, k) is not None}
+    return profile_model(
+        args.model,
+        batch_size=batch_size,
+        input_shape=args.input_shape,
+        device=args.device,
+        dtype=args.dtype,
+        leaf_modules=tuple(args.leaf_modules),
+        progress=True,
+        **kwargs,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = measure(args, args.batch_size)
+    profile.save(args.output)
+    whole = profile.whole_step_ms
+    ratio = f", per-layer sum / whole step = {profile.total_compute_ms / whole:.3f}" if whole else ""
+    print(
+        f"profiled {profile.model} at batch {profile.batch_size} on {profile.device} "
+        f"({profile.threads or '?'} threads): {len(profile.layers)} layers, "
+        f"{profile.total_compute_ms:.1f} ms forward+backward{ratio}",
+        file=sys.stderr,
+    )
+    print(f"wrote {args.output}")
+    return 0

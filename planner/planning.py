@@ -1,0 +1,276 @@
+"""From a profile and a topology to a :class:`~planner.plan.Plan`: sizes, solver, baselines.
+
+One options object drives the CLI and the library alike.
+
+Example:
+    >>> from planner.planning import PlanOptions, make_plan, shipped_profile
+    >>> from planner.profile import Profile
+    >>> from planner.topology import Topology
+    >>> path = shipped_profile("resnet50")                                    # doctest: +SKIP
+    >>> plan = make_plan(Profile.load(path), path, Topology.from_args(gpus=8), PlanOptions())  # doctest: +SKIP
+    >>> print(plan.describe())                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from planner import __version__
+from planner.errors import PlannerError
+from planner.optimize.result import Partition
+from planner.plan import BaselineScore, Plan, PlanStage, Prediction, ProfileRef, file_sha256
+from planner.profile.format import Profile
+from planner.schedules import OptimizerKind, Schedule
+from planner.topology import Topology
+
+__all__ = ["PlanOptions", "draw_plan", "make_plan", "plan_from_partition", "shipped_profile", "solve"]
+
+_PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """What to plan for, besides the profile and the topology.
+
+    Attributes:
+        schedule: Pipeline schedule; ``1f1b`` by default (synchronous, what the runtime runs).
+        minibatch_size: Samples per optimizer step. None: the profile's batch size times the
+            device count for ``1f1b``/``gpipe`` (so data parallelism keeps the profiled batch per
+            device), the profile's batch size for ``pipedream`` (PipeDream updates per microbatch).
+        microbatches: Microbatches per minibatch. None: the divisor of the minibatch whose
+            microbatch is closest to the profiled batch size (costs are measured, not scaled).
+        auto_microbatches: Search the divisors of the minibatch whose microbatch size lies within
+            a quarter and four times the profiled batch, and keep the fastest plan.
+        optimizer: Training optimizer (its state counts towards memory).
+        solver: ``dp`` (dynamic program) or ``ilp`` (exact MILP, with ``time_limit_s``).
+        straight: One device per stage, no replication.
+        recompute: Recompute activations in backward instead of storing them.
+        cost_model: ``planner`` or ``pipedream`` (PipeDream's optimizer's assumptions).
+        memory_constraint: Refuse partitions that do not fit device memory.
+        time_limit_s: Time limit of the ILP solver.
+    """
+
+    schedule: Schedule = Schedule.ONE_F_ONE_B
+    minibatch_size: int | None = None
+    microbatches: int | None = None
+    auto_microbatches: bool = False
+    optimizer: OptimizerKind = OptimizerKind.SGD
+    solver: Literal["dp", "ilp"] = "dp"
+    straight: bool = False
+    recompute: bool = False
+    cost_model: Literal["planner", "pipedream"] = "planner"
+    memory_constraint: bool = True
+    time_limit_s: float = 60.0
+
+
+def shipped_profile(model: str) -> Path | None:
+    """The profile shipped for ``model`` (``profiles/<model>.json``), if there is one.
+
+    ``$PLANNER_PROFILES`` names another folder to look in first.
+    """
+    folders = [Path(p) for p in os.environ.get("PLANNER_PROFILES", "").split(os.pathsep) if p]
+    for folder in [*folders, _PROFILES_DIR]:
+        candidate = folder / f"{model}.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _sizes(profile: Profile, topology: Topology, options: PlanOptions) -> tuple[int, list[int]]:
+    """The minibatch size and the microbatch counts to try (the best one wins)."""
+    if options.schedule is Schedule.PIPEDREAM:
+        minibatch = options.minibatch_size or profile.batch_size * (options.microbatches or 1)
+        default = max(1, minibatch // profile.batch_size)
+    else:
+        minibatch = options.minibatch_size or profile.batch_size * topology.num_devices
+        default = max(1, minibatch // profile.batch_size)
+    if options.microbatches is not None:
+        counts = [options.microbatches]
+    elif options.auto_microbatches:
+        # Linear rescaling is a fair estimate near the measured batch size only, so the search
+        # keeps microbatches between a quarter and four times the profiled batch.
+        low, high = profile.batch_size / 4, profile.batch_size * 4
+        counts = [m for m in range(1, minibatch + 1)
+                  if minibatch % m == 0 and low <= minibatch // m <= high] or [default]
+    else:
+        # Plan at the measured batch size (no extrapolation): the divisor of the minibatch whose
+        # microbatch is closest to the profiled batch.
+        divisors = [m for m in range(1, minibatch + 1) if minibatch % m == 0]
+        counts = [min(divisors, key=lambda m: (abs(minibatch / m - profile.batch_size), m))]
+    if minibatch % counts[0]:
+        raise PlannerError(
+            f"--batch-size {minibatch} does not split into {counts[0]} equal microbatches; "
+            f"use a multiple of {counts[0]} or other --microbatches"
+        )
+    return minibatch, counts
+
+
+def solve(profile: Profile, topology: Topology, options: PlanOptions, *, minibatch_size: int,
+          microbatches: int) -> Partition:
+    """One solver run for a fixed microbatch count (the profile is rescaled to the microbatch)."""
+    from planner.optimize import dp, ilp
+    from planner.optimize.cost import CostModel, CostModelKind, SolverOptions
+
+    cost = CostModel(
+        profile.rescale(minibatch_size // microbatches),
+        topology,
+        SolverOptions(
+            schedule=options.schedule,
+            microbatches=microbatches,
+            optimizer=options.optimizer,
+            straight=options.straight,
+            memory_constraint=options.memory_constraint,
+            recompute=options.recompute,
+            cost_model=CostModelKind(options.cost_model),
+        ),
+    )
+    if options.solver == "ilp":
+        return ilp.solve(cost, time_limit_s=options.time_limit_s, warm_start=dp.solve(cost))
+    return dp.solve(cost)
+
+
+def make_plan(profile: Profile, profile_path: str | os.PathLike[str], topology: Topology,
+              options: PlanOptions) -> Plan:
+    """Optimize ``profile`` for ``topology`` and wrap the result, with baselines, as a Plan."""
+    from planner.errors import InfeasibleError
+    from planner.optimize.baselines import all_baselines
+    from planner.optimize.cost import CostModelKind
+
+    minibatch, counts = _sizes(profile, topology, options)
+    planned = _planning_profile(profile)
+    best: Partition | None = None
+    failure: InfeasibleError | None = None
+    for count in counts:
+        try:
+            partition = solve(planned, topology, options, minibatch_size=minibatch, microbatches=count)
+        except InfeasibleError as exc:
+            failure = failure or exc
+            continue
+        if best is None or partition.minibatch_s < best.minibatch_s:
+            best = partition
+    if best is None:
+        assert failure is not None
+        raise failure
+    baselines = all_baselines(
+        planned.rescale(minibatch // best.microbatches),
+        topology,
+        schedule=options.schedule,
+        microbatches=best.microbatches,
+        optimizer=options.optimizer,
+        recompute=options.recompute,
+        memory_constraint=options.memory_constraint,
+        cost_model=CostModelKind(options.cost_model),
+    )
+    return plan_from_partition(best, profile, profile_path, topology, options, minibatch, baselines,
+                               planned=planned)
+
+
+def _planning_profile(profile: Profile) -> Profile:
+    """What the solvers see: PipeDream's ``Input`` sources (data loading, not compute) and unused
+    ``__getitem__`` sinks are dropped as PipeDream's optimizer drops them; our own profiles as is."""
+    if profile.source != "pipedream":
+        return profile
+    from planner.profile.pipedream import pipedream_preprocess
+
+    return pipedream_preprocess(profile)
+
+
+def _stage_names(partition: Partition, profile: Profile, planned: Profile) -> list[list[str]]:
+    """Stage layer names in ``profile``'s order; layers the solver did not see (dropped by
+    :func:`_planning_profile`) join the stage of their first consumer, or else of their last input."""
+    stage_of = {planned.layers[i].name: s for s, st in enumerate(partition.stages) for i in st.layers}
+    consumers = profile.consumers()
+    for index, layer in enumerate(profile.layers):  # sinks: after their inputs
+        if layer.name not in stage_of and layer.inputs and not consumers[index]:
+            stage_of[layer.name] = max(stage_of.get(profile.layers[i].name, 0) for i in layer.inputs)
+    for index in reversed(range(len(profile.layers))):  # sources and the rest: before consumers
+        name = profile.layers[index].name
+        if name not in stage_of:
+            stage_of[name] = min((stage_of.get(profile.layers[c].name, 0) for c in consumers[index]),
+                                 default=0)
+    stages: list[list[str]] = [[] for _ in partition.stages]
+    for layer in profile.layers:
+        stages[stage_of[layer.name]].append(layer.name)
+    return stages
+
+
+def plan_from_partition(
+    partition: Partition,
+    profile: Profile,
+    profile_path: str | os.PathLike[str],
+    topology: Topology,
+    options: PlanOptions,
+    minibatch_size: int,
+    baselines: dict[str, Partition] | None = None,
+    *,
+    planned: Profile | None = None,
+) -> Plan:
+    """A Plan from a solver's Partition (layer indices, into ``planned``, become names)."""
+    microbatch = minibatch_size // partition.microbatches
+    at_micro = (planned or profile).rescale(microbatch)
+    names = _stage_names(partition, profile, planned or profile)
+    scores = []
+    data_parallel_s = None
+    for name, base in (baselines or {}).items():
+        fits = base.fits
+        scores.append(BaselineScore(name=name, minibatch_s=base.minibatch_s, stages=len(base.stages),
+                                    fits=fits, note=base.note))
+        if name == "data-parallel" and fits:
+            data_parallel_s = base.minibatch_s
+    stages = tuple(
+        PlanStage(
+            layers=tuple(stage_names),
+            replicas=stage.replicas,
+            ranks=tuple(stage.ranks),
+            compute_s=stage.compute_s,
+            comm_s=stage.comm_s,
+            allreduce_s=stage.allreduce_s,
+            time_s=stage.time_s,
+            memory_bytes=stage.memory_bytes,
+        )
+        for stage, stage_names in zip(partition.stages, names, strict=True)
+    )
+    path = Path(profile_path)
+    return Plan(
+        profile=ProfileRef(
+            path=str(path.resolve()),
+            sha256=file_sha256(path),
+            model=profile.model,
+            batch_size=profile.batch_size,
+            graph_hash=profile.graph_hash,
+            input_shape=profile.input_shape,
+            dtype=profile.dtype,
+            leaf_modules=profile.leaf_modules,
+        ),
+        topology=topology,
+        schedule=partition.schedule,
+        optimizer=options.optimizer,
+        minibatch_size=minibatch_size,
+        microbatch_size=microbatch,
+        microbatches=partition.microbatches,
+        stages=stages,
+        predicted=Prediction(
+            bottleneck_s=partition.bottleneck_s,
+            minibatch_s=partition.minibatch_s,
+            samples_per_s=minibatch_size / partition.minibatch_s,
+            single_device_s=partition.microbatches * at_micro.total_compute_ms / 1e3,
+            data_parallel_s=data_parallel_s,
+        ),
+        solver=partition.solver,
+        optimal=partition.optimal,
+        cost_model=partition.cost_model,
+        recompute=options.recompute,
+        baselines=tuple(scores),
+        planner_version=__version__,
+    )
+
+
+def draw_plan(plan: Plan, profile: Profile, path: str | os.PathLike[str]) -> None:
+    """Simulate ``plan`` and draw its Gantt chart to ``path`` (PNG)."""
+    from planner.simulate import simulate
+    from planner.viz import draw_gantt
+
+    draw_gantt(simulate(plan, profile), path)

@@ -1,0 +1,144 @@
+"""The `plan` command end to end, as a subprocess in a fresh temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from planner.plan import Plan
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "pipedream-profiles"
+
+
+def plan_cmd(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "MPLBACKEND": "Agg"}
+    return subprocess.run(
+        [sys.executable, "-m", "planner.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    cwd = tmp_path_factory.mktemp("fresh")
+    result = plan_cmd("--model", "resnet50", "--gpus", "8", cwd=cwd)
+    return cwd, result
+
+
+def test_plan_resnet50_on_8_gpus_writes_a_valid_plan(planned):
+    cwd, result = planned
+    assert result.returncode == 0, result.stderr
+    assert "using the shipped profile" in result.stderr
+    written = cwd / "plan-resnet50-8gpus.json"
+    assert f"wrote {written.name}" in result.stdout
+    plan = Plan.load(written)
+    assert plan.topology.num_devices == 8
+    assert sum(stage.replicas for stage in plan.stages) <= 8
+    assert "bottleneck" in result.stdout and "samples/s" in result.stdout
+
+
+def test_show_prints_the_same_table(planned):
+    cwd, result = planned
+    shown = plan_cmd("show", "plan-resnet50-8gpus.json", cwd=cwd)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() in result.stdout
+
+
+def test_json_output_parses_and_is_alone_on_stdout(tmp_path):
+    result = plan_cmd("--model", "resnet50", "--gpus", "4", "--json", "-o", "p.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["format"] == "planner.plan/1"
+    assert Plan.from_dict(doc) == Plan.load(tmp_path / "p.json")
+
+
+def test_export_formats(planned):
+    cwd, _ = planned
+    for fmt in ("torch-pipelining", "deepspeed", "pipedream"):
+        out = cwd / f"export-{fmt}.txt"
+        result = plan_cmd("export", "plan-resnet50-8gpus.json", "--format", fmt, "-o", str(out), cwd=cwd)
+        if fmt == "deepspeed" and result.returncode == 2:
+            assert "not contiguous" in result.stderr  # a DAG-order plan DeepSpeed cannot express
+            continue
+        assert result.returncode == 0, result.stderr
+        assert out.stat().st_size > 0
+    conf = json.loads((cwd / "export-pipedream.conf.json").read_text())
+    assert set(conf) == {"module_to_stage_map", "stage_to_rank_map"}
+    assert "stage_id=0" in (cwd / "export-pipedream.txt").read_text()
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _bad_cases(tmp: Path) -> list[tuple[str, list[str]]]:
+    plan_doc = None
+    good_plan = tmp / "good-plan.json"
+    if good_plan.exists():
+        plan_doc = json.loads(good_plan.read_text())
+    truncated_profile = _write(tmp / "trunc.json", '{"format": "planner.profile/1", "model": "x", "lay')
+    old_profile = _write(tmp / "old.json", json.dumps({"format": "planner.profile/0", "model": "x",
+                                                        "batch_size": 1, "layers": []}))
+    graph = _write(tmp / "graph.txt", "node1 -- Input -- forward_compute_time=1.0, backward_compute_")
+    corrupt_plan = _write(tmp / "corrupt-plan.json", "{not json")
+    cases = [
+        ("unknown model", ["--model", "resnet5000", "--gpus", "8"]),
+        ("zero gpus", ["--model", "resnet50", "--gpus", "0"]),
+        ("gpus not a number", ["--model", "resnet50", "--gpus", "eight"]),
+        ("gpus-per-node not dividing", ["--model", "resnet50", "--gpus", "16", "--gpus-per-node", "6"]),
+        ("negative bandwidth", ["--model", "resnet50", "--gpus", "8", "--bandwidth", "-5"]),
+        ("no devices given", ["--model", "resnet50"]),
+        ("no model or profile", ["--gpus", "8"]),
+        ("unknown schedule", ["--model", "resnet50", "--gpus", "8", "--schedule", "zigzag"]),
+        ("unknown preset", ["--model", "resnet50", "--topology", "dgx-9000"]),
+        ("missing profile", ["--profile", str(tmp / "nope.json"), "--gpus", "8"]),
+        ("truncated profile", ["--profile", truncated_profile, "--gpus", "8"]),
+        ("wrong-version profile", ["--profile", old_profile, "--gpus", "8"]),
+        ("batch not divisible", ["--model", "resnet50", "--gpus", "8", "--batch-size", "30",
+                                  "--microbatches", "4"]),
+        ("infeasible memory", ["--model", "resnet50", "--gpus", "2", "--memory-gb", "0.01"]),
+        ("bad input shape", ["profile", "--model", "resnet50", "--batch-size", "2",
+                             "--input-shape", "3,0,224", "-o", "p.json"]),
+        ("untraceable model", ["profile", "--model", "cli_models:untraceable", "--batch-size", "2",
+                               "--input-shape", "8", "-o", "p.json"]),
+        ("truncated graph.txt", ["import-pipedream", graph, "--batch-size", "8", "-o", "p.json"]),
+        ("missing plan", ["show", str(tmp / "nope.json")]),
+        ("corrupt plan", ["show", corrupt_plan]),
+        ("simulate missing plan", ["simulate", str(tmp / "nope.json")]),
+        ("run corrupt plan", ["run", corrupt_plan]),
+        ("export unknown format", ["export", corrupt_plan, "--format", "megatron", "-o", "x.json"]),
+    ]
+    if plan_doc is not None:
+        plan_doc["profile"]["sha256"] = "f" * 64
+        mismatched = _write(tmp / "mismatch-plan.json", json.dumps(plan_doc))
+        cases.append(("plan/profile mismatch", ["export", mismatched, "--format", "deepspeed",
+                                                "-o", "x.json"]))
+    return cases
+
+
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, planned):
+    cwd, _ = planned
+    (tmp_path / "good-plan.json").write_text((cwd / "plan-resnet50-8gpus.json").read_text())
+    cases = _bad_cases(tmp_path)
+    assert len(cases) >= 15
+    inputs = {p.name for p in tmp_path.iterdir()}
+    failures = []
+    for label, args in cases:
+        result = plan_cmd(*args, cwd=tmp_path, timeout=120)
+        # informational lines (e.g. "using the shipped profile ...") may come first; the error
+        # itself is the last line, alone
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if ": error: " in line]
+        leftovers = {p.name for p in tmp_path.iterdir()} - inputs
+        if (result.returncode != 2 or len(errors) != 1 or not lines or lines[-1] != errors[0]
+                or "Traceback" in result.stderr or leftovers):
+            failures.append(f"{label}: status {result.returncode}, stderr {result.stderr!r}, "
+                            f"new files {sorted(leftovers)}")
+    assert not failures, "\n".join(failures)
