@@ -18,7 +18,7 @@ Speed: each state's row is one batch of numpy operations over (next state, repli
 and the search is *bounded*: for a trial bound ``T`` on the slowest stage, a stage needs at least
 ``compute / T`` devices, so the devices a suffix can use lie in a narrow window
 ``[work after / T, N - work before / T]``. Cells outside it and candidates slower than ``T`` are
-never built. Trial bounds start at the perfect-balance bound ``total work / N`` and grow by 1.5x
+never built. Trial bounds start at 1.1 x the perfect-balance bound ``total work / N`` and grow by 1.1x
 until a plan is found; since every pruned candidate is slower than ``T`` and a plan at most ``T``
 exists, the result is exactly optimal.
 
@@ -125,7 +125,7 @@ def _stage_arrays(f: _Flat, k: int, js: np.ndarray, reps: np.ndarray, sync_cap: 
     p = t.parameter_bytes[js] - t.parameter_bytes[k]
     saved = t.saved_bytes[js] - t.saved_bytes[k]
     buffers = t.buffer_bytes[js] - t.buffer_bytes[k]
-    m = reps[None, :].astype(float)
+    m = reps.astype(float)  # (j, r)
     # ring all-reduce, cost.allreduce_s
     ar = np.where(m > 1, 2 * (m - 1) / m * p[:, None] / f.bandwidth + 2 * (m - 1) * f.latency, 0.0)
     x_in = t.cut_bytes[k]
@@ -144,12 +144,12 @@ def _stage_arrays(f: _Flat, k: int, js: np.ndarray, reps: np.ndarray, sync_cap: 
 
 
 def _flat_stage_fn(f: _Flat):
-    """Stage costs for the single-level kernel: ``(time (j, m'), fits (j, m', d))``."""
+    """Stage costs for the single-level kernel: ``(time (j, r), fits (j, r, d))``."""
 
     def stage(k, js, reps, ds, sync_cap):
         time, _, base, per_flight = _stage_arrays(f, k, js, reps, sync_cap)
-        flights = f.flights[reps[:, None], ds[None, :]]  # (m', d)
-        fits = base[:, None, None] + per_flight[:, None, None] * flights[None] <= f.memory_cap
+        flights = f.flights[reps[:, :, None], ds[None, None, :]]  # (j, r, d)
+        fits = base[:, None, None] + per_flight[:, None, None] * flights <= f.memory_cap
         return time, fits
 
     return stage
@@ -158,8 +158,10 @@ def _flat_stage_fn(f: _Flat):
 def _kernel(succ, devices, max_replicas, work, stage, bound, count_stages, sync_cap):
     """Fill ``V`` under a trial bound; returns (V, arg_next, arg_reps).
 
-    ``work[k]``: compute of ``D_k`` in device-seconds of one unit (for the pruning window);
-    ``stage(k, js, reps, ds, sync_cap)``: times ``(j, m')`` and memory fits ``(j, m', d)``.
+    ``work[k]``: compute of ``D_k`` in seconds of one device (for the pruning window);
+    ``stage(k, js, reps, ds, sync_cap)``: for next states ``js``, replica counts ``reps`` (one row
+    per next state) and devices-from-here ``ds``, the stage times ``(j, r)`` and whether the stage
+    fits in memory ``(j, r, d)``.
     """
     n_states = len(work)
     last = n_states - 1
@@ -170,52 +172,64 @@ def _kernel(succ, devices, max_replicas, work, stage, bound, count_stages, sync_
     arg_m = np.zeros((n_states, n + 1, stages_dim), dtype=np.int64)
     value[last, 0, 0] = 0.0
     total = work[last]
+    limit = bound * (1 + _REL)
     if np.isfinite(bound):
-        scale = 1.0 / (bound * (1 + _REL))
+        scale = 1.0 / limit
         lo_all = np.ceil((total - work) * scale - _REL).astype(int)
         hi_all = n - np.ceil(work * scale - _REL).astype(int)
     else:
+        scale = 0.0
         lo_all = np.zeros(n_states, dtype=int)
         hi_all = np.full(n_states, n)
-    all_reps = np.arange(1, max_replicas + 1)
+    # devices the rest after state j may use: none after the last state, else at least one
+    lo_rest = np.maximum(lo_all, 1)
+    lo_rest[last] = 0
     for k in range(last - 1, -1, -1):
         lo, hi = max(1, lo_all[k]), min(n, hi_all[k])
         js = succ[k]
         if lo > hi or len(js) == 0:
             continue
-        reps = all_reps[all_reps <= hi]
+        # replicas of stage k -> j: enough for its compute within the bound, and leaving the rest
+        # after j at least its own minimum
+        r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - _REL).astype(int))
+        r_hi = np.minimum(max_replicas, hi - lo_rest[js])
+        keep = r_lo <= r_hi
+        if not keep.any():
+            continue
+        js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
+        width = int((r_hi - r_lo).max()) + 1
+        reps = r_lo[:, None] + np.arange(width)[None, :]  # (j, r)
+        r_ok = reps <= r_hi[:, None]
+        reps = np.where(r_ok, reps, r_lo[:, None])
         ds = np.arange(lo, hi + 1)
         time, fits = stage(k, js, reps, ds, sync_cap)
-        time = np.where(time > bound * (1 + _REL), np.inf, time)
+        time = np.where(r_ok & (time <= limit), time, np.inf)
         live = np.isfinite(time).any(axis=1)
         if not live.any():
             continue
-        js, time, fits = js[live], time[live], fits[live]
-        rest = ds[None, :] - reps[:, None]  # devices left for the rest, per (m', d)
-        valid = rest >= 0
-        rest_c = np.where(valid, rest, 0)
-        fits = fits & valid[None]
+        js, reps, time, fits = js[live], reps[live], time[live], fits[live]
+        rest = ds[None, None, :] - reps[:, :, None]  # (j, r, d): devices left for the rest
+        ok = fits & (rest >= 0)
+        rest = np.maximum(rest, 0)
         if count_stages:
-            nxt = value[js][:, rest_c, :-1]  # (j, m', d, c-1)
+            nxt = value[js[:, None, None], rest, :-1]  # (j, r, d, c-1)
             cand = np.maximum(time[:, :, None, None], nxt)
-            cand = np.where(fits[..., None], cand, np.inf)
+            cand = np.where(ok[..., None], cand, np.inf)
             flat3 = cand.reshape(-1, len(ds), stages_dim - 1)
             best = flat3.argmin(axis=0)
-            vals = np.take_along_axis(flat3, best[None], axis=0)[0]
-            value[k, lo : hi + 1, 1:] = vals
-            bj, bm = np.unravel_index(best, (len(js), len(reps)))
+            value[k, lo : hi + 1, 1:] = np.take_along_axis(flat3, best[None], axis=0)[0]
+            bj, br = np.unravel_index(best, reps.shape)
             arg_j[k, lo : hi + 1, 1:] = js[bj]
-            arg_m[k, lo : hi + 1, 1:] = reps[bm]
+            arg_m[k, lo : hi + 1, 1:] = reps[bj, br]
         else:
-            nxt = value[js][:, rest_c, 0]  # (j, m', d)
-            cand = np.maximum(time[:, :, None], nxt)
-            cand = np.where(fits, cand, np.inf)
+            nxt = value[js[:, None, None], rest, 0]  # (j, r, d)
+            cand = np.where(ok, np.maximum(time[:, :, None], nxt), np.inf)
             flat = cand.reshape(-1, len(ds))
             best = flat.argmin(axis=0)
             value[k, lo : hi + 1, 0] = flat[best, np.arange(len(ds))]
-            bj, bm = np.unravel_index(best, (len(js), len(reps)))
+            bj, br = np.unravel_index(best, reps.shape)
             arg_j[k, lo : hi + 1, 0] = js[bj]
-            arg_m[k, lo : hi + 1, 0] = reps[bm]
+            arg_m[k, lo : hi + 1, 0] = reps[bj, br]
     return value, arg_j, arg_m
 
 
@@ -305,11 +319,18 @@ def solve_flat(
     return cost.evaluate(stages, replicas, solver="dp", optimal=True)
 
 
-def search(*, succ, devices, max_replicas, work, stage, sync, options) -> list | None:
-    """Bounded search (module docstring): the optimal path ``[(k, j, m'), ...]`` or None."""
+def search(
+    *, succ, devices, max_replicas, work, stage, sync, options, start_bound: float | None = None
+) -> list | None:
+    """Bounded search (module docstring): the optimal path ``[(k, j, m'), ...]`` or None.
+
+    ``start_bound``: a value some plan is known to reach (skips the failing small trials).
+    """
     count = options.schedule is not Schedule.PIPEDREAM
     total = work[-1]
-    bound = total / devices * 1.02 if total > 0 and not count else np.inf
+    bound = total / devices * 1.1 if total > 0 and not count else np.inf
+    if start_bound is not None and not count and np.isfinite(start_bound):
+        bound = max(bound, start_bound)
     sync_cap = np.inf
     best: tuple[float, list] | None = None
     while True:
@@ -321,7 +342,7 @@ def search(*, succ, devices, max_replicas, work, stage, sync, options) -> list |
         )
         if not np.isfinite(obj):
             if np.isfinite(bound):
-                bound *= 1.5
+                bound *= 1.1  # small steps keep the windows of the successful trial narrow
                 if bound > total:  # beyond a one-device plan's time: search everything
                     bound = np.inf
                 continue
@@ -341,7 +362,7 @@ def search(*, succ, devices, max_replicas, work, stage, sync, options) -> list |
 
 
 def _sync_of(f: _Flat, k: int, j: int, m: int) -> float:
-    _, ar, _, _ = _stage_arrays(f, k, np.array([j]), np.array([m]), np.inf)
+    _, ar, _, _ = _stage_arrays(f, k, np.array([j]), np.array([[m]]), np.inf)
     return float(ar[0, 0])
 
 

@@ -127,8 +127,35 @@ class _Table:
     devices: np.ndarray
 
 
+def _minmax_product(first: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``out[i, j] = min_k max(first[i, k], rest[k, j])`` and its argmin, for ``i <= k < j``.
+
+    States are sorted by size, so a stage ``i -> k`` needs ``k > i`` and the rest ``k -> j``
+    needs ``j > k``: blocks of ``(i, j)`` only visit ``k`` between them (a sixth of the cube),
+    with ``k`` innermost so the reduction runs over contiguous memory.
+    """
+    n = len(first)
+    out = np.full((n, n), np.inf)
+    arg = np.zeros((n, n), dtype=np.int64)
+    rest_t = np.ascontiguousarray(rest.T)  # rest_t[j, k]
+    size = 64
+    for i0 in range(0, n, size):
+        i1 = min(n, i0 + size)
+        for j0 in range(i0, n, size):
+            j1 = min(n, j0 + size)
+            block = np.maximum(first[i0:i1, None, i0:j1], rest_t[None, j0:j1, i0:j1])
+            pick = block.argmin(axis=2)
+            out[i0:i1, j0:j1] = np.take_along_axis(block, pick[:, :, None], axis=2)[..., 0]
+            arg[i0:i1, j0:j1] = pick + i0
+    return out, arg
+
+
 def _level0_table(cost: CostModel, t: DownsetTables, inc: np.ndarray, units: int) -> _Table:
-    """All-pairs suffix DP inside one level-0 unit, vectorised over the end state."""
+    """Best sub-pipeline of every state pair on at most ``units`` devices of one level-0 unit.
+
+    ``value[i, j, m]`` (exactly ``m`` devices) is the min over a first stage ``i -> k`` on ``m'``
+    devices and the best ``k -> j`` on ``m - m'``: one min-max matrix product per ``(m, m')``.
+    """
     o = cost.options
     lv = cost.topology.levels[0]
     bw, lat = lv.bandwidth_bytes_per_s, lv.latency_s
@@ -141,88 +168,69 @@ def _level0_table(cost: CostModel, t: DownsetTables, inc: np.ndarray, units: int
     n_states = len(t.compute_s)
     shape = (n_states, n_states, units + 1)
     value = np.full(shape, np.inf)
-    q = np.zeros(shape)
-    pmax = np.zeros(shape)
-    mfix = np.zeros(shape)
-    mslope = np.zeros(shape)
+    q, pmax, mfix, mslope = (np.zeros(shape) for _ in range(4))
     arg_k = np.full(shape, -1, dtype=np.int64)
     arg_m = np.zeros(shape, dtype=np.int64)
-    reps_all = np.arange(1, (1 if o.straight else units) + 1)
+
+    def pair(x: np.ndarray) -> np.ndarray:
+        return np.where(inc, x[None, :] - x[:, None], 0.0)  # stage i -> k sums
+
+    c, p = pair(t.compute_s), pair(t.parameter_bytes)
+    saved, buffers = pair(t.saved_bytes), pair(t.buffer_bytes)
     link = np.where(t.cut_bytes > 0, 2 * (lat + t.cut_bytes / bw), 0.0)
-    for i in range(n_states - 2, -1, -1):
-        ks = np.flatnonzero(inc[i])
-        if len(ks) == 0:
-            continue
-        c = t.compute_s[ks] - t.compute_s[i]
-        p = t.parameter_bytes[ks] - t.parameter_bytes[i]
-        saved = t.saved_bytes[ks] - t.saved_bytes[i]
-        buffers = t.buffer_bytes[ks] - t.buffer_bytes[i]
-        mp = reps_all[None, :].astype(float)
-        ar = np.where(mp > 1, 2 * (mp - 1) / mp * p[:, None] / bw + 2 * (mp - 1) * lat, 0.0)
-        work = c[:, None] + (ar if pd else 0.0)
-        # first stage i -> k on m' devices: link in at i (inside the unit: conservative when i is
-        # the group's boundary), link out at k (only when more stages follow)
-        t_single = np.maximum(work, link[i]) / mp  # k is the end of the range
-        t_split = np.maximum(t_single, link[ks][:, None] / mp)
-        versions_fixed = 0 if pd else 1
-        base = p * (1 + versions_fixed + opt) + buffers + (saved if o.recompute else 0.0)
-        per_flight = (p if pd else np.zeros_like(p)) + (t.cut_bytes[i] if o.recompute else saved)
-        for m in range(1, units + 1):
-            reps = reps_all[reps_all <= m]
-            fl = flights[reps, m]  # devices from here = m within the unit
-            mem = base[:, None] + per_flight[:, None] * fl[None, :]
-            fits = mem <= cap
-            # whole range as one stage on m devices: end state = ks
-            if m <= reps_all[-1]:
-                col = m - 1
-                ok = fits[:, col]
-                vals = np.where(ok, t_single[:, col], np.inf)
-                better = vals < value[i, ks, m]
-                sel = ks[better]
-                value[i, sel, m] = vals[better]
-                q[i, sel, m] = p[better] / m
-                pmax[i, sel, m] = p[better]
-                mfix[i, sel, m] = mem[better, col] + per_flight[better]
-                mslope[i, sel, m] = per_flight[better] / m
-                arg_k[i, sel, m] = sel
-                arg_m[i, sel, m] = m
-            if m == 1:
-                continue
-            # split: first stage i -> k on m' < m devices, then the best from k to every j
-            sub_reps = reps[reps < m]
-            if len(sub_reps) == 0:
-                continue
-            rest = value[ks][:, :, m - sub_reps]  # (k, j, m')
-            first = np.where(fits[:, : len(sub_reps)], t_split[:, : len(sub_reps)], np.inf)
-            cand = np.maximum(first[:, None, :], rest)
-            cand = np.moveaxis(cand, 1, 0).reshape(n_states, -1)  # (j, k*m')
-            pick = cand.argmin(axis=1)
-            best = cand[np.arange(n_states), pick]
-            better = best < value[i, :, m]
+    versions_fixed = 0 if pd else 1
+    base = p * (1 + versions_fixed + opt) + buffers + (saved if o.recompute else 0.0)
+    per_flight = (p if pd else 0.0) + (t.cut_bytes[:, None] if o.recompute else saved)
+    per_flight = np.broadcast_to(per_flight, (n_states, n_states))
+    max_reps = 1 if o.straight else units
+
+    def stage_time(r: int, split: bool) -> np.ndarray:
+        ar = 2 * (r - 1) / r * p / bw + 2 * (r - 1) * lat if r > 1 else 0.0
+        work = c + (ar if pd else 0.0)
+        # link in at i (conservative at the group's own boundary), out at k when more follow
+        out = np.maximum(work, link[:, None])
+        if split:
+            out = np.maximum(out, link[None, :])
+        return np.where(inc, out / r, np.inf)
+
+    for m in range(1, units + 1):
+        if m <= max_reps:  # the whole range as one stage on m devices
+            mem = base + per_flight * flights[m, m]
+            value[:, :, m] = np.where(mem <= cap, stage_time(m, False), np.inf)
+            q[:, :, m], pmax[:, :, m] = p / m, p
+            mfix[:, :, m], mslope[:, :, m] = mem + per_flight, per_flight / m
+            arg_k[:, :, m] = np.arange(n_states)[None, :]
+            arg_m[:, :, m] = m
+        for r in range(1, min(m - 1, max_reps) + 1):
+            mem = base + per_flight * flights[r, m]
+            first = np.where(mem <= cap, stage_time(r, True), np.inf)
+            best, ks = _minmax_product(first, value[:, :, m - r])
+            better = best < value[:, :, m]
             if not better.any():
                 continue
-            js = np.flatnonzero(better)
-            kk, mm = np.unravel_index(pick[js], (len(ks), len(sub_reps)))
-            k_sel, m_sel = ks[kk], sub_reps[mm]
-            value[i, js, m] = best[js]
-            rest_m = m - m_sel
-            q[i, js, m] = np.maximum(p[kk] / m_sel, q[k_sel, js, rest_m])
-            pmax[i, js, m] = np.maximum(p[kk], pmax[k_sel, js, rest_m])
-            mfix[i, js, m] = np.maximum(mem[kk, mm] + per_flight[kk], mfix[k_sel, js, rest_m])
-            mslope[i, js, m] = np.maximum(per_flight[kk] / m_sel, mslope[k_sel, js, rest_m])
-            arg_k[i, js, m] = k_sel
-            arg_m[i, js, m] = m_sel
-    # best over the devices of one unit (fewer devices allowed inside a unit only if asked)
+            ii, jj = np.nonzero(better)
+            kk = ks[ii, jj]
+            value[ii, jj, m] = best[ii, jj]
+            q[ii, jj, m] = np.maximum(p[ii, kk] / r, q[kk, jj, m - r])
+            pmax[ii, jj, m] = np.maximum(p[ii, kk], pmax[kk, jj, m - r])
+            mfix[ii, jj, m] = np.maximum(mem[ii, kk] + per_flight[ii, kk], mfix[kk, jj, m - r])
+            mslope[ii, jj, m] = np.maximum(per_flight[ii, kk] / r, mslope[kk, jj, m - r])
+            arg_k[ii, jj, m] = kk
+            arg_m[ii, jj, m] = r
+    # best over the devices of one unit (fewer devices inside a unit only if allowed)
     ms = np.arange(1, units + 1) if o.allow_fewer_devices else np.array([units])
     pick = ms[value[:, :, ms].argmin(axis=2)]
-    take = np.take_along_axis
     pick3 = pick[:, :, None]
+
+    def at(x: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, pick3, 2)[..., 0]
+
     return _Table(
-        value=take(value, pick3, 2)[..., 0],
-        param_per_replica=take(q, pick3, 2)[..., 0],
-        param_max=take(pmax, pick3, 2)[..., 0],
-        mem_fixed=take(mfix, pick3, 2)[..., 0],
-        mem_slope=take(mslope, pick3, 2)[..., 0],
+        value=at(value),
+        param_per_replica=at(q),
+        param_max=at(pmax),
+        mem_fixed=at(mfix),
+        mem_slope=at(mslope),
         arg_k=arg_k,
         arg_m=arg_m,
         devices=pick,
@@ -259,19 +267,21 @@ def solve_hierarchical(cost: CostModel, space: StateSpace) -> Partition:
     units = topo.levels[0].devices
     limit = COARSE_STATES.get(units, max(100, int(1600 / max(units, 1) ** 0.5)))
     if len(space) <= limit:
-        result = _solve_on(cost, space)
-        if result is None:
+        solved = _solve_on(cost, space)
+        if solved is None:
             from planner.optimize.dp import _infeasible
 
             raise _infeasible(cost, space)
-        return result
+        return solved[0]
     tables = DownsetTables.from_masks(cost, space.masks)
     keep = _coarse(tables, limit)
     best = None
+    reached = None
     for _ in range(3):  # coarse, then refine around the cuts the plan uses
-        result = _solve_on(cost, space.subset(keep))
-        if result is None:
+        solved = _solve_on(cost, space.subset(keep), start_bound=reached)
+        if solved is None:
             break
+        result, reached = solved
         best = result if best is None or result.objective_s < best.objective_s else best
         cuts = _cuts_of(space, result)
         refined = _refine(tables, keep, cuts, limit)
@@ -321,7 +331,7 @@ def _refine(t: DownsetTables, keep: np.ndarray, cuts: list[int], limit: int) -> 
     if len(extra) > limit:  # keep the refinement affordable: closest states first
         dist = np.min(np.abs(t.compute_s[extra][:, None] - t.compute_s[cuts][None, :]), axis=1)
         extra = extra[np.argsort(dist, kind="stable")[:limit]]
-    coarse = keep if len(keep) + len(extra) <= 2 * limit else _coarse(t, limit // 2)
+    coarse = keep if len(keep) + len(extra) <= limit * 5 // 4 else _coarse(t, limit // 2)
     return np.unique(np.concatenate([coarse, extra]))
 
 
@@ -342,7 +352,7 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
         return np.where(mp > 1, across, inside)
 
     def stage(k, js, reps, ds, sync_cap):
-        mp = reps[None, :].astype(float)
+        mp = reps.astype(float)  # (j, n')
         b = table.value[k, js][:, None]
         q = table.param_per_replica[k, js][:, None]
         extra = (2 * q / bw1 / mp + 2 * lat1) if pd else 0.0
@@ -350,10 +360,10 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
         time = np.maximum(np.maximum(body, link[k] / mp), link[js][:, None] / mp)
         if np.isfinite(sync_cap):
             time = np.where(sync_bound(k, js, mp) < sync_cap, time, np.inf)
-        later = (ds[None, :] - reps[:, None]) * units / reps[:, None]  # (n', d)
+        later = (ds[None, None, :] - mp[:, :, None]) * units / mp[:, :, None]  # (j, n', d)
         fits = (
             table.mem_fixed[k, js][:, None, None]
-            + table.mem_slope[k, js][:, None, None] * np.maximum(later, 0)[None]
+            + table.mem_slope[k, js][:, None, None] * np.maximum(later, 0)
             <= cap
         )
         return time, fits
@@ -366,26 +376,130 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
     return stage, sync
 
 
-def _solve_on(cost: CostModel, space: StateSpace) -> Partition | None:
-    """Both levels on ``space``; None when nothing fits."""
+def _bisect_min_units(
+    cost: CostModel, space: StateSpace, t: DownsetTables, table: _Table, stage
+) -> list | None:
+    """Top level for the ``pipedream`` objective with idle devices allowed, by bisection.
+
+    For a trial bound ``T`` the fewest units covering each suffix is a shortest path: a group
+    ``k -> j`` needs ``n'`` units with ``(B + 2 Q / bandwidth) / n' + 2 latency <= T`` (or
+    ``n' = 1`` and ``B <= T``), links ``L / n' <= T``, and memory ``fixed + slope * later / n'``
+    within the device; fewest units downstream is best for both count and memory. ``T`` is
+    bisected to a relative 1e-10 between infeasible and feasible; the plan found at the feasible
+    end is optimal to that precision.
+    """
+    o = cost.options
+    lv0, lv1 = cost.topology.levels
+    units, nodes = lv0.devices, lv1.devices
+    bw1, lat1 = lv1.bandwidth_bytes_per_s, lv1.latency_s
+    cap = cost.memory_limit_bytes if o.memory_constraint else np.inf
+    link = np.where(t.cut_bytes > 0, 2 * (lat1 + t.cut_bytes / bw1), 0.0)
+    succ = [np.flatnonzero(space.includes[k]) for k in range(len(space))]
+    last = len(space) - 1
+
+    def plan(bound: float) -> tuple[int, list] | None:
+        limit = bound * (1 + 1e-12)
+        g = np.full(len(space), np.inf)
+        g[last] = 0
+        choice = np.zeros((len(space), 2), dtype=np.int64)
+        for k in range(last - 1, -1, -1):
+            js = succ[k]
+            gj = g[js]
+            b, q = table.value[k, js], table.param_per_replica[k, js]
+            mfix, mslope = table.mem_fixed[k, js], table.mem_slope[k, js]
+            links = np.maximum(link[k], link[js])
+            later = np.where(np.isfinite(gj), gj, 0) * units
+            with np.errstate(divide="ignore", invalid="ignore"):
+                one = (np.maximum(b, links) <= limit) & (mfix + mslope * later <= cap)
+                if o.straight:
+                    need = np.where(one, 1.0, np.inf)
+                else:
+                    room = limit - 2 * lat1
+                    by_time = np.where(room > 0, np.ceil((b + 2 * q / bw1) / room - 1e-9), np.inf)
+                    by_link = np.ceil(links / limit - 1e-9)
+                    spare = cap - mfix
+                    by_mem = np.where(
+                        spare < 0,
+                        np.inf,
+                        np.where(
+                            mslope * later <= 0,
+                            0.0,
+                            np.where(spare > 0, np.ceil(mslope * later / spare - 1e-9), np.inf),
+                        ),
+                    )
+                    many = np.maximum(np.maximum(by_time, by_link), np.maximum(by_mem, 2))
+                    need = np.where(one, 1.0, many)
+            total = need + gj
+            total[~np.isfinite(b)] = np.inf
+            pick = int(np.argmin(total))
+            if total[pick] <= nodes:
+                g[k] = total[pick]
+                choice[k] = js[pick], need[pick]
+        if not np.isfinite(g[0]):
+            return None
+        path, k = [], 0
+        while k != last:
+            j, n_units = (int(x) for x in choice[k])
+            path.append((k, j, n_units))
+            k = j
+        return int(g[0]), path
+
+    def reached(path: list) -> float:
+        return max(
+            float(stage(k, np.array([j]), np.array([[m]]), np.array([m]), np.inf)[0][0, 0])
+            for k, j, m in path
+        )
+
+    lo = t.compute_s[-1] / (units * nodes)
+    hi = lo * 1.05
+    found = plan(hi)
+    while found is None:
+        lo, hi = hi, hi * 1.5
+        if hi > max(1.0, t.compute_s[-1]) * 1e6:
+            return None
+        found = plan(hi)
+    hi = min(hi, reached(found[1]))
+    while hi - lo > 1e-10 * hi:
+        mid = (lo + hi) / 2
+        trial = plan(mid)
+        if trial is None:
+            lo = mid
+        else:
+            found, hi = trial, min(mid, reached(trial[1]))
+    return found[1]
+
+
+def _solve_on(
+    cost: CostModel, space: StateSpace, start_bound: float | None = None
+) -> tuple[Partition, float] | None:
+    """Both levels on ``space``: the plan and the DP's own bottleneck; None when nothing fits."""
     from planner.optimize.dp import search
 
     topo = cost.topology
     t = DownsetTables.from_masks(cost, space.masks)
     table = _level0_table(cost, t, space.includes, topo.levels[0].devices)
     stage, sync = _group_fns(cost, t, table)
-    path = search(
-        succ=[np.flatnonzero(space.includes[k]) for k in range(len(space))],
-        devices=topo.levels[1].devices,
-        max_replicas=1 if cost.options.straight else topo.levels[1].devices,
-        work=t.compute_s / topo.levels[0].devices,
-        stage=stage,
-        sync=sync,
-        options=cost.options,
-    )
+    o = cost.options
+    if o.schedule is Schedule.PIPEDREAM and o.allow_fewer_devices and topo.levels[1].devices > 16:
+        path = _bisect_min_units(cost, space, t, table, stage)
+    else:
+        path = search(
+            succ=[np.flatnonzero(space.includes[k]) for k in range(len(space))],
+            devices=topo.levels[1].devices,
+            max_replicas=1 if cost.options.straight else topo.levels[1].devices,
+            work=t.compute_s / topo.levels[0].devices,
+            stage=stage,
+            sync=sync,
+            options=cost.options,
+        )
     if path is None:
         return None
     tree = [(n_units, _sub_pipeline(table, k, j), k, j) for k, j, n_units in path]
     leaves, ranks = nested_ranks(topo, tree)
     stages = [space.stage(s, e).tolist() for s, e, _, _ in leaves]
-    return cost.evaluate(stages, [r for _, _, r, _ in leaves], ranks, solver="dp", optimal=False)
+    part = cost.evaluate(stages, [r for _, _, r, _ in leaves], ranks, solver="dp", optimal=False)
+    reached = max(
+        float(stage(k, np.array([j]), np.array([[m]]), np.array([m]), np.inf)[0][0, 0])
+        for k, j, m in path
+    )
+    return part, reached

@@ -22,16 +22,19 @@ Our design, ``auto`` (:func:`build_states`):
    number at most ``max(64, 32 x segment size)``. This covers every downset PipeDream's antichain
    DAG can reach on its profiles (ResNet, VGG, GNMT, AlexNet), so the DP is at least as good as
    PipeDream's there, and equal to a DP over all downsets.
-3. **Bounded inside branchy segments.** A segment above that cap, or segments beyond the global
-   budget of ``max(2n, 256)`` states (largest first), keeps the prefixes of a few topological
-   orders of the segment: the profile's order and two depth-first orders (branches in index order
-   and reversed, each branch finished before the next starts). A depth-first order's prefixes cut
-   one branch at a time, with the other branches done or not started: the cheap cuts. So an
-   Inception block costs a few times its layer count, not the product of its branch lengths.
+3. **Bounded inside branchy segments.** A segment above that cap keeps the prefixes of a few
+   topological orders of the segment: the profile's order and two depth-first orders (branches
+   in index order and reversed, each branch finished before the next starts). A depth-first
+   order's prefixes cut one branch at a time, with the other branches done or not started: the
+   cheap cuts. So an Inception block costs a few times its layer count, not the product of its
+   branch lengths.
+4. **A global budget.** While the total exceeds ``max(1.25 n, 1024)`` states, the segment whose
+   next leaner tier saves the most states is downgraded (lattice, then a few orders, then the
+   profile's order alone). The DP's time grows with the square of the states, so this keeps
+   large graphs fast; small ones (all of PipeDream's profiles) keep their whole lattices.
 
-The state count is therefore at most ``max(2n, 1024)`` plus a few orders' prefixes, and always
-contains the prefixes of the profile's order (never worse than the one-order DP). States are
-sorted by size; ``includes[k, j]`` says ``D_k ⊊ D_j``, i.e. a stage may run from ``k`` to ``j``.
+Every tier contains the prefixes of the profile's order, so the DP is never worse than the
+one-order DP. States are sorted by size; ``includes[k, j]`` says ``D_k ⊊ D_j``, i.e. a stage may run from ``k`` to ``j``.
 
 Other kinds: ``profile`` (prefixes of the profile's order), ``orders`` (step 3 everywhere),
 ``all`` (every downset; small graphs), ``antichain`` (PipeDream's antichain DAG, for the
@@ -200,6 +203,14 @@ def _order_prefixes(graph: _Graph, nodes: Sequence[int]) -> list[int]:
     return sorted(out, key=lambda b: (b.bit_count(), b))
 
 
+def _profile_prefixes(nodes: Sequence[int]) -> list[int]:
+    bits, out = 0, []
+    for v in nodes:
+        bits |= 1 << v
+        out.append(bits)
+    return out
+
+
 def _segments(graph: _Graph) -> list[list[int]]:
     """Layers split at separators (layers comparable with all others), in topological order."""
     n = graph.n
@@ -250,25 +261,31 @@ def build_states(profile: Profile, kind: str = "auto") -> StateSpace:
         _local_downsets(graph, seg, cap) if kind == "auto" and len(seg) > 1 else None
         for seg, cap in zip(segments, cap_of, strict=True)
     ]
-    fallback = [_order_prefixes(graph, seg) for seg in segments]
-    budget = max(2 * n, 1024)
-
-    def total() -> int:
-        return sum(
-            len(lo) if lo is not None else len(fb) for lo, fb in zip(local, fallback, strict=True)
+    # per segment, from richest to leanest: its lattice, a few orders' prefixes, its own order's
+    tiers = [
+        [x for x in (lattice, _order_prefixes(graph, seg), _profile_prefixes(seg)) if x is not None]
+        for lattice, seg in zip(local, segments, strict=True)
+    ]
+    level = [0] * len(segments)
+    budget = max(n + n // 4, 1024)
+    sizes = [len(t[0]) for t in tiers]
+    total = sum(sizes)
+    while total > budget:
+        # downgrade the segment whose next tier saves the most states
+        s = max(
+            (i for i in range(len(tiers)) if level[i] + 1 < len(tiers[i])),
+            key=lambda i: sizes[i] - len(tiers[i][level[i] + 1]),
+            default=None,
         )
-
-    def gain(i: int) -> int:
-        lattice = local[i]
-        return 0 if lattice is None else len(lattice) - len(fallback[i])
-
-    while total() > budget and any(lo is not None for lo in local):
-        local[max((i for i, lo in enumerate(local) if lo is not None), key=gain)] = None
+        if s is None:
+            break
+        level[s] += 1
+        total += len(tiers[s][level[s]]) - sizes[s]
+        sizes[s] = len(tiers[s][level[s]])
     bitsets, seg_of = [0], [-1]
     base = 0
     for s, seg in enumerate(segments):
-        chosen = local[s] if local[s] is not None else fallback[s]
-        assert chosen is not None
+        chosen = tiers[s][level[s]]
         bitsets.extend(base | x for x in chosen)
         seg_of.extend([s] * len(chosen))
         for v in seg:
@@ -279,26 +296,21 @@ def build_states(profile: Profile, kind: str = "auto") -> StateSpace:
 def _from_bitsets(
     graph: _Graph, bitsets: Iterable[int], kind: str, segment_of: Sequence[int] | None = None
 ) -> StateSpace:
-    items = list(dict.fromkeys(bitsets))  # dedupe, keep order
-    sizes = [b.bit_count() for b in items]
-    order = sorted(range(len(items)), key=lambda i: (sizes[i], items[i]))
-    items = [items[i] for i in order]
-    masks = (
-        np.stack([_bits_to_mask(b, graph.n) for b in items])
-        if items
-        else np.zeros((0, graph.n), bool)
-    )
-    if segment_of is None:
-        f = masks.astype(np.float32)
-        includes = (f @ (~masks).T.astype(np.float32)) == 0
-    else:
-        seg = np.asarray(segment_of)[order]
-        # different segments: the earlier one is contained; same segment: compare local parts
-        includes = seg[:, None] < seg[None, :]
-        for s in np.unique(seg):
-            idx = np.flatnonzero(seg == s)
-            f = masks[idx].astype(np.float32)
-            includes[np.ix_(idx, idx)] = (f @ (~masks[idx]).T.astype(np.float32)) == 0
+    items = list(bitsets)
+    segs = list(segment_of) if segment_of is not None else [0] * len(items)
+    unique = dict(zip(items, segs, strict=True))  # dedupe, keep the first segment seen
+    items = sorted(unique, key=lambda b: (b.bit_count(), b))
+    masks = np.stack([_bits_to_mask(b, graph.n) for b in items])
+    seg = np.array([unique[b] for b in items])
+    # different segments: the earlier one is contained; same segment: compare the layers the
+    # segment's states differ in (small matrices, not states x layers)
+    includes = seg[:, None] < seg[None, :]
+    for s in np.unique(seg):
+        idx = np.flatnonzero(seg == s)
+        local = masks[idx]
+        cols = np.flatnonzero(local.any(axis=0) & ~local.all(axis=0))
+        part = local[:, cols].astype(np.float32)
+        includes[np.ix_(idx, idx)] = (part @ (1.0 - part).T) == 0
     np.fill_diagonal(includes, False)
     if masks.sum(1)[-1] != graph.n or masks[0].any():
         raise AssertionError("state space must run from the empty set to every layer")
