@@ -56,6 +56,8 @@ class Partition:
         fits: Every stage fits in device memory. Solvers only return plans that fit (when the
             memory constraint is on); a baseline that does not fit is still reported, with False.
         note: Why it does not fit, or another remark worth showing next to the plan.
+        microbatch_size: Samples per microbatch the plan was computed for, when the planner chose
+            it (:func:`planner.optimize.optimize` with ``microbatches=None``); else None.
     """
 
     stages: tuple[StageAssignment, ...]
@@ -69,6 +71,7 @@ class Partition:
     cost_model: str = "planner"
     fits: bool = True
     note: str = ""
+    microbatch_size: int | None = None
 
     @property
     def num_devices_used(self) -> int:
