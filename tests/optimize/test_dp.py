@@ -1,0 +1,275 @@
+"""The DP: equal to brute force on one level, its state space, the hierarchy, errors, optimize()."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+from bruteforce import brute_force
+from conftest import pipedream_graph
+
+from planner.errors import InfeasibleError, PlanError
+from planner.optimize import dp as dp_module
+from planner.optimize import hierarchy, optimize
+from planner.optimize.cost import CostModel, DownsetTables, SolverOptions
+from planner.optimize.states import build_states
+from planner.optimize.synthetic import branched_profile
+from planner.profile import LayerProfile, Profile
+from planner.profile.pipedream import pipedream_preprocess, read_graph_txt
+from planner.schedules import OptimizerKind, Schedule
+from planner.topology import Level, Topology
+
+MB = 2**20
+
+
+def random_case(seed: int) -> CostModel:
+    """A small random DAG, one level of 1..4 devices, random options (deterministic per seed)."""
+    rng = random.Random(seed)
+    layers = []
+    for i in range(rng.randint(1, 6)):
+        inputs: set[int] = set()
+        if i:
+            inputs = set(rng.sample(range(i), min(i, rng.choice([1, 1, 2]))))
+            if rng.random() < 0.6:
+                inputs.add(i - 1)
+        layers.append(
+            LayerProfile(
+                name=f"l{i}",
+                op="",
+                forward_ms=rng.choice([0.5, 1, 2, 3]),
+                backward_ms=rng.choice([1, 2, 4]),
+                output_bytes=(rng.choice([0, 1, 5, 20]) * MB,),
+                parameter_bytes=rng.choice([0, 1, 10, 50]) * MB,
+                inputs=tuple(sorted(inputs)),
+                saved_bytes=None if rng.random() < 0.5 else rng.choice([1, 10]) * MB,
+            )
+        )
+    topo = Topology(
+        levels=(
+            Level(
+                devices=rng.randint(1, 4),
+                bandwidth_bytes_per_s=rng.choice([1e9, 1e10]),
+                latency_s=rng.choice([0.0, 1e-4]),
+            ),
+        ),
+        memory_bytes=rng.choice([0.2, 0.5, 16]) * 2**30,
+    )
+    options = SolverOptions(
+        schedule=rng.choice(list(Schedule)),
+        microbatches=rng.randint(1, 4),
+        optimizer=rng.choice(list(OptimizerKind)),
+        straight=rng.random() < 0.2,
+        allow_fewer_devices=rng.random() < 0.7,
+        recompute=rng.random() < 0.3,
+        state_space="all",
+    )
+    return CostModel(
+        Profile(model=f"random{seed}", batch_size=1, layers=tuple(layers)), topo, options
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_equals_brute_force_on_one_level(seed):
+    cost = random_case(seed)
+    states = build_states(cost.profile, "all")
+    expected = brute_force(cost, states)
+    if expected is None:
+        with pytest.raises(InfeasibleError):
+            dp_module.solve(cost, states=states)
+        return
+    got = dp_module.solve(cost, states=states)
+    assert got.objective_s == pytest.approx(expected.objective_s, rel=1e-9, abs=1e-15)
+    assert cost.fits(got) and got.optimal and got.solver == "dp"
+
+
+def test_the_partition_is_the_cost_models_score():
+    cost = random_case(7)
+    got = dp_module.solve(cost)
+    again = cost.evaluate(
+        [s.layers for s in got.stages],
+        [s.replicas for s in got.stages],
+        [s.ranks for s in got.stages],
+        solver="dp",
+        optimal=True,
+    )
+    assert again == got
+
+
+# --- state space -----------------------------------------------------------------------------
+
+
+def _block() -> Profile:
+    def la(name, inputs=()):
+        return LayerProfile(
+            name=name,
+            op="",
+            forward_ms=1,
+            backward_ms=1,
+            output_bytes=(4,),
+            parameter_bytes=0,
+            inputs=inputs,
+        )
+
+    # a -> (b -> c, d) -> e: two branches between separators a and e
+    return Profile(
+        model="block",
+        batch_size=1,
+        layers=(la("a"), la("b", (0,)), la("c", (1,)), la("d", (0,)), la("e", (2, 3))),
+    )
+
+
+def test_small_segments_keep_every_downset():
+    space = build_states(_block())
+    assert len(space) == len(build_states(_block(), "all")) == 8
+    assert len(build_states(_block(), "profile")) == 6
+    masks = space.masks.astype(int)
+    reference = (masks @ (1 - masks).T) == 0
+    np.fill_diagonal(reference, False)
+    assert (space.includes == reference).all()  # includes[k, j] iff D_k is a proper subset
+    assert space.masks[0].sum() == 0 and space.masks[-1].all()
+
+
+@pytest.mark.parametrize(("model", "batch"), [("resnet50", 128), ("resnet18", 256), ("gnmt", 128)])
+def test_auto_states_contain_pipedreams_antichains(model, batch):
+    profile = pipedream_preprocess(
+        read_graph_txt(pipedream_graph(model), model=model, batch_size=batch)
+    )
+    ours = {m.tobytes() for m in build_states(profile).masks}
+    theirs = {m.tobytes() for m in build_states(profile, "antichain").masks}
+    assert theirs <= ours
+
+
+def test_branchy_graphs_stay_within_the_budget():
+    profile = branched_profile(1500, seed=0)
+    space = build_states(profile)
+    n = len(profile)
+    assert len(space) <= max(n + n // 4, 1024) + 1
+    prefixes = {m.tobytes() for m in build_states(profile, "profile").masks}
+    assert prefixes <= {m.tobytes() for m in space.masks}  # never worse than one order
+
+
+def test_synthetic_profiles_are_deterministic():
+    a, b = branched_profile(200, seed=5), branched_profile(200, seed=5)
+    assert a == b and len(a) == 200
+    assert a != branched_profile(200, seed=6)
+    assert any(len(layer.inputs) > 2 for layer in a.layers)  # joins with skip connections
+
+
+# --- the hierarchy ------------------------------------------------------------------------------
+
+
+def test_nested_ranks_keep_microbatches_inside_a_node():
+    topo = Topology.from_args(gpus=8, gpus_per_node=4)
+    tree = [(2, [(1, None, 0, 1), (3, None, 1, 2)], 0, 2)]
+    leaves, ranks = hierarchy.nested_ranks(topo, tree)
+    assert ranks == [(0, 4), (1, 5, 2, 6, 3, 7)]
+    assert [leaf[2] for leaf in leaves] == [2, 6]
+    from planner.optimize.cost import boundary_link_level
+
+    assert boundary_link_level(topo, ranks[0], ranks[1]) == 0
+
+
+def test_two_levels_give_a_consistent_plan():
+    profile = branched_profile(60, seed=2)
+    topo = Topology.from_args(
+        gpus=8, gpus_per_node=4, bandwidth_gbps=25, inter_node_bandwidth_gbps=10
+    )
+    cost = CostModel(profile, topo)
+    part = dp_module.solve(cost)
+    ranks = [r for s in part.stages for r in s.ranks]
+    assert len(ranks) == len(set(ranks)) == part.num_devices_used <= 8
+    for stage in part.stages:  # a stage's replicas fill whole nodes or sit in one
+        nodes = {r // 4 for r in stage.ranks}
+        assert len(nodes) == 1 or stage.replicas % len(nodes) == 0
+    assert cost.fits(part)
+    flat = dp_module.solve(CostModel(profile, Topology.from_args(gpus=8, bandwidth_gbps=10)))
+    # every link at 10 GB/s is no better than a fast level inside the nodes
+    assert part.bottleneck_s <= flat.bottleneck_s * (1 + 1e-9)
+
+
+def test_many_nodes_bisection_equals_the_windowed_search():
+    profile = branched_profile(40, seed=4)
+    topo = Topology.from_args(
+        gpus=40, gpus_per_node=2, bandwidth_gbps=25, inter_node_bandwidth_gbps=10
+    )
+    cost = CostModel(profile, topo)
+    space = build_states(profile)
+    t = DownsetTables.from_masks(cost, space.masks)
+    table = hierarchy._level0_table(cost, t, space.includes, 2)
+    stage, sync = hierarchy._group_fns(cost, t, table)
+    by_bisection = hierarchy._bisect_min_units(cost, space, t, table, stage)
+    by_search = dp_module.search(
+        succ=[np.flatnonzero(space.includes[k]) for k in range(len(space))],
+        devices=20,
+        max_replicas=20,
+        work=t.compute_s / 2,
+        stage=stage,
+        sync=sync,
+        options=cost.options,
+    )
+
+    def value(path):
+        return max(
+            float(stage(k, np.array([j]), np.array([[m]]), np.array([m]), np.inf)[0][0, 0])
+            for k, j, m in path
+        )
+
+    assert value(by_bisection) == pytest.approx(value(by_search), rel=1e-8)
+
+
+# --- errors and the entry point ------------------------------------------------------------------
+
+
+def _heavy() -> Profile:
+    # activations dominate: 4 stages of 3 GiB saved each
+    layers = tuple(
+        LayerProfile(
+            name=f"l{i}",
+            op="",
+            forward_ms=1,
+            backward_ms=2,
+            output_bytes=(3 * 2**30,),
+            parameter_bytes=2**20,
+            inputs=(i - 1,) if i else (),
+        )
+        for i in range(4)
+    )
+    return Profile(model="heavy", batch_size=8, layers=layers)
+
+
+def test_infeasible_requests_name_what_would_fit():
+    topo = Topology.from_args(gpus=2, memory_gb=8)
+    with pytest.raises(InfeasibleError) as info:
+        optimize(_heavy(), topo, straight=True)
+    message = str(info.value)
+    assert "does not fit on 2 device(s)" in message
+    assert "it fits with --schedule 1f1b" in message  # 1f1b keeps one weight version
+    with pytest.raises(InfeasibleError, match="smallest stage"):
+        optimize(_heavy(), Topology.from_args(gpus=2, memory_gb=2))
+
+
+def test_optimize_chooses_the_microbatches():
+    profile = dataclasses.replace(
+        _heavy(),
+        model="light",
+        layers=tuple(dataclasses.replace(la, output_bytes=(2**20,)) for la in _heavy().layers),
+    )
+    part = optimize(profile, Topology.from_args(gpus=4), schedule="1f1b", minibatch_size=8)
+    assert part.microbatch_size is not None
+    assert part.microbatches * part.microbatch_size == 8
+    given = optimize(profile, Topology.from_args(gpus=4), schedule="1f1b", microbatches=2)
+    assert given.microbatches == 2 and given.microbatch_size is None
+    with pytest.raises(PlanError, match="not 3 microbatches"):
+        optimize(profile, Topology.from_args(gpus=4), microbatches=3, minibatch_size=8)
+    with pytest.raises(PlanError, match="solver"):
+        optimize(profile, Topology.from_args(gpus=4), solver="magic")  # type: ignore[arg-type]
+
+
+def test_all_devices_are_used_when_asked():
+    profile = branched_profile(30, seed=1)
+    topo = Topology.from_args(gpus=5)
+    part = optimize(profile, topo, allow_fewer_devices=False)
+    assert part.num_devices_used == 5
+    assert all(s.replicas == 1 for s in optimize(profile, topo, straight=True).stages)
