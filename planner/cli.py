@@ -102,6 +102,7 @@ def _main_parser() -> _Parser:
             "examples:\n"
             "  plan --model resnet50 --gpus 8\n"
             "  plan --profile profiles/gpt2-small.json --gpus 16 --gpus-per-node 8 --schedule 1f1b -o plan.json\n"
+            "  plan --calibrate plan.report.json            # re-plan from what `plan run` measured\n"
             f"\nsubcommands (plan SUBCOMMAND --help for each):\n{commands}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

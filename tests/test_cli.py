@@ -142,3 +142,21 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, planned):
             failures.append(f"{label}: status {result.returncode}, stderr {result.stderr!r}, "
                             f"new files {sorted(leftovers)}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_run_then_calibrate_replans_from_the_report(tmp_path):
+    made = plan_cmd("--model", "gpt2-tiny", "--gpus", "2", "--straight", "--batch-size", "8",
+                    "--microbatches", "4", "--profile-batch-size", "4", "--reps", "1", "--warmup", "0",
+                    "-o", "tiny.json", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    ran = plan_cmd("run", "tiny.json", "--steps", "3", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "tiny.report.json").is_file()
+    again = plan_cmd("--calibrate", "tiny.report.json", "-o", "again.json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "calibrated from tiny.report.json" in again.stderr
+    plan = Plan.load(tmp_path / "again.json")
+    assert plan.minibatch_size == 8 and plan.microbatches == 4
+    assert "calibrated" in json.loads((tmp_path / "again.profile.json").read_text())["calibration"]

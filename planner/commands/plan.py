@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="torchvision name, gpt2-small/-medium/-tiny or "
                         "package.module:factory; a shipped profile is used when one exists")
     source.add_argument("--profile", metavar="FILE", help="a profile JSON (plan profile, import-pipedream)")
+    source.add_argument("--calibrate", metavar="REPORT.json",
+                        help="re-plan from what `plan run` measured: rescale the run's profile "
+                             "(compute) and topology (communication) to the report, then plan "
+                             "with the run's settings unless options say otherwise")
 
     devices = parser.add_argument_group("devices")
     devices.add_argument("--gpus", type=positive_int, help="number of devices")
@@ -49,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--batch-size", type=positive_int, default=None,
                      help="minibatch size: samples per optimizer step (default: the profile's batch "
                           "size times the devices for 1f1b/gpipe, the profile's batch for pipedream)")
-    how.add_argument("--schedule", choices=[s.value for s in Schedule], default=Schedule.ONE_F_ONE_B.value,
+    how.add_argument("--schedule", choices=[s.value for s in Schedule], default=None,
                      help="pipeline schedule (default: 1f1b, synchronous with a flush)")
     how.add_argument("--microbatches", type=positive_int, default=None,
                      help="microbatches per minibatch (default: chosen by the planner)")
@@ -76,6 +80,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profiling_arguments(profiling, batch_required=False)
     profiling.add_argument("--profile-batch-size", type=positive_int, default=32,
                            help="batch size to profile at (default 32)")
+
+
+def _calibrated(args: argparse.Namespace, output: Path) -> tuple[Profile, Path, Topology]:
+    """The profile and topology a run's report implies, with the run's settings as defaults."""
+    from planner.commands._plan_files import load_plan_and_profile
+    from planner.runtime.calibrate import calibrate
+    from planner.runtime.report import RunReport
+
+    report = RunReport.load(args.calibrate)
+    plan_path = Path(report.plan)
+    if not plan_path.is_file():
+        plan_path = Path(args.calibrate).parent / plan_path.name
+    plan, profile = load_plan_and_profile(str(plan_path))
+    profile, topology = calibrate(profile, plan.topology, report, plan=plan)
+    path = output.with_name(output.stem + ".profile.json")
+    profile.save(path)
+    print(f"calibrated from {args.calibrate}: {profile.calibration}; wrote {path}", file=sys.stderr)
+    args.schedule = args.schedule or str(plan.schedule)
+    args.batch_size = args.batch_size or plan.minibatch_size
+    args.microbatches = args.microbatches or plan.microbatches
+    if args.gpus is None and args.topology is None:
+        return profile, path, topology
+    return profile, path, _topology(args)
 
 
 def _topology(args: argparse.Namespace) -> Topology:
@@ -129,16 +156,22 @@ def _profile(args: argparse.Namespace, output: Path) -> tuple[Profile, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    topology = _topology(args)
-    name = args.model or Path(args.profile).stem
-    output = Path(args.output or f"plan-{name.replace(':', '_').replace('/', '_')}-{topology.num_devices}gpus.json")
+    if args.calibrate:
+        output = Path(args.output or Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json")
+        profile, profile_path, topology = _calibrated(args, output)
+    else:
+        topology = _topology(args)
+        name = args.model or Path(args.profile).stem
+        safe = name.replace(":", "_").replace("/", "_")
+        output = Path(args.output or f"plan-{safe}-{topology.num_devices}gpus.json")
     if output.exists() and output.is_dir():
         raise PlannerError(f"-o {output} is a folder; give a file name")
-    profile, profile_path = _profile(args, output)
+    if not args.calibrate:
+        profile, profile_path = _profile(args, output)
     if args.model and profile.source == "pipedream":
         raise ProfileError("a PipeDream profile cannot be rebuilt by --model; use --profile")
     options = PlanOptions(
-        schedule=Schedule(args.schedule),
+        schedule=Schedule(args.schedule or Schedule.ONE_F_ONE_B),
         minibatch_size=args.batch_size,
         microbatches=args.microbatches,
         optimizer=OptimizerKind(args.optimizer),
