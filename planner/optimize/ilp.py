@@ -57,12 +57,14 @@ from planner.errors import InfeasibleError, PlanError
 from planner.optimize.cost import (
     CostModel,
     CostModelKind,
+    DownsetTables,
     allreduce_s,
     boundary_link_level,
     in_flight,
     link_s,
 )
 from planner.optimize.result import Partition
+from planner.optimize.states import StateSpace, build_states
 from planner.schedules import Schedule
 
 __all__ = ["DEFAULT_TIME_LIMIT_S", "solve"]
@@ -74,7 +76,8 @@ def solve(
     cost: CostModel,
     *,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-    masks: np.ndarray | None = None,
+    states: StateSpace | None = None,
+    warm_start: Partition | None = None,
     threads: int = 1,
     verbose: bool = False,
 ) -> Partition:
@@ -84,8 +87,12 @@ def solve(
         cost: The profile, topology and options (schedule, microbatches, memory, ...).
         time_limit_s: CBC's wall-clock limit. A solution found but not proven optimal by then is
             returned with ``optimal=False``.
-        masks: The states, a boolean matrix (states x layers) of downsets; stage boundaries are
-            chosen among them. Default: the DP's state space for ``cost.options.state_space``.
+        states: The downsets stage boundaries are chosen from, and which may follow which.
+            Default: the DP's, :func:`~planner.optimize.states.build_states` of the profile for
+            ``cost.options.state_space``.
+        warm_start: A partition to start from (e.g. the DP's); CBC then never returns anything
+            worse. Default: the best baseline (:mod:`planner.optimize.baselines`) that is a valid
+            solution of this model. A start outside the model's space is ignored.
         threads: CBC threads.
         verbose: Print CBC's log.
 
@@ -107,12 +114,20 @@ def solve(
     """
     if not (math.isfinite(time_limit_s) and time_limit_s > 0):
         raise PlanError(f"ILP time limit must be positive, got {time_limit_s!r} s")
-    masks = _state_masks(cost) if masks is None else np.asarray(masks, dtype=bool)
-    model = _Model(cost, masks)
+    if states is None:
+        states = build_states(cost.profile, cost.options.state_space)
+    model = _Model(cost, states)
+    starts = [warm_start] if warm_start is not None else _baseline_starts(cost)
+    started = any(model.warm_start(p) for p in starts)
     with warnings.catch_warnings():  # pulp 3.3 deprecates the bundled CBC's class name only
         warnings.simplefilter("ignore", DeprecationWarning)
         solver = pulp.PULP_CBC_CMD(
-            msg=verbose, timeLimit=time_limit_s, threads=threads, gapRel=0.0, gapAbs=0.0
+            msg=verbose,
+            timeLimit=time_limit_s,
+            threads=threads,
+            gapRel=0.0,
+            gapAbs=0.0,
+            warmStart=started,
         )
     model.prob.solve(solver)
     status = model.prob.sol_status
@@ -133,13 +148,17 @@ def solve(
     return cost.evaluate(stages, replicas, solver="ilp", optimal=status == pulp.LpSolutionOptimal)
 
 
-def _state_masks(cost: CostModel) -> np.ndarray:
-    """The DP's downset family for the options' state space (prefixes until it exists)."""
-    try:
-        from planner.optimize import states
-    except ImportError:  # the DP's module not there yet: the profile's own order
-        return np.tri(cost.num_layers + 1, cost.num_layers, -1, dtype=bool)
-    return np.asarray(states.state_masks(cost), dtype=bool)
+def _baseline_starts(cost: CostModel) -> list[Partition]:
+    """Baselines that fit, best first: cheap incumbents for CBC."""
+    from planner.optimize.baselines import baselines
+
+    fitting = [p for p in baselines(cost).values() if p.fits or not cost.options.memory_constraint]
+    return sorted(fitting, key=lambda p: p.objective_s)
+
+
+def _offsets(replicas: list[int]) -> list[int]:
+    """First rank of each stage under contiguous ranks."""
+    return [int(x) for x in np.cumsum([0, *replicas[:-1]])]
 
 
 @dataclass(frozen=True)
@@ -151,17 +170,16 @@ class _Level:
 class _Model:
     """The pulp problem for one cost model and state family, and reading its solution."""
 
-    def __init__(self, cost: CostModel, masks: np.ndarray) -> None:
+    def __init__(self, cost: CostModel, states: StateSpace) -> None:
         self.cost = cost
         o = cost.options
         n, num_devices = cost.num_layers, cost.topology.num_devices
         self.n = n
-        masks = np.unique(masks[masks.any(axis=1)], axis=0)  # the empty set is implicit
-        if not masks.all(axis=1).any():
-            raise PlanError("the state family must contain the set of all layers")
+        # row 0 of a state space is the empty set, implicit before slot 0; the last is all layers
+        masks, includes = states.masks[1:], states.includes
         self.masks = masks
-        full = int(np.flatnonzero(masks.all(axis=1))[0])
-        cuts = np.array([cost.cut_bytes(m) for m in masks])
+        full = len(masks) - 1
+        cuts = DownsetTables.from_masks(cost, masks).cut_bytes
         self.pipedream = o.cost_model is CostModelKind.PIPEDREAM
         self.levels = [
             _Level(lv.bandwidth_bytes_per_s, lv.latency_s) for lv in cost.topology.levels
@@ -188,13 +206,27 @@ class _Model:
         }
         f = {(s, e): prob.add_variable(f"f_{s}_{e}", cat="Binary") for s in S for e in totals}
         act = [pulp.lpSum(v for (s2, _, _), v in q.items() if s2 == s) for s in S]
-        self.b, self.q = b, q
+        self.b, self.q, self.f = b, q, f
+        self.slots, self.totals = slots, totals
 
         # --- the chain of downsets --------------------------------------------------------
         for s in S:
             prob += pulp.lpSum(b[s, k] for k in K) == 1
         prob += b[slots - 1, full] == 1
         u = [[pulp.lpSum(b[s, k] for k in K if masks[k, i]) for i in range(n)] for s in S]
+        # Which state may follow which: set inclusion (enforced through u below), and for
+        # PipeDream's antichain states, its DAG's reachability on top.
+        f32 = masks.astype(np.float32)
+        subset = (f32 @ (~masks).T.astype(np.float32)) == 0
+        np.fill_diagonal(subset, False)
+        for k in K:
+            if not includes[0, k + 1]:
+                prob += b[0, k] == 0
+        if not np.array_equal(subset, includes[1:, 1:]):
+            for s in range(1, slots):
+                for j in K:
+                    before = [b[s - 1, k] for k in K if includes[k + 1, j + 1]]
+                    prob += b[s, j] <= b[s - 1, j] + pulp.lpSum(before)
         for s in S:
             size_s = pulp.lpSum(u[s])
             prev = pulp.lpSum(u[s - 1]) if s else 0
@@ -238,6 +270,7 @@ class _Model:
             has_p = [prob.add_variable(f"p_{s}", cat="Binary") for s in S]
             for s in S:
                 prob += (1.0 / p_tot) * params[s] <= has_p[s]
+        self.has_p = has_p
 
         bottleneck = prob.add_variable("B", lowBound=0)
         sync = prob.add_variable("Y", lowBound=0)
@@ -252,16 +285,30 @@ class _Model:
                 allreduce_s(1.0, m, 1.0, 0.0)
             )
 
+        # Stage work, disaggregated by placement (no big-M on B): yc[s, d, m] carries slot s's
+        # compute and yp[s, d, m] its share of the parameters when it runs on ranks d..d+m-1, so
+        # B >= sum over placements of (yc + all-reduce(yp)) / m is exact for an integer q and
+        # much tighter than switching one constraint per placement on and off.
         time_bound = 0.0
+        work: dict[int, list[pulp.LpAffineExpression]] = {s: [] for s in S}
+        device_work: list[pulp.LpAffineExpression] = []  # replicas x stage time, summed
+        syncs: dict[int, list[pulp.LpAffineExpression]] = {s: [] for s in S}
+        yc_of: dict[int, list[pulp.LpVariable]] = {s: [] for s in S}
+        yp_of: dict[int, list[pulp.LpVariable]] = {s: [] for s in S}
         for (s, d, m), var in q.items():
             level = cost.topology.span_level(range(d, d + m))
+            yc = prob.add_variable(f"yc_{s}_{d}_{m}", lowBound=0)
+            yp = prob.add_variable(f"yp_{s}_{d}_{m}", lowBound=0)
+            prob += yc <= c_tot * var
+            prob += yp <= var
+            yc_of[s].append(yc)
+            yp_of[s].append(yp)
             if self.pipedream:
                 lv = self.levels[max(level, 0)]
-                per_p = 4.0 * (m - 1) / (lv.bandwidth * m) / t_unit
-                work = compute[s] + per_p * params[s]
-                big = (c_tot + per_p * p_tot) / m
-                prob += bottleneck >= (1.0 / m) * work - big * (1 - var)
-                time_bound = max(time_bound, big)
+                per_p = 4.0 * (m - 1) / (lv.bandwidth * m) / t_unit * p_tot
+                work[s].append((1.0 / m) * (yc + per_p * yp))
+                device_work.append(per_p * yp)
+                time_bound = max(time_bound, (c_tot + per_p) / m)
                 ratio = o.activation_compression_ratio
                 if ratio is not None:
                     per_x = 2.0 / (lv.bandwidth * m * ratio) / t_unit
@@ -270,18 +317,29 @@ class _Model:
                     time_bound = max(time_bound, per_x * x_max)
                 continue
             per_p, lat = allreduce_terms(level, m)
-            per_p, lat = per_p / t_unit, lat / t_unit
+            per_p, lat = per_p / t_unit * p_tot, lat / t_unit
+            ar: pulp.LpAffineExpression = per_p * yp
+            if lat > 0 and p_tot > 0:
+                hp = prob.add_variable(f"hp_{s}_{d}_{m}", lowBound=0)
+                prob += hp >= var + has_p[s] - 1
+                ar = ar + lat * hp
             if o.schedule is Schedule.PIPEDREAM:
-                work = compute[s] + per_p * params[s] + lat * has_p[s]
-                big = (c_tot + per_p * p_tot + lat) / m
-                prob += bottleneck >= (1.0 / m) * work - big * (1 - var)
+                work[s].append((1.0 / m) * (yc + ar))
+                device_work.append(ar)
+                time_bound = max(time_bound, (c_tot + per_p + lat) / m)
             else:
-                big = c_tot / m
-                prob += bottleneck >= (1.0 / m) * compute[s] - big * (1 - var)
-                ar_big = per_p * p_tot + lat
-                if ar_big > 0:
-                    prob += sync >= per_p * params[s] + lat * has_p[s] - ar_big * (1 - var)
-            time_bound = max(time_bound, big)
+                work[s].append((1.0 / m) * yc)
+                syncs[s].append(ar)
+                time_bound = max(time_bound, c_tot / m)
+        for s in S:
+            prob += pulp.lpSum(yc_of[s]) == compute[s]
+            prob += pulp.lpSum(yp_of[s]) == (1.0 / max(p_tot, 1.0)) * params[s]
+            prob += bottleneck >= pulp.lpSum(work[s])
+            if syncs[s]:
+                prob += sync >= pulp.lpSum(syncs[s])
+        # A valid cut that the relaxation misses: the devices' busy time covers all the work,
+        # N B >= sum_s m_s time_s >= total compute + all-reduce work (tight for balanced plans).
+        prob += num_devices * bottleneck >= c_tot + pulp.lpSum(device_work)
 
         # links between consecutive slots (planner model): max(L / m_a, L / m_b) <= B
         if not self.pipedream:
@@ -371,6 +429,46 @@ class _Model:
                 if big <= 1.0:
                     continue
                 prob += mem <= 1.0 + (big - 1.0) * (2 - var - t_var)
+
+    def warm_start(self, partition: Partition) -> bool:
+        """Set ``partition`` as CBC's initial solution; False if it is not one of this model."""
+        o, n = self.cost.options, self.cost.topology.num_devices
+        replicas = [st.replicas for st in partition.stages]
+        total, stages = sum(replicas), len(replicas)
+        if (
+            stages > self.slots
+            or total > n
+            or (not o.allow_fewer_devices and total != n)
+            or (o.straight and any(m != 1 for m in replicas))
+            or [st.ranks for st in partition.stages]
+            != [tuple(range(d, d + m)) for d, m in zip(_offsets(replicas), replicas, strict=True)]
+        ):
+            return False
+        row_of = {mask.tobytes(): k for k, mask in enumerate(self.masks)}
+        mask = np.zeros(self.n, dtype=bool)
+        chosen: list[int] = []
+        for st in partition.stages:
+            mask[list(st.layers)] = True
+            k = row_of.get(mask.tobytes())
+            if k is None:
+                return False
+            chosen.append(k)
+        chosen += [chosen[-1]] * (self.slots - stages)
+        values: dict[pulp.LpVariable, float] = {}
+        for (s, k), var in self.b.items():
+            values[var] = float(chosen[s] == k)
+        starts = _offsets(replicas)
+        for (s, d, m), var in self.q.items():
+            values[var] = float(s < stages and starts[s] == d and replicas[s] == m)
+        for (s, e), var in self.f.items():
+            values[var] = float(s == stages - 1 and e == total)
+        for s, var in enumerate(self.has_p):
+            if isinstance(var, pulp.LpVariable):
+                layers = partition.stages[s].layers if s < stages else ()
+                values[var] = float(any(self.cost.parameter_bytes[i] > 0 for i in layers))
+        for var, value in values.items():
+            var.setInitialValue(value)
+        return True
 
     def solution(self) -> tuple[list[list[int]], list[int]]:
         """(stages, replicas) of the solved model."""
