@@ -702,25 +702,31 @@ class DownsetTables:
     def from_masks(cls, cost: CostModel, masks: np.ndarray) -> DownsetTables:
         """Tables for downsets given as a boolean matrix (states x layers)."""
         masks = np.ascontiguousarray(masks, dtype=bool)
-        f = masks.astype(float)
+        per_layer = np.stack(
+            [
+                cost.compute_s,
+                cost.parameter_bytes,
+                cost.buffer_bytes,
+                cost.saved_bytes,
+                cost.output_bytes,
+            ],
+            axis=1,
+        )
+        sums = masks.astype(float) @ per_layer  # one pass over the states x layers matrix
+        cut = np.zeros(len(masks))
         src, dst = cost._edges()
         if len(src):
-            leaving = masks[:, src] & ~masks[:, dst]  # states x edges
-            crossing = np.zeros(masks.shape, dtype=bool)
-            for e0 in range(0, len(src), 4096):  # bounded temporaries on huge graphs
-                block = leaving[:, e0 : e0 + 4096]
-                rows, cols = np.nonzero(block)
-                crossing[rows, src[e0 : e0 + 4096][cols]] = True
-            cut = crossing.astype(float) @ cost.output_bytes
-        else:
-            cut = np.zeros(len(masks))
+            # (state, producer) pairs whose tensor leaves the downset, each counted once
+            rows, cols = np.nonzero(masks[:, src] & ~masks[:, dst])
+            pairs = np.unique(rows * cost.num_layers + src[cols])
+            np.add.at(cut, pairs // cost.num_layers, cost.output_bytes[pairs % cost.num_layers])
         tables = cls(
             masks=masks,
-            compute_s=f @ cost.compute_s,
-            parameter_bytes=f @ cost.parameter_bytes,
-            buffer_bytes=f @ cost.buffer_bytes,
-            saved_bytes=f @ cost.saved_bytes,
-            output_bytes=f @ cost.output_bytes,
+            compute_s=sums[:, 0].copy(),
+            parameter_bytes=sums[:, 1].copy(),
+            buffer_bytes=sums[:, 2].copy(),
+            saved_bytes=sums[:, 3].copy(),
+            output_bytes=sums[:, 4].copy(),
             cut_bytes=cut,
         )
         for value in (

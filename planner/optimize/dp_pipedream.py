@@ -134,40 +134,45 @@ def _solve_level(
             ok = np.isfinite(ct) & (stash <= memory)
             value[:, :, m] = np.where(ok, v, np.inf)
         reps_all = np.arange(1, devices)
+        nested = np.where(inc, 1.0, np.nan)
         for m in range(2, devices + 1):
             reps = reps_all[: m - 1] if not straight else reps_all[:1]
-            for j in range(1, n_states):
-                if fewer and m > 1:
-                    better = value[:, j, m - 1] < value[:, j, m]
-                    value[:, j, m] = np.where(better, value[:, j, m - 1], value[:, j, m])
-                    arg_m[:, j, m] = np.where(better, -1, arg_m[:, j, m])
-                ks = np.flatnonzero(inc[:, j])
-                ks = ks[ks > 0]
-                if len(ks) == 0:
-                    continue
-                c = stage_time[ks, j]  # (k,)
-                p = par_d[ks, j]
-                a = act_d[ks, j]
-                mp = reps[None, :].astype(float)
-                last_t = (c[:, None] + 4.0 * (mp - 1) * p[:, None] / (bandwidth * mp)) / mp
-                stash = (a + p)[:, None] * np.ceil((devices - m) / mp)
-                last_t = np.where(np.isfinite(c)[:, None] & (stash <= memory), last_t, np.inf)
+            best_v = np.full((len(starts), n_states), np.inf)
+            best_k = np.zeros((len(starts), n_states), dtype=np.int64)
+            best_r = np.zeros((len(starts), n_states), dtype=np.int64)
+            for r in reps:  # last stage k -> j on r devices after a pipeline on m - r
+                last_t = (stage_time + 4.0 * (r - 1) * par_d / (bandwidth * r)) / r
+                stash = (act_d + par_d) * np.ceil((devices - m) / r)
+                last_t = np.where(np.isfinite(stage_time) & (stash <= memory), last_t, np.inf)
                 if ratio is not None:
-                    transfer = 2.0 * frontier[ks][:, None] / (bandwidth * mp) / ratio
-                    last_t = np.maximum(last_t, transfer)
-                    if j < last:
-                        last_t = np.maximum(last_t, 2.0 * frontier[j] / (bandwidth * mp) / ratio)
-                prev = value[:, ks][:, :, m - reps]  # (start, k, m')
-                nested = inc[starts][:, ks] | (starts[:, None] == 0)
-                cand = np.where(nested[:, :, None], np.maximum(prev, last_t[None]), np.inf)
-                flat = cand.reshape(len(starts), -1)
-                pick = flat.argmin(axis=1)
-                best = flat[np.arange(len(starts)), pick]
-                better = best < value[:, j, m]
-                kk, mm = np.unravel_index(pick, (len(ks), len(reps)))
-                value[:, j, m] = np.where(better, best, value[:, j, m])
-                arg_k[:, j, m] = np.where(better, ks[kk], arg_k[:, j, m])
-                arg_m[:, j, m] = np.where(better, reps[mm], arg_m[:, j, m])
+                    last_t = np.maximum(last_t, 2.0 * frontier[:, None] / (bandwidth * r) / ratio)
+                    out = np.where(np.arange(n_states) < last, frontier, 0.0)
+                    last_t = np.maximum(last_t, 2.0 * out[None, :] / (bandwidth * r) / ratio)
+                last_t = np.where(np.isnan(nested), np.inf, last_t)
+                last_t[0, :] = np.inf  # a split needs a real state, not the empty root
+                prev = value[:, :, m - r]
+                if len(starts) == 1:
+                    block = np.maximum(prev[0][:, None], last_t)  # (k, j)
+                    ks = block.argmin(axis=0)
+                    v = block[ks, np.arange(n_states)][None, :]
+                    ks = ks[None, :]
+                else:
+                    from planner.optimize.hierarchy import _minmax_product
+
+                    v, ks = _minmax_product(prev, last_t)
+                # PipeDream scans k, then m': keep the smallest k among equal times
+                take = (v < best_v) | ((v == best_v) & (ks < best_k) & np.isfinite(v))
+                best_v = np.where(take, v, best_v)
+                best_k = np.where(take, ks, best_k)
+                best_r = np.where(take, r, best_r)
+            if fewer:
+                better = value[:, :, m - 1] < value[:, :, m]
+                value[:, :, m] = np.where(better, value[:, :, m - 1], value[:, :, m])
+                arg_m[:, :, m] = np.where(better, -1, arg_m[:, :, m])
+            better = best_v < value[:, :, m]
+            value[:, :, m] = np.where(better, best_v, value[:, :, m])
+            arg_k[:, :, m] = np.where(better, best_k, arg_k[:, :, m])
+            arg_m[:, :, m] = np.where(better, best_r, arg_m[:, :, m])
     # rows are indexed by state; the final level only has the root row
     if len(starts) < n_states:
         full = np.full((n_states, n_states, devices + 1), np.inf)

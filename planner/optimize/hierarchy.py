@@ -6,7 +6,9 @@ Level ``l > 0`` then partitions the model into *groups*; a group is a range of s
 ``n'`` level-``(l-1)`` units, each holding a copy of the range's best sub-pipeline (PipeDream
 SOSP'19 §3.1: "the optimal sub-pipelines of the lower level become the stages of the next"). The
 top level runs the same exact suffix program as a single-level topology
-(:func:`planner.optimize.dp.solve_flat`), with group costs instead of stage costs.
+(:func:`planner.optimize.dp.search`), with group costs instead of stage costs; with more than 16
+units and the ``pipedream`` objective it instead bisects the bottleneck over a fewest-units
+shortest path (:func:`_bisect_min_units`), whose cost does not grow with the units' windows.
 
 A group's cost at level ``l`` is an *upper bound* on the exact time of its stages once replicated:
 ``(B + 2 Q / bandwidth_l) / n' + 2 latency_l`` where ``B`` is the sub-pipeline's slowest stage
