@@ -7,6 +7,14 @@ stage ``s`` runs on ``m_s`` replicas, ranks are contiguous (:func:`~planner.opti
 at most all devices are used (exactly all unless ``allow_fewer_devices``), and every stage fits in
 memory when the memory constraint is on. Used as ``--solver ilp`` and to cross-check the DP.
 
+Where the two spaces differ. On one level every placement is equivalent and the ILP, the DP and
+the brute-force oracle agree exactly (``tests/optimize/test_properties.py``). On several levels
+the DP follows PipeDream's hierarchy (sub-pipelines per server, replicas on nested ranks) while
+this model searches every partition on contiguous ranks; neither space contains the other, so
+their optima may differ either way. With the ``pipedream`` cost model this model uses the flat
+reading of PipeDream's formulas that :meth:`CostModel.evaluate` implements, not PipeDream's
+level-by-level program.
+
 Formulation. Stage slots ``s = 0..S_max-1`` (``S_max`` = min(devices, layers)); binaries:
 
 * ``b[s, k]``: slot ``s`` ends at downset ``D_k``; ``u[s, i] = Σ_k b[s, k] mask[k, i]`` says
@@ -90,9 +98,10 @@ def solve(
         states: The downsets stage boundaries are chosen from, and which may follow which.
             Default: the DP's, :func:`~planner.optimize.states.build_states` of the profile for
             ``cost.options.state_space``.
-        warm_start: A partition to start from (e.g. the DP's); CBC then never returns anything
-            worse. Default: the best baseline (:mod:`planner.optimize.baselines`) that is a valid
-            solution of this model. A start outside the model's space is ignored.
+        warm_start: A partition to start from (e.g. the DP's). Its stages and replicas, on
+            contiguous ranks, and the baselines (:mod:`planner.optimize.baselines`) are the
+            candidates; the best that fits and lies in the model's space is CBC's first
+            incumbent, so the result is never worse than it.
         threads: CBC threads.
         verbose: Print CBC's log.
 
@@ -117,8 +126,7 @@ def solve(
     if states is None:
         states = build_states(cost.profile, cost.options.state_space)
     model = _Model(cost, states)
-    starts = [warm_start] if warm_start is not None else _baseline_starts(cost)
-    started = any(model.warm_start(p) for p in starts)
+    started = any(model.warm_start(p) for p in _starts(cost, warm_start))
     with warnings.catch_warnings():  # pulp 3.3 deprecates the bundled CBC's class name only
         warnings.simplefilter("ignore", DeprecationWarning)
         solver = pulp.PULP_CBC_CMD(
@@ -148,12 +156,22 @@ def solve(
     return cost.evaluate(stages, replicas, solver="ilp", optimal=status == pulp.LpSolutionOptimal)
 
 
-def _baseline_starts(cost: CostModel) -> list[Partition]:
-    """Baselines that fit, best first: cheap incumbents for CBC."""
+def _starts(cost: CostModel, given: Partition | None) -> list[Partition]:
+    """Candidate incumbents, best first: ``given`` and the baselines, each re-scored on the
+    contiguous ranks the model uses (a DP plan on nested ranks keeps its stages and replicas)."""
     from planner.optimize.baselines import baselines
 
-    fitting = [p for p in baselines(cost).values() if p.fits or not cost.options.memory_constraint]
-    return sorted(fitting, key=lambda p: p.objective_s)
+    candidates = [] if given is None else [given]
+    candidates += baselines(cost).values()
+    out = []
+    for p in candidates:
+        try:
+            again = cost.evaluate([s.layers for s in p.stages], [s.replicas for s in p.stages])
+        except PlanError:  # e.g. replicated while the options ask for a straight pipeline
+            continue
+        if cost.fits(again):
+            out.append(again)
+    return sorted(out, key=lambda p: p.objective_s)
 
 
 def _offsets(replicas: list[int]) -> list[int]:
@@ -431,7 +449,8 @@ class _Model:
                 prob += mem <= 1.0 + (big - 1.0) * (2 - var - t_var)
 
     def warm_start(self, partition: Partition) -> bool:
-        """Set ``partition`` as CBC's initial solution; False if it is not one of this model."""
+        """Set ``partition``'s stages and replicas (on contiguous ranks) as CBC's initial
+        solution; False if they are not a solution of this model."""
         o, n = self.cost.options, self.cost.topology.num_devices
         replicas = [st.replicas for st in partition.stages]
         total, stages = sum(replicas), len(replicas)
@@ -440,8 +459,6 @@ class _Model:
             or total > n
             or (not o.allow_fewer_devices and total != n)
             or (o.straight and any(m != 1 for m in replicas))
-            or [st.ranks for st in partition.stages]
-            != [tuple(range(d, d + m)) for d, m in zip(_offsets(replicas), replicas, strict=True)]
         ):
             return False
         row_of = {mask.tobytes(): k for k, mask in enumerate(self.masks)}
