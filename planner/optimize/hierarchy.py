@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.errors import InfeasibleError
+from planner.errors import PlanError
 from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, DownsetTables
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace
@@ -262,7 +262,7 @@ def solve_hierarchical(cost: CostModel, space: StateSpace) -> Partition:
     """
     topo = cost.topology
     if len(topo.levels) > 2:
-        raise InfeasibleError(
+        raise PlanError(
             f"topologies of {len(topo.levels)} levels are not supported by the planner cost "
             "model's DP yet; describe the machine as two levels (devices per node, nodes)"
         )
