@@ -111,25 +111,21 @@ def _sizes(profile: Profile, topology: Topology, options: PlanOptions) -> tuple[
 def solve(profile: Profile, topology: Topology, options: PlanOptions, *, minibatch_size: int,
           microbatches: int) -> Partition:
     """One solver run for a fixed microbatch count (the profile is rescaled to the microbatch)."""
-    from planner.optimize import dp, ilp
-    from planner.optimize.cost import CostModel, CostModelKind, SolverOptions
+    from planner.optimize import optimize
 
-    cost = CostModel(
+    return optimize(
         profile.rescale(minibatch_size // microbatches),
         topology,
-        SolverOptions(
-            schedule=options.schedule,
-            microbatches=microbatches,
-            optimizer=options.optimizer,
-            straight=options.straight,
-            memory_constraint=options.memory_constraint,
-            recompute=options.recompute,
-            cost_model=CostModelKind(options.cost_model),
-        ),
+        schedule=options.schedule,
+        microbatches=microbatches,
+        optimizer=options.optimizer,
+        solver=options.solver,
+        straight=options.straight,
+        memory_constraint=options.memory_constraint,
+        recompute=options.recompute,
+        cost_model=options.cost_model,
+        time_limit_s=options.time_limit_s,
     )
-    if options.solver == "ilp":
-        return ilp.solve(cost, time_limit_s=options.time_limit_s, warm_start=dp.solve(cost))
-    return dp.solve(cost)
 
 
 def make_plan(profile: Profile, profile_path: str | os.PathLike[str], topology: Topology,

@@ -73,6 +73,7 @@ def optimize(
     state_space: Literal["auto", "orders", "profile", "antichain", "all"] = "auto",
     activation_compression_ratio: float | None = None,
     memory_bytes: float | None = None,
+    time_limit_s: float | None = None,
 ) -> Partition:
     """The best partition of ``profile`` on ``topology``.
 
@@ -96,6 +97,7 @@ def optimize(
         state_space: Which downsets may bound stages (:mod:`planner.optimize.states`).
         activation_compression_ratio: PipeDream model only; count activation transfers.
         memory_bytes: Plan for this device memory instead of the topology's.
+        time_limit_s: The ILP's time limit (its default when None); the DP ignores it.
 
     Raises:
         InfeasibleError: Nothing fits; the message says what would.
@@ -123,7 +125,7 @@ def optimize(
     for m, size, prof in candidates:
         cost = CostModel(prof, topology, dataclasses.replace(options, microbatches=m))
         try:
-            part = _solve(cost, solver)
+            part = _solve(cost, solver, time_limit_s)
         except InfeasibleError as exc:
             error = error or exc  # the smallest microbatch is tried first: the best hint
             continue
@@ -137,11 +139,16 @@ def optimize(
     return best
 
 
-def _solve(cost: CostModel, solver: str) -> Partition:
+def _solve(cost: CostModel, solver: str, time_limit_s: float | None = None) -> Partition:
     if solver == "ilp":
-        from planner.optimize import ilp
+        from planner.optimize import dp, ilp
 
-        return ilp.solve(cost)
+        limit = {} if time_limit_s is None else {"time_limit_s": time_limit_s}
+        try:  # the DP's answer as CBC's start: the ILP then never returns anything worse
+            start: Partition | None = dp.solve(cost)
+        except InfeasibleError:
+            start = None
+        return ilp.solve(cost, warm_start=start, **limit)
     from planner.optimize import dp
 
     return dp.solve(cost)
