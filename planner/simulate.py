@@ -304,13 +304,16 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
     per microbatch in flight the bytes saved for backward (``saved_bytes``, or the layer outputs
     where the profile does not know); with recomputation only the stage's input per microbatch in
     flight, plus the saved bytes of one microbatch during its backward; for ``pipedream`` one
-    stashed weight copy per in-flight microbatch beyond the first.
+    stashed weight copy per in-flight microbatch beyond the first. Imported PipeDream profiles
+    plan without their ``Input`` nodes (data loading) and unused ``__getitem__`` sinks, as the
+    optimizer does; the simulator ignores them too.
 
     Example:
         >>> [s.ranks for s in plan_stages(plan, profile)]       # doctest: +SKIP
         [(0,), (1,)]
     """
     scaled = profile.rescale(plan.microbatch_size)
+    ignored = _not_planned(profile)
     stage_of = np.empty(len(scaled.layers), dtype=np.int64)
     for s, indices in enumerate(plan.stage_layer_indices(scaled)):
         stage_of[indices] = s
@@ -318,6 +321,8 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
     # a tensor from layer i is on every boundary from its stage up to the last stage reading it
     cross = np.zeros(num + 1)
     for i, (layer, readers) in enumerate(zip(scaled.layers, scaled.consumers(), strict=True)):
+        if i in ignored:
+            continue
         last = max((stage_of[j] for j in readers), default=stage_of[i])
         if last > stage_of[i]:
             cross[stage_of[i]] += layer.activation_bytes
@@ -326,7 +331,7 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
     copies = 2 + _STATE_COPIES[plan.optimizer]  # weights, gradients, optimizer state
     out = []
     for s, stage in enumerate(plan.stages):
-        layers = [scaled.layers[i] for i in np.flatnonzero(stage_of == s)]
+        layers = [scaled.layers[i] for i in np.flatnonzero(stage_of == s) if i not in ignored]
         fwd = sum(layer.forward_ms for layer in layers) / 1e3
         bwd = sum(layer.backward_ms for layer in layers) / 1e3
         params = sum(layer.parameter_bytes for layer in layers)
@@ -345,6 +350,17 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
             stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
         ))
     return out
+
+
+def _not_planned(profile: Profile) -> set[int]:
+    """Layers of an imported PipeDream profile that its optimizer (and ours) ignores: ``Input``
+    sources, whose time is data loading, and unused ``__getitem__`` sinks."""
+    if profile.source != "pipedream":
+        return set()
+    from planner.profile.pipedream import pipedream_preprocess
+
+    kept = {layer.name for layer in pipedream_preprocess(profile).layers}
+    return {i for i, layer in enumerate(profile.layers) if layer.name not in kept}
 
 
 def ring_allreduce_s(topology: Topology, ranks: Sequence[int], nbytes: float) -> float:

@@ -423,3 +423,89 @@ def test_every_operation_starts_as_soon_as_its_device_and_input_allow(seed: int)
                 assert ready >= source[1] - 1e-12
             assert row.start_s == pytest.approx(max(free, ready), abs=1e-9), (rank, row)
             free = row.end_s
+
+
+# --- agreement with the optimizer's objective ----------------------------------------------------
+#
+# ``plan`` (planner.planning.make_plan, default options) plans each shared PipeDream profile and
+# the simulator runs the plan. Measured on 2026-11-24 (simulated / predicted time per minibatch):
+#
+# * exactly 1 (to 1e-9) for pure data parallelism with R dividing M and for unreplicated
+#   pipedream pipelines whose transfers hide behind compute: alexnet, resnet18, vgg16 at 4 GPUs,
+#   resnet18/vgg16 at 8, gnmt pipedream at 4;
+# * 1.03-3.0 for hybrid plans (replicated stages next to narrower ones), where the objective is
+#   optimistic: (1) with 1f1b/gpipe a stage of R replicas runs ceil(M / R) microbatches per
+#   minibatch on its busiest replica, not M / R (alexnet 7-1 with M = 8: 1.68); (2) the gradient
+#   all-reduce is a barrier among replicas that re-aligns them every round, so a replicated stage
+#   fed by one narrower stage loses (R - 1) upstream periods per round (resnet50 1-1-6 pipedream:
+#   1.67; gnmt 1-1-3-1-2-7-1 on 16 GPUs: 2.99); (3) 1F1B's warm-up (one microbatch per device
+#   downstream) does not hide transfer latency.
+# * never below 0.95: the (M + S - 1) x slowest-stage bubble of the flushed objective and its
+#   shared-link transfer time (activations and gradients on one link) are upper bounds.
+#
+# The test keeps that envelope: [0.95, 3.5], and exactness where the closed form holds.
+
+AGREEMENT = (0.95, 3.5)
+
+
+def _pipedream_profile(model: str) -> Profile:
+    from conftest import pipedream_graph
+
+    from planner.profile.pipedream import read_graph_txt
+
+    return read_graph_txt(pipedream_graph(model), model=model,
+                          batch_size=64 if model == "gnmt" else None)
+
+
+def _check_agreement(profile: Profile, tmp_path: Path, topology: Topology,
+                     schedule: Schedule) -> None:
+    from planner.errors import InfeasibleError
+    from planner.planning import PlanOptions, make_plan
+
+    path = tmp_path / f"{profile.model}.json"
+    profile.save(path)
+    try:
+        plan = make_plan(profile, path, topology, PlanOptions(schedule=schedule))
+    except InfeasibleError as exc:
+        pytest.skip(f"no plan fits: {exc}")
+    result = simulate(plan, profile)
+    ratio = result.minibatch_s / plan.predicted.minibatch_s
+    low, high = AGREEMENT
+    assert low <= ratio <= high, (profile.model, schedule, [s.replicas for s in plan.stages], ratio)
+    replicas = [s.replicas for s in plan.stages]
+    if len(replicas) == 1 and plan.microbatches % replicas[0] == 0:
+        assert ratio == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ALL)
+@pytest.mark.parametrize("model", ["alexnet", "gnmt", "resnet18", "resnet50", "vgg16"])
+def test_simulation_agrees_with_the_objective_on_pipedream_profiles_4_gpus(
+        model: str, schedule: Schedule, tmp_path: Path) -> None:
+    _check_agreement(_pipedream_profile(model), tmp_path,
+                     Topology.from_args(gpus=4, bandwidth_gbps=25), schedule)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gpus", [8, 16])
+@pytest.mark.parametrize("schedule", ALL)
+@pytest.mark.parametrize("model", ["alexnet", "gnmt", "resnet18", "resnet50", "vgg16"])
+def test_simulation_agrees_with_the_objective_on_pipedream_profiles(
+        model: str, schedule: Schedule, gpus: int, tmp_path: Path) -> None:
+    topology = Topology.from_args(gpus=gpus, gpus_per_node=8 if gpus > 8 else None,
+                                  bandwidth_gbps=25, inter_node_bandwidth_gbps=10)
+    _check_agreement(_pipedream_profile(model), tmp_path, topology, schedule)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "profiles").glob("*.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ALL)
+@pytest.mark.parametrize("gpus", [8, 16])
+@pytest.mark.parametrize("path", SHIPPED or [None], ids=[p.stem for p in SHIPPED] or ["none"])
+def test_simulation_agrees_with_the_objective_on_shipped_profiles(
+        path: Path | None, gpus: int, schedule: Schedule, tmp_path: Path) -> None:
+    if path is None:
+        pytest.skip("no shipped profiles in profiles/ yet")
+    topology = Topology.from_args(gpus=gpus, gpus_per_node=8 if gpus > 8 else None)
+    _check_agreement(Profile.load(path), tmp_path, topology, schedule)
