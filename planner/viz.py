@@ -25,6 +25,7 @@ import os
 import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from planner._io import atomic_write_bytes
@@ -87,7 +88,8 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
                  until_s: float | None = None) -> Figure:
     """The timeline of a simulated run: one row per device, time in ms.
 
-    Forwards and backwards are full-height bars numbered by microbatch, incoming transfers a thin
+    Forwards and backwards are full-height bars numbered by microbatch (counted within each
+    minibatch for ``1f1b``/``gpipe``, over the run for ``pipedream``), incoming transfers a thin
     strip under them, all-reduces their own colour; white is idle (the bubble, whose share in the
     steady state is printed at the right). Dashed lines mark the ends of minibatches.
 
@@ -97,7 +99,7 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
 
     Args:
         result: A simulation.
-        title: The title; by default the schedule, microbatches and samples/s.
+        title: The title; by default the schedule, devices, microbatches and samples/s.
         until_s: Show events starting before this time; default :func:`default_until_s`.
     """
     until_s = default_until_s(result) if until_s is None else until_s
@@ -125,7 +127,10 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
         dur = (rows["end_s"].to_numpy() - rows["start_s"].to_numpy()) * to_ms
         ax.barh(y - 0.05, dur, left=start, height=0.6, color=COLORS[kind], edgecolor="white",
                 linewidth=0.4, zorder=2)
-        for yy, s0, d, m in zip(y, start, dur, rows["microbatch"].to_numpy(), strict=True):
+        numbers = rows["microbatch"].to_numpy()
+        if result.schedule is not Schedule.PIPEDREAM:
+            numbers = numbers % result.microbatches  # within the minibatch; the flush separates them
+        for yy, s0, d, m in zip(y, start, dur, numbers, strict=True):
             label = str(m)
             if d / ms_per_px >= 5.5 * len(label) + 3 and s0 + d / 2 < x_max:
                 ax.text(s0 + d / 2, yy - 0.05, label, ha="center", va="center", fontsize=font,
@@ -168,13 +173,15 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
         handles.append(Patch(color=COLORS["allreduce"], label="gradient all-reduce"))
     handles.append(Patch(facecolor=COLORS["idle"], edgecolor="#BBBBBB", label="idle (bubble)"))
     if result.schedule is not Schedule.PIPEDREAM:
-        handles.append(ax.axvline(-1, color="#404040", lw=0.8, ls="--", label="end of minibatch (flush)"))
+        handles.append(Line2D([], [], color="#404040", lw=0.8, ls="--",
+                              label="end of minibatch (flush)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
                frameon=False)
     if title is None:
-        title = (f"{result.schedule} schedule, {result.microbatches} microbatches per minibatch: "
-                 f"{result.samples_per_s:,.1f} samples/s predicted "
-                 f"({result.minibatch_s * 1e3:.1f} ms per minibatch)")
+        title = (f"{result.schedule} schedule, {len(result.devices)} devices, "
+                 f"{result.microbatches} microbatches per minibatch: "
+                 f"{result.samples_per_s:,.1f} samples/s simulated "
+                 f"({result.minibatch_s * 1e3:,.1f} ms per minibatch)")
     ax.set_title(title, fontsize=10, loc="left")
     return fig
 
