@@ -14,8 +14,11 @@ A group's cost at level ``l`` is an *upper bound* on the exact time of its stage
 ``(B + 2 Q / bandwidth_l) / n' + 2 latency_l`` where ``B`` is the sub-pipeline's slowest stage
 and ``Q`` the largest parameter bytes per replica among its stages (the ring all-reduce of
 ``r n'`` replicas moves under ``2 P / bandwidth`` per replica); links into and out of the group at
-level ``l``, divided by ``n'``; memory grows with the devices after the group, bounded by each
-sub-pipeline's stored worst stage. The plan the DP returns is then scored exactly from its ranks
+level ``l``, divided by ``n'``. Memory is checked exactly, stage by stage of the sub-pipeline, with
+the microbatches in flight of its ``r n'`` replicas and the devices after it (later groups counted
+as whole units): a linear bound in the later devices ignored the ``ceil(M / replicas)`` cap of
+``1f1b``/``gpipe`` and added one microbatch for rounding even with nothing after the group, which
+rejected plain data parallelism and straight pipelines that fit (vgg16, 2 x 8 x 16 GiB, ``1f1b``). The plan the DP returns is then scored exactly from its ranks
 (:meth:`planner.optimize.cost.CostModel.evaluate`), so reported times are exact and never above
 what the DP assumed. On one level the DP is exact; across levels it is exact within PipeDream's
 plan space up to these bounds.
@@ -116,7 +119,10 @@ class _Table:
     of a stage; ``param_max``: largest parameter bytes of a stage (its all-reduce volume);
     ``mem_fixed``/``mem_slope``: memory bound ``fixed + slope * (devices after the group) / n'``.
     ``arg_k``/``arg_m``: first stage's end and replicas (for the whole-range stage, ``arg_k=j``);
-    ``devices``: devices the sub-pipeline uses.
+    ``devices``: devices the sub-pipeline uses. Per stage ``s`` of the chosen sub-pipeline (padded
+    to ``units`` with zeros): ``stage_base`` and ``stage_flight`` (memory is ``base + flight x
+    microbatches in flight``), ``stage_reps`` (replicas in the unit) and ``stage_from`` (devices of
+    the unit from ``s`` on), for the exact memory check at the next level.
     """
 
     value: np.ndarray
@@ -127,6 +133,10 @@ class _Table:
     arg_k: np.ndarray
     arg_m: np.ndarray
     devices: np.ndarray
+    stage_base: np.ndarray
+    stage_flight: np.ndarray
+    stage_reps: np.ndarray
+    stage_from: np.ndarray
 
 
 def _minmax_product(first: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +237,7 @@ def _level0_table(cost: CostModel, t: DownsetTables, inc: np.ndarray, units: int
     def at(x: np.ndarray) -> np.ndarray:
         return np.take_along_axis(x, pick3, 2)[..., 0]
 
+    per_stage = _stage_memory(base, per_flight, arg_k, arg_m, pick, np.isfinite(at(value)), units)
     return _Table(
         value=at(value),
         param_per_replica=at(q),
@@ -236,7 +247,32 @@ def _level0_table(cost: CostModel, t: DownsetTables, inc: np.ndarray, units: int
         arg_k=arg_k,
         arg_m=arg_m,
         devices=pick,
+        stage_base=per_stage[0],
+        stage_flight=per_stage[1],
+        stage_reps=per_stage[2],
+        stage_from=per_stage[3],
     )
+
+
+def _stage_memory(base, per_flight, arg_k, arg_m, pick, valid, units: int):
+    """Per-stage memory terms of every pair's chosen sub-pipeline, shape ``(n, n, units)``."""
+    n = len(base)
+    shape = (n, n, units)
+    out_base, out_flight = np.zeros(shape), np.zeros(shape)
+    out_reps, out_from = np.ones(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+    ii, jj = np.nonzero(valid)
+    cur, m = ii.copy(), pick[ii, jj].astype(np.int64)
+    for s in range(units):
+        if len(ii) == 0:
+            break
+        k, r = arg_k[cur, jj, m], arg_m[cur, jj, m]
+        out_base[ii, jj, s] = base[cur, k]
+        out_flight[ii, jj, s] = per_flight[cur, k]
+        out_reps[ii, jj, s] = r
+        out_from[ii, jj, s] = m
+        more = k != jj
+        ii, jj, cur, m = ii[more], jj[more], k[more], (m - r)[more]
+    return out_base, out_flight, out_reps, out_from
 
 
 def _sub_pipeline(table: _Table, i: int, j: int) -> list:
@@ -362,13 +398,7 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
         time = np.maximum(np.maximum(body, link[k] / mp), link[js][:, None] / mp)
         if np.isfinite(sync_cap):
             time = np.where(sync_bound(k, js, mp) < sync_cap, time, np.inf)
-        later = (ds[None, None, :] - mp[:, :, None]) * units / mp[:, :, None]  # (j, n', d)
-        fits = (
-            table.mem_fixed[k, js][:, None, None]
-            + table.mem_slope[k, js][:, None, None] * np.maximum(later, 0)
-            <= cap
-        )
-        return time, fits
+        return time, _group_fits(cost, table, k, js, reps, ds, cap)
 
     def sync(k, j, m):
         if pd:
@@ -376,6 +406,35 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
         return float(sync_bound(k, np.array([j]), np.array([[float(m)]]))[0, 0])
 
     return stage, sync
+
+
+def _group_fits(cost: CostModel, table: _Table, k, js, reps, ds, cap: float) -> np.ndarray:
+    """Whether every stage of group ``k -> js`` on ``reps`` units, ``ds`` units from here, fits.
+
+    Exact (:meth:`CostModel.stage_memory_bytes` of each stage once replicated ``n'`` times):
+    a stage with ``r`` replicas and ``e`` devices from it on in its unit has ``r n'`` replicas
+    and ``e n' + (d - n') x units`` devices from here; later groups are counted as whole units,
+    an upper bound when they leave devices idle (in-flight counts grow with the devices).
+    """
+    if not np.isfinite(cap):
+        return np.ones((len(js), reps.shape[1], len(ds)), dtype=bool)
+    o = cost.options
+    units = cost.topology.levels[0].devices
+    n_rep = reps[:, :, None, None].astype(np.int64)  # (j, n', 1, 1)
+    r = table.stage_reps[k, js][:, None, None, :] * n_rep  # (j, n', 1, s)
+    later = np.maximum(ds[None, None, :, None] - n_rep, 0) * units
+    from_here = table.stage_from[k, js][:, None, None, :] * n_rep + later  # (j, n', d, s)
+    depth = -(-from_here // r)
+    total = -(-o.microbatches // r)
+    if o.schedule is Schedule.GPIPE:
+        flight = np.broadcast_to(total, depth.shape)
+    elif o.schedule is Schedule.ONE_F_ONE_B:
+        flight = np.minimum(depth, total)
+    else:
+        flight = depth
+    base = table.stage_base[k, js][:, None, None, :]
+    per = table.stage_flight[k, js][:, None, None, :]
+    return (base + per * flight).max(axis=3) <= cap
 
 
 def _bisect_min_units(
