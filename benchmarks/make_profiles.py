@@ -1,16 +1,20 @@
 """Measure the profiles shipped in profiles/ (resnet50, vgg16, gpt2-small) on this machine.
 
-Each is the same as ``plan profile --model M --batch-size B ... -o profiles/NAME.json``; the
-settings are fixed here so profiles/README.md can state them. Measure on a quiet machine: the
-timings are wall-clock and another busy process on the same cores inflates them.
+Each is ``profile_model`` with the settings fixed here, so profiles/README.md can state them;
+the printed ``plan profile`` line is the equivalent command. By default they are timed in
+process CPU time with one thread (``--clock cpu --threads 1``): this machine's two cores are
+shared with other work, and CPU time leaves out the time another process holds the core, which
+wall-clock timing would count. ``--clock wall`` times with ``time.perf_counter`` as
+``plan profile`` does.
 
 Usage:
-    python benchmarks/make_profiles.py [NAME ...] [--out profiles] [--threads N]
+    python benchmarks/make_profiles.py [NAME ...] [--out profiles] [--threads N] [--clock cpu|wall]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -40,16 +44,14 @@ SHIPPED = (
 )
 
 
-def command(item: Shipped, out: Path, threads: int | None) -> str:
+def command(item: Shipped, out: Path, threads: int) -> str:
     """The equivalent `plan profile` command line."""
     parts = ["plan profile", f"--model {item.model}", f"--batch-size {item.batch_size}"]
     if item.input_shape:
         parts.append("--input-shape " + ",".join(map(str, item.input_shape)))
     if item.leaf_modules:
         parts.append("--leaf-modules " + " ".join(item.leaf_modules))
-    parts += [f"--warmup {item.warmup}", f"--reps {item.reps}"]
-    if threads:
-        parts.append(f"--threads {threads}")
+    parts += [f"--warmup {item.warmup}", f"--reps {item.reps}", f"--threads {threads}"]
     parts.append(f"-o {out / (item.name + '.json')}")
     return " ".join(parts)
 
@@ -58,8 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="which profiles (default: all)")
     parser.add_argument("--out", type=Path, default=Path("profiles"))
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: process CPU time (with --threads 1; robust to other load), wall: perf_counter",
+    )
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        print(
+            "--clock cpu adds up the threads' CPU times; use it with --threads 1", file=sys.stderr
+        )
+        return 2
     chosen = [s for s in SHIPPED if not args.names or s.name in args.names]
     unknown = set(args.names) - {s.name for s in SHIPPED}
     if unknown:
@@ -80,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             reps=item.reps,
             threads=args.threads,
             progress=sys.stderr.isatty(),
+            clock=time.process_time if args.clock == "cpu" else time.perf_counter,
         )
+        # State the timing method in the file itself: the Profile has no field for the clock.
+        timing = "process CPU time" if args.clock == "cpu" else "wall clock (perf_counter)"
+        note = (
+            f"{profile.machine}; timed in {timing}, {profile.threads} thread(s), glibc malloc "
+            "keeping freed memory; by benchmarks/make_profiles.py"
+        )
+        profile = dataclasses.replace(profile, machine=note)
         path = args.out / f"{item.name}.json"
         profile.save(path)
         ratio = profile.total_compute_ms / (profile.whole_step_ms or float("nan"))

@@ -14,6 +14,7 @@ allocator setting as the profile (:func:`planner.profile.measure.keep_freed_memo
 
 Usage:
     python benchmarks/profile_overhead.py [--model resnet50] [--batch-size 32] [--threads N]
+        [--clock wall|cpu] [--warmup N] [--reps N]
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="profile timer: wall (perf_counter) or cpu (process CPU time; use with --threads 1)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     start, start_cpu = time.perf_counter(), time.process_time()
     profile = profile_model(
-        args.model, batch_size=args.batch_size, warmup=args.warmup, reps=args.reps, progress=False
+        args.model,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        reps=args.reps,
+        progress=False,
+        clock=time.process_time if args.clock == "cpu" else time.perf_counter,
     )
     profiling_s = time.perf_counter() - start
     profiling_cpu_s = time.process_time() - start_cpu
@@ -82,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     whole = profile.whole_step_ms or float("nan")
     print(f"model           {args.model}, batch {args.batch_size}, {len(profile.layers)} layers")
     print(f"machine         {machine_description()}; {profile.threads} threads")
-    print(f"settings        warmup={profile.warmup} reps={profile.reps}; torch {torch.__version__}")
+    print(
+        f"settings        warmup={profile.warmup} reps={profile.reps} clock={args.clock}; "
+        f"torch {torch.__version__}"
+    )
     print(f"load average    {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)")
     print(f"profiling       {profiling_s:.2f} s wall, {profiling_cpu_s:.2f} s CPU")
     print(
