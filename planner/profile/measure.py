@@ -58,31 +58,31 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import datetime as _dt
-import itertools
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-import torch.fx as fx
-from torch.fx.node import map_aggregate, map_arg
 from tqdm import tqdm
 
 from planner.errors import ProfileError
-from planner.profile.capture import CapturedGraph, CapturedLayer, capture
+from planner.profile.capture import CapturedGraph, capture
 from planner.profile.format import LayerProfile, Profile
-from planner.profile.record import Recording, fetch_attr, flatten_tensors, layer_sizes, record
+from planner.profile.record import layer_sizes, record
+from planner.profile.timing import (
+    Clock,
+    GradOnes,
+    LayerRunner,
+    Timer,
+    keep_freed_memory,
+    whole_step,
+)
 
 __all__ = [
-    "AGREE_FRACTION",
-    "AGREE_MS",
     "DEFAULT_REPS",
     "DEFAULT_WARMUP",
     "SUM_TOLERANCE",
@@ -96,13 +96,8 @@ DEFAULT_WARMUP = 1
 """Untimed whole-model steps before timing (each warms every layer once)."""
 DEFAULT_REPS = 3
 """Most timed repetitions per layer and of the whole step; the median is kept."""
-AGREE_FRACTION = 0.05
-AGREE_MS = 0.02
-"""Two samples agree within this fraction of the smaller or this many ms; agreeing stops early."""
 SUM_TOLERANCE = 0.10
 """Per-layer times must add up to the whole step within this fraction, else they are calibrated."""
-
-Clock = Callable[[], float]
 
 
 def profile_model(
@@ -218,7 +213,7 @@ def profile_module(
         graph = capture(module, leaf_modules)
         with memory:
             layers, whole_ms, calibration = _measure(
-                graph, inputs, warmup, reps, _Timer(clock, first.device), progress, name, calibrate
+                graph, inputs, warmup, reps, Timer(clock, first.device), progress, name, calibrate
             )
     finally:
         torch.set_num_threads(old_threads)
@@ -269,70 +264,7 @@ def machine_description(device: torch.device | str = "cpu") -> str:
     return text
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
-_kept = 0  # depth of nested keep_freed_memory() blocks
-
-
-@contextlib.contextmanager
-def keep_freed_memory() -> Iterator[bool]:
-    """Make glibc malloc serve large tensors from its heap and keep freed memory, for a while.
-
-    Inside, freed CPU tensors are reused instead of being unmapped and page-faulted in again,
-    as a caching allocator would; on leaving the outermost block glibc's default limits are set
-    again and free memory is returned to the system (``malloc_trim``). Yields whether it
-    applied (glibc only). Process-wide, like the thread count: not for concurrent threads.
-
-    Example:
-        >>> with keep_freed_memory() as applied:
-        ...     isinstance(applied, bool)
-        True
-    """
-    global _kept
-    libc = _glibc()
-    if libc is None:
-        yield False
-        return
-    if _kept == 0:
-        libc.mallopt(_M_MMAP_MAX, 0)
-        libc.mallopt(_M_TRIM_THRESHOLD, -1)  # converted to SIZE_MAX by glibc: never trim
-    _kept += 1
-    try:
-        yield True
-    finally:
-        _kept -= 1
-        if _kept == 0:
-            for param, value in _GLIBC_DEFAULTS.items():
-                libc.mallopt(param, value)
-            libc.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-# --- timing ----------------------------------------------------------------------------------
-
-
-class _Timer:
-    """Reads the clock with the device synchronised, so queued GPU work is counted."""
-
-    def __init__(self, clock: Clock, device: torch.device) -> None:
-        self.clock = clock
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        return self.clock()
+# --- the procedure -------------------------------------------------------------------------
 
 
 def _measure(
@@ -340,18 +272,18 @@ def _measure(
     inputs: tuple[torch.Tensor, ...],
     warmup: int,
     reps: int,
-    timer: _Timer,
+    timer: Timer,
     progress: bool,
     name: str,
     calibrate: bool,
 ) -> tuple[tuple[LayerProfile, ...], float, str | None]:
     """Steps 2-5 of the module docstring: the layers, the whole-step median, the calibration."""
     for _ in range(warmup - 1):
-        _whole_step(graph.module, inputs, timer)
+        whole_step(graph.module, inputs, timer)
     recording = record(graph, inputs, backward=warmup > 0)
     sizes = layer_sizes(graph, inputs, recording)
-    ones = _Ones()
-    runners = [_LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
+    ones = GradOnes()
+    runners = [LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
     with tqdm(
         total=min(reps, 2) * len(runners),
         desc=f"profiling {name}",
@@ -376,11 +308,11 @@ def _measure(
     layer_ms = sum(
         statistics.median(r.forward_ms) + statistics.median(r.backward_ms) for r in runners
     )
-    whole = [_whole_step(graph.module, inputs, timer)]
+    whole = [whole_step(graph.module, inputs, timer)]
     # One whole step checks the sum; only a disagreement earns more samples (up to reps), so
     # one disturbed sample cannot trigger a calibration.
     while len(whole) < reps and _disagree(layer_ms, _median_total(whole)):
-        whole.append(_whole_step(graph.module, inputs, timer))
+        whole.append(whole_step(graph.module, inputs, timer))
     fwd = [statistics.median(r.forward_ms) for r in runners]
     bwd = [statistics.median(r.backward_ms) for r in runners]
     whole_fwd = statistics.median(f for f, _ in whole)
@@ -432,122 +364,3 @@ def _disagree(layer_sum_ms: float, whole_ms: float) -> bool:
 
 def _median_total(samples: list[tuple[float, float]]) -> float:
     return statistics.median(f + b for f, b in samples)
-
-
-def _whole_step(
-    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], timer: _Timer
-) -> tuple[float, float]:
-    """One forward+backward of the whole model: (forward ms, backward ms)."""
-    params = [p for p in gm.parameters() if p.requires_grad]
-    t0 = timer()
-    out = gm(*inputs)
-    t1 = timer()
-    outs = [t for t in flatten_tensors(out) if t.requires_grad]
-    grads = [torch.ones_like(t) for t in outs]
-    t2 = timer()
-    if outs and params:
-        torch.autograd.grad(outs, params, grads, allow_unused=True)
-    t3 = timer()
-    return (t1 - t0) * 1e3, (t3 - t2) * 1e3
-
-
-class _Ones:
-    """Grad outputs of ones, one tensor per (shape, strides, dtype, device), shared by layers.
-
-    One per layer would hold as much memory again as all the recorded activations; autograd
-    only reads grad outputs, so layers with equal outputs can share one.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(like.shape), like.stride(), like.dtype, like.device)
-        if key not in self._cache:
-            self._cache[key] = torch.ones_like(like)
-        return self._cache[key]
-
-
-class _LayerRunner:
-    """Runs one layer alone on fresh copies of its recorded inputs, collecting samples."""
-
-    def __init__(
-        self, gm: fx.GraphModule, layer: CapturedLayer, rec: Recording, ones: _Ones
-    ) -> None:
-        self.ones = ones
-        self.node = layer.node
-        self.rec = rec
-        self.call = _caller(gm, layer.node)
-        self.params = _trainable(gm, layer.node)
-        self.inplace = layer.node in rec.inplace
-        self.forward_ms: list[float] = []
-        self.backward_ms: list[float] = []
-
-    def settled(self) -> bool:
-        """Whether two of the samples (forward + backward) agree, so more would not change much."""
-        totals = sorted(f + b for f, b in zip(self.forward_ms, self.backward_ms, strict=True))
-        return any(
-            hi - lo <= max(AGREE_FRACTION * lo, AGREE_MS) for lo, hi in itertools.pairwise(totals)
-        )
-
-    def run(self, timer: _Timer) -> None:
-        """One repetition: time the forward, then the backward, on fresh inputs."""
-        leaves: list[torch.Tensor] = []
-
-        def fresh(n: fx.Node) -> Any:
-            return map_aggregate(self.rec.values[n], lambda x: self._fresh(x, leaves))
-
-        args, kwargs = map_arg(self.node.args, fresh), map_arg(self.node.kwargs, fresh)
-        wrt = leaves + self.params
-        t0 = timer()
-        out = self.call(args, kwargs)
-        t1 = timer()
-        outs = [t for t in flatten_tensors(out) if t.requires_grad]
-        grad_out = [self.ones(t) for t in outs]
-        backward_ms = 0.0
-        if outs and wrt:
-            t2 = timer()
-            torch.autograd.grad(outs, wrt, grad_out, allow_unused=True)
-            backward_ms = (timer() - t2) * 1e3
-        self.forward_ms.append((t1 - t0) * 1e3)
-        self.backward_ms.append(backward_ms)
-
-    def _fresh(self, x: Any, leaves: list[torch.Tensor]) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        if id(x) not in self.rec.grad_ids:
-            return x.clone() if self.inplace else x.detach()
-        if not self.inplace:
-            leaf = x.detach().requires_grad_(True)
-            leaves.append(leaf)
-            return leaf
-        leaf = x.clone().requires_grad_(True)
-        leaves.append(leaf)
-        # An in-place op may not modify a leaf that requires grad; give it a non-leaf copy.
-        return leaf.clone()
-
-
-def _caller(gm: fx.GraphModule, node: fx.Node) -> Callable[[Any, Any], Any]:
-    """A function running ``node``'s computation on given args and kwargs."""
-    target = node.target
-    if node.op == "call_module":
-        sub = gm.get_submodule(str(target))
-        return lambda a, k: sub(*a, **k)
-    if node.op == "call_function":
-        fn: Any = target
-        return lambda a, k: fn(*a, **k)
-    if node.op == "call_method":
-        return lambda a, k: getattr(a[0], str(target))(*a[1:], **k)
-    value = fetch_attr(gm, str(target))
-    return lambda a, k: value
-
-
-def _trainable(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
-    """The trainable parameters a layer's backward computes gradients for."""
-    if node.op == "call_module":
-        return [p for p in gm.get_submodule(str(node.target)).parameters() if p.requires_grad]
-    if node.op == "get_attr":
-        value = fetch_attr(gm, str(node.target))
-        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
-            return [value]
-    return []

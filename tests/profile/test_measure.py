@@ -324,12 +324,12 @@ def test_bad_settings_raise_profile_error():
 
 
 def test_keep_freed_memory_nests():
-    from planner.profile import measure
+    from planner.profile import timing
 
     with keep_freed_memory() as applied, keep_freed_memory():
         torch.empty(64 << 20, dtype=torch.uint8)  # a 64 MiB allocation, mmap-sized by default
-        assert measure._kept == (2 if applied else 0)
-    assert isinstance(applied, bool) and measure._kept == 0
+        assert timing._kept == (2 if applied else 0)
+    assert isinstance(applied, bool) and timing._kept == 0
 
 
 @pytest.mark.slow
