@@ -83,9 +83,29 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
     space = states or build_states(cost.profile, options.state_space)
     if len(cost.topology.levels) == 1:
         return solve_flat(cost, space)
+    return _solve_levels(cost, space, explain=True)
+
+
+def _solve_levels(cost: CostModel, space: StateSpace, *, explain: bool) -> Partition:
+    """The hierarchical DP, never worse than a baseline that fits.
+
+    Across levels the DP plans on upper bounds of group costs (:mod:`planner.optimize.hierarchy`),
+    so a baseline scored exactly can beat it (e.g. data parallelism, whose ring all-reduce over
+    every device costs less than the DP's bound of one ring per level): the fitting baselines are
+    candidates too, and the best objective wins.
+    """
+    from planner.optimize.baselines import baselines
     from planner.optimize.hierarchy import solve_hierarchical
 
-    return solve_hierarchical(cost, space)
+    candidates = [p for p in baselines(cost).values() if p.fits and _allowed(cost, p)]
+    try:
+        candidates.append(solve_hierarchical(cost, space))
+    except InfeasibleError:
+        if not candidates:
+            if explain:
+                raise _infeasible(cost, space) from None
+            raise
+    return min(candidates, key=lambda p: p.objective_s)
 
 
 # --- the single-level program ------------------------------------------------------------------
@@ -319,6 +339,15 @@ def solve_flat(
     return cost.evaluate(stages, replicas, solver="dp", optimal=True)
 
 
+def _allowed(cost: CostModel, part: Partition) -> bool:
+    """Whether a baseline lies in the plan space the options allow (straight, idle devices)."""
+    o = cost.options
+    replicas = [s.replicas for s in part.stages]
+    if o.straight and max(replicas) > 1:
+        return False
+    return o.allow_fewer_devices or sum(replicas) == cost.topology.num_devices
+
+
 def search(
     *, succ, devices, max_replicas, work, stage, sync, options, start_bound: float | None = None
 ) -> list | None:
@@ -373,7 +402,7 @@ def _infeasible(cost: CostModel, space: StateSpace) -> InfeasibleError:
     """An error naming the smallest device count, or the change, that would fit."""
     import dataclasses
 
-    from planner.topology import GIB, Topology
+    from planner.topology import GIB
 
     o = cost.options
     n = cost.topology.num_devices
@@ -397,26 +426,24 @@ def _infeasible(cost: CostModel, space: StateSpace) -> InfeasibleError:
     for flag, opts in trials:
         if _fits(CostModel(cost.profile, cost.topology, opts), space):
             fixes.append(flag)
-    lv = cost.topology.levels[0]
+    # more devices of the same machine: one level grows its devices, two levels add nodes
+    step = cost.topology.levels[0].devices if len(cost.topology.levels) > 1 else 1
+
+    def grown(devices: int) -> CostModel:
+        levels = list(cost.topology.levels)
+        levels[-1] = dataclasses.replace(levels[-1], devices=devices // (n // levels[-1].devices))
+        return CostModel(cost.profile, dataclasses.replace(cost.topology, levels=tuple(levels)), o)
+
     for more in (2 * n, 4 * n, 8 * n):
-        topo = Topology.from_args(
-            gpus=more,
-            bandwidth_gbps=lv.bandwidth_bytes_per_s / 1e9,
-            memory_gb=cost.memory_limit_bytes / GIB,
-        )
-        if _fits(CostModel(cost.profile, topo, o), space):
-            lo = n + 1
-            hi = more
-            while lo < hi:  # smallest device count that fits, one level
+        if _fits(grown(more), space):
+            lo, hi = n // step + 1, more // step
+            while lo < hi:  # smallest device count that fits, in whole nodes
                 mid = (lo + hi) // 2
-                topo_mid = dataclasses.replace(
-                    topo, levels=(dataclasses.replace(topo.levels[0], devices=mid),)
-                )
-                if _fits(CostModel(cost.profile, topo_mid, o), space):
+                if _fits(grown(mid * step), space):
                     hi = mid
                 else:
                     lo = mid + 1
-            fixes.append(f"--gpus {lo}")
+            fixes.append(f"--gpus {lo * step}")
             break
     lines.append(
         f"the smallest stage (one layer) needs {need / GIB:.3g} GiB"
@@ -431,8 +458,12 @@ def _infeasible(cost: CostModel, space: StateSpace) -> InfeasibleError:
 
 
 def _fits(cost: CostModel, space: StateSpace) -> bool:
+    """Whether :func:`solve` finds a plan (the same solver and topology shape, no explanation)."""
     try:
-        solve_flat(cost, space, devices=cost.topology.num_devices, explain=False)
+        if len(cost.topology.levels) == 1:
+            solve_flat(cost, space, explain=False)
+        else:
+            _solve_levels(cost, space, explain=False)
     except InfeasibleError:
         return False
     return True

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.errors import PlanError
+from planner.errors import InfeasibleError, PlanError
 from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, DownsetTables
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace
@@ -294,7 +294,7 @@ def solve_hierarchical(cost: CostModel, space: StateSpace) -> Partition:
     """PipeDream's two-level DP for the planner cost model (module docstring).
 
     Raises:
-        InfeasibleError: No plan fits; the message names what would.
+        InfeasibleError: No plan fits (:func:`planner.optimize.dp.solve` explains what would).
     """
     topo = cost.topology
     if len(topo.levels) > 2:
@@ -307,9 +307,7 @@ def solve_hierarchical(cost: CostModel, space: StateSpace) -> Partition:
     if len(space) <= limit:
         solved = _solve_on(cost, space)
         if solved is None:
-            from planner.optimize.dp import _infeasible
-
-            raise _infeasible(cost, space)
+            raise InfeasibleError("no plan fits")
         return solved[0]
     tables = DownsetTables.from_masks(cost, space.masks)
     keep = _coarse(tables, limit)
@@ -327,9 +325,7 @@ def solve_hierarchical(cost: CostModel, space: StateSpace) -> Partition:
             break
         keep = refined
     if best is None:
-        from planner.optimize.dp import _infeasible
-
-        raise _infeasible(cost, space)
+        raise InfeasibleError("no plan fits")
     return best
 
 
