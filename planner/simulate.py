@@ -15,7 +15,9 @@ minibatch, ``pipedream`` runs minibatches back to back.
 
 What is not modelled: compute and communication overlap perfectly (sends use no compute time),
 the all-reduce does not share links with activation transfers, the optimizer step takes no time,
-and data loading is free.
+and data loading is free. Links are full duplex, as the topology's per-direction bandwidths say;
+the optimizer's cost model charges activations and their gradients to one link, so a plan bound
+by its transfers can simulate faster than predicted.
 
 Example:
     >>> r = simulate_stages(
