@@ -28,24 +28,49 @@ def synthetic(stages: int, microbatches: int, schedule: Schedule) -> tuple[Plan,
     """A 10-layers-per-stage chain with skip connections over every other layer."""
     count = 10 * stages
     layers = tuple(
-        LayerProfile(name=f"l{i}", op="Conv2d", forward_ms=1.0 + (i * 7) % 5, backward_ms=2.0 + (i * 3) % 4,
-                     output_bytes=(4_000_000,), parameter_bytes=2_000_000,
-                     inputs=tuple(j for j in (i - 1, i - 2) if j >= 0 and (j == i - 1 or i % 2 == 0)))
+        LayerProfile(
+            name=f"l{i}",
+            op="Conv2d",
+            forward_ms=1.0 + (i * 7) % 5,
+            backward_ms=2.0 + (i * 3) % 4,
+            output_bytes=(4_000_000,),
+            parameter_bytes=2_000_000,
+            inputs=tuple(j for j in (i - 1, i - 2) if j >= 0 and (j == i - 1 or i % 2 == 0)),
+        )
         for i in range(count)
     )
     profile = Profile(model="synthetic", batch_size=32, layers=layers)
     plan_stages = tuple(
-        PlanStage(layers=tuple(f"l{i}" for i in range(10 * s, 10 * s + 10)), replicas=1, ranks=(s,),
-                  compute_s=0.0, comm_s=0.0, allreduce_s=0.0, time_s=0.0, memory_bytes=0.0)
+        PlanStage(
+            layers=tuple(f"l{i}" for i in range(10 * s, 10 * s + 10)),
+            replicas=1,
+            ranks=(s,),
+            compute_s=0.0,
+            comm_s=0.0,
+            allreduce_s=0.0,
+            time_s=0.0,
+            memory_bytes=0.0,
+        )
         for s in range(stages)
     )
     plan = Plan(
-        profile=ProfileRef(path="synthetic.json", sha256="0" * 64, model="synthetic", batch_size=32),
+        profile=ProfileRef(
+            path="synthetic.json", sha256="0" * 64, model="synthetic", batch_size=32
+        ),
         topology=Topology.from_args(gpus=stages, gpus_per_node=8),
-        schedule=schedule, optimizer=OptimizerKind.SGD, minibatch_size=32 * microbatches,
-        microbatch_size=32, microbatches=microbatches, stages=plan_stages,
-        predicted=Prediction(bottleneck_s=1.0, minibatch_s=1.0, samples_per_s=1.0,
-                             single_device_s=1.0, data_parallel_s=None),
+        schedule=schedule,
+        optimizer=OptimizerKind.SGD,
+        minibatch_size=32 * microbatches,
+        microbatch_size=32,
+        microbatches=microbatches,
+        stages=plan_stages,
+        predicted=Prediction(
+            bottleneck_s=1.0,
+            minibatch_s=1.0,
+            samples_per_s=1.0,
+            single_device_s=1.0,
+            data_parallel_s=None,
+        ),
     )
     return plan, profile
 
@@ -67,11 +92,15 @@ def main() -> int:
             result = simulate(plan, profile, minibatches=args.minibatches)
             best = min(best, time.perf_counter() - start)
         worst = max(worst, best)
-        print(f"{schedule:>9}: {args.minibatches} minibatches x {args.microbatches} microbatches x "
-              f"{args.stages} stages, {len(result.events):,} events: {best:.3f} s "
-              f"({best / GOAL_S:.2f} of the {GOAL_S:g} s goal)")
-    print(f"slowest: {worst:.3f} s, {worst / GOAL_S:.2f} x the goal -> "
-          f"{'OK' if worst < GOAL_S else 'TOO SLOW'}")
+        print(
+            f"{schedule:>9}: {args.minibatches} minibatches x {args.microbatches} microbatches x "
+            f"{args.stages} stages, {len(result.events):,} events: {best:.3f} s "
+            f"({best / GOAL_S:.2f} of the {GOAL_S:g} s goal)"
+        )
+    print(
+        f"slowest: {worst:.3f} s, {worst / GOAL_S:.2f} x the goal -> "
+        f"{'OK' if worst < GOAL_S else 'TOO SLOW'}"
+    )
     return 0 if worst < GOAL_S else 1
 
 
