@@ -24,9 +24,10 @@ def add_profiling_arguments(parser: argparse.ArgumentParser, *, batch_required: 
                         help="module types (Block) or qualified names (blocks.3) to keep whole "
                              "as one layer; also the fix for models torch.fx cannot trace")
     parser.add_argument("--warmup", type=nonnegative_int, default=None,
-                        help="untimed repetitions per layer before timing (default: 1)")
+                        help="untimed whole-model forward+backward steps before timing (default: 1)")
     parser.add_argument("--reps", type=positive_int, default=None,
-                        help="timed repetitions per layer; the median is kept (default: 3)")
+                        help="most timed repetitions per layer; a layer stops at two agreeing samples, "
+                             "the median is kept (default: 3)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads while measuring (default: all cores); recorded")
 
