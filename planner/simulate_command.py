@@ -107,6 +107,12 @@ def summary(plan: Plan, result: SimulationResult) -> str:
         f"plan's prediction: {predicted.minibatch_s * 1e3:.2f} ms per minibatch, "
         f"{predicted.samples_per_s:.1f} samples/s; simulated/predicted time {ratio:.3f}",
     ]
+    peaks: dict[int, float] = {}
+    for d in result.devices:
+        peaks[d.stage] = max(peaks.get(d.stage, 0.0), d.peak_memory_bytes)
+    lines.append("memory per stage, GiB (predicted / simulated peak): " + ", ".join(
+        f"{s}: {stage.memory_bytes / 1024**3:.2f} / {peaks[s] / 1024**3:.2f}"
+        for s, stage in enumerate(plan.stages)))
     limit = result.memory_limit_bytes
     over = [d for d in result.devices if limit is not None and d.peak_memory_bytes > limit]
     if over and limit is not None:
