@@ -35,6 +35,8 @@ __all__ = [
     "Prediction",
     "ProfileRef",
     "file_sha256",
+    "find_profile_file",
+    "load_plan_and_profile",
 ]
 
 FORMAT = "planner.plan/1"
@@ -397,3 +399,33 @@ def _plain(value: Any) -> Any:
 
 def _tuples(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}
+
+
+def find_profile_file(plan: Plan, plan_path: str | os.PathLike[str],
+                      override: str | os.PathLike[str] | None = None) -> Path:
+    """The file of the plan's profile: ``override``; else its recorded path (as given, then
+    relative to the plan's folder), else a file of that name beside the plan.
+
+    Raises:
+        PlanError: None of them exists.
+    """
+    if override is not None:
+        return Path(override)  # Profile.load reports a missing file
+    recorded = Path(plan.profile.path)
+    folder = Path(plan_path).parent
+    candidates = [recorded, folder / recorded, folder / recorded.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise PlanError(f"cannot find the plan's profile (tried {tried}); pass it with --profile FILE")
+
+
+def load_plan_and_profile(plan_path: str | os.PathLike[str],
+                          override: str | os.PathLike[str] | None = None) -> tuple[Plan, Profile]:
+    """A plan and its profile, checked to belong together (same file, every layer once)."""
+    plan = Plan.load(plan_path)
+    path = find_profile_file(plan, plan_path, override)
+    profile = Profile.load(path)
+    plan.check_profile(profile, file_sha256(path))
+    return plan, profile

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from planner._io import atomic_write_text
 from planner.errors import PlanError
-from planner.plan import Plan, file_sha256
-from planner.profile.format import Profile
+from planner.plan import Plan, load_plan_and_profile
 from planner.simulate import SimulationResult, simulate
 
-__all__ = ["add_arguments", "find_profile", "run", "side_paths", "summary"]
+__all__ = ["add_arguments", "run", "side_paths", "summary"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """Simulate, print the summary, write the pictures and the CSV; returns the exit status."""
     if args.minibatches is not None and args.minibatches < 1:
         raise PlanError(f"--minibatches must be at least 1, got {args.minibatches}")
-    plan = Plan.load(args.plan)
-    path = find_profile(plan, args.plan, args.profile)
-    profile = Profile.load(path)
-    plan.check_profile(profile, file_sha256(path))
+    plan, profile = load_plan_and_profile(args.plan, args.profile)
     result = simulate(plan, profile, minibatches=args.minibatches)
     print(summary(plan, result))
     if args.png:
@@ -63,27 +59,6 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.csv, buffer.getvalue())
         print(f"wrote {args.csv} ({len(result.events)} events)")
     return 0
-
-
-def find_profile(plan: Plan, plan_path: str | os.PathLike[str],
-                 override: str | os.PathLike[str] | None = None) -> Path:
-    """The plan's profile: ``override``; else its recorded path from the current folder, then
-    relative to the plan's folder.
-
-    Raises:
-        PlanError: None of them exists.
-    """
-    if override is not None:
-        return Path(override)  # Profile.load reports a missing file
-    recorded = Path(plan.profile.path)
-    candidates = [recorded, Path(plan_path).parent / recorded]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise PlanError(
-        f"cannot find the plan's profile (tried {tried}); pass it with --profile FILE"
-    )
 
 
 def side_paths(png: str | os.PathLike[str]) -> tuple[Path, Path, Path]:

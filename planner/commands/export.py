@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from planner._io import atomic_write_text
-from planner.commands._plan_files import load_plan_and_profile
 from planner.export import ExportFormat, export_plan
+from planner.plan import load_plan_and_profile
 
 __all__ = ["add_arguments", "run"]
 

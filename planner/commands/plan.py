@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _calibrated(args: argparse.Namespace, output: Path) -> tuple[Profile, Path, Topology]:
     """The profile and topology a run's report implies, with the run's settings as defaults."""
-    from planner.commands._plan_files import load_plan_and_profile
+    from planner.plan import load_plan_and_profile
     from planner.runtime.calibrate import calibrate
     from planner.runtime.report import RunReport
 

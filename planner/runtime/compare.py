@@ -13,9 +13,9 @@ Example:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from planner.plan import Plan, file_sha256
+from planner.errors import PlanError
+from planner.plan import Plan, file_sha256, find_profile_file
 from planner.profile.format import Profile
 from planner.runtime.report import Comparison, RunReport, StageComparison
 
@@ -24,11 +24,11 @@ __all__ = ["compare_run", "find_profile"]
 
 def find_profile(plan: Plan, plan_path: str | os.PathLike[str]) -> Profile | None:
     """The plan's profile if it is where the plan says (or beside the plan) and unchanged."""
-    recorded = Path(plan.profile.path)
-    for candidate in (recorded, Path(plan_path).parent / recorded):
-        if candidate.is_file() and file_sha256(candidate) == plan.profile.sha256:
-            return Profile.load(candidate)
-    return None
+    try:
+        candidate = find_profile_file(plan, plan_path)
+    except PlanError:
+        return None
+    return Profile.load(candidate) if file_sha256(candidate) == plan.profile.sha256 else None
 
 
 def compare_run(
