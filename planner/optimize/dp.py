@@ -146,8 +146,12 @@ def _stage_arrays(f: _Flat, k: int, js: np.ndarray, reps: np.ndarray, sync_cap: 
     saved = t.saved_bytes[js] - t.saved_bytes[k]
     buffers = t.buffer_bytes[js] - t.buffer_bytes[k]
     m = reps.astype(float)  # (j, r)
-    # ring all-reduce, cost.allreduce_s
-    ar = np.where(m > 1, 2 * (m - 1) / m * p[:, None] / f.bandwidth + 2 * (m - 1) * f.latency, 0.0)
+    # ring all-reduce, cost.allreduce_s: nothing to reduce (no latency either) without parameters
+    ar = np.where(
+        (m > 1) & (p[:, None] > 0),
+        2 * (m - 1) / m * p[:, None] / f.bandwidth + 2 * (m - 1) * f.latency,
+        0.0,
+    )
     x_in = t.cut_bytes[k]
     link_in = 2 * (f.latency + x_in / f.bandwidth) if x_in > 0 else 0.0
     x_out = t.cut_bytes[js]

@@ -197,7 +197,8 @@ def _level0_table(cost: CostModel, t: DownsetTables, inc: np.ndarray, units: int
     max_reps = 1 if o.straight else units
 
     def stage_time(r: int, split: bool) -> np.ndarray:
-        ar = 2 * (r - 1) / r * p / bw + 2 * (r - 1) * lat if r > 1 else 0.0
+        # cost.allreduce_s: nothing to reduce (no latency either) without parameters
+        ar = np.where(p > 0, 2 * (r - 1) / r * p / bw + 2 * (r - 1) * lat, 0.0) if r > 1 else 0.0
         work = c + (ar if pd else 0.0)
         # link in at i (conservative at the group's own boundary), out at k when more follow
         out = np.maximum(work, link[:, None])

@@ -187,11 +187,6 @@ _NO_PARAMETERS = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dp._stage_arrays charges the ring's 2 (m-1) latency for 0 parameter bytes; "
-    "cost.allreduce_s is 0 then (remove this mark when the DP is fixed)",
-)
 def test_dp_parameter_free_stage_pays_no_allreduce() -> None:
     profile, topology, opts = _NO_PARAMETERS
     cost = CostModel(profile, topology, opts)
