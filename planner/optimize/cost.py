@@ -36,8 +36,11 @@ down-closed set of layers in stages ``0..s``:
 * steady-state time per microbatch, links overlapping compute (PipeDream SOSP'19 §3.1 takes the max
   of compute and communication): ``pipedream``: ``max((C + A) / m, L_in / m, L_out / m)`` (each
   replica all-reduces after each of its microbatches, PipeDream's weight-stashing data
-  parallelism); ``1f1b``/``gpipe``: ``max(C / m, L_in / m, L_out / m)`` with ``A`` paid once per
-  minibatch at the flush.
+  parallelism); ``1f1b``/``gpipe``: ``max(C, L_in, L_out) * ceil(M / m) / M`` with ``A`` paid once
+  per minibatch at the flush. The replicas take the microbatches round-robin (microbatch ``i`` on
+  replica ``i % m``), so the busiest one runs ``ceil(M / m)`` of the ``M`` per minibatch, and its
+  links carry as many; ``M / m`` would be optimistic when ``m`` does not divide ``M``
+  (:func:`replica_share`).
 * objective: ``pipedream``: the slowest stage (throughput); ``1f1b``/``gpipe``: one minibatch of
   ``M`` microbatches, ``(M + S - 1) * slowest + max_s A_s`` (the fill/drain bubble is ``S - 1``
   slots; every stage all-reduces after the flush, concurrently, with no credit for overlap).
@@ -84,6 +87,7 @@ __all__ = [
     "contiguous_ranks",
     "in_flight",
     "link_s",
+    "replica_share",
     "schedule_objective",
 ]
 
@@ -206,6 +210,23 @@ def in_flight(schedule: Schedule, devices_from_here: int, replicas: int, microba
     if schedule is Schedule.ONE_F_ONE_B:
         return min(depth, per_replica_total)
     return depth
+
+
+def replica_share(schedule: Schedule, replicas: int, microbatches: int) -> float:
+    """Fraction of a stage's per-microbatch time one replica is charged, per microbatch.
+
+    ``pipedream`` (steady state, no flush): ``1 / m``. ``1f1b``/``gpipe``: ``ceil(M / m) / M``,
+    since round-robin routing (microbatch ``i`` on replica ``i % m``) gives the busiest replica
+    ``ceil(M / m)`` of the minibatch's ``M`` microbatches. Never below ``1 / m``, and
+    non-increasing in ``m``.
+
+    Example:
+        >>> replica_share(Schedule.PIPEDREAM, 3, 8), replica_share(Schedule.GPIPE, 3, 8)
+        (0.3333333333333333, 0.375)
+    """
+    if schedule is Schedule.PIPEDREAM:
+        return 1.0 / replicas
+    return -(-microbatches // replicas) / microbatches
 
 
 def schedule_objective(
@@ -462,8 +483,11 @@ class CostModel:
         replicas: int,
     ) -> float:
         """Steady-state seconds per microbatch of a stage (module docstring)."""
-        work = compute_s + (allreduce_s if self.options.schedule is Schedule.PIPEDREAM else 0.0)
-        return max(work, link_in_s, link_out_s) / replicas
+        o = self.options
+        work = compute_s + (allreduce_s if o.schedule is Schedule.PIPEDREAM else 0.0)
+        return max(work, link_in_s, link_out_s) * replica_share(
+            o.schedule, replicas, o.microbatches
+        )
 
     # --- scoring a whole partition ----------------------------------------------------------
 
@@ -623,7 +647,8 @@ class CostModel:
             out.append(
                 _StageCosts(
                     compute_s=compute,
-                    comm_s=(l_in + l_out) / m,
+                    comm_s=(l_in + l_out)
+                    * replica_share(self.options.schedule, m, self.options.microbatches),
                     allreduce_s=ar,
                     time_s=time,
                     sync_s=sync,

@@ -134,6 +134,7 @@ class _Flat:
     flights: np.ndarray
     memory_cap: float
     pipedream: bool
+    microbatches: int
     optimizer_factor: int
     recompute: bool
 
@@ -157,7 +158,9 @@ def _stage_arrays(f: _Flat, k: int, js: np.ndarray, reps: np.ndarray, sync_cap: 
     x_out = t.cut_bytes[js]
     link_out = np.where(x_out > 0, 2 * (f.latency + x_out / f.bandwidth), 0.0)
     work = c[:, None] + (ar if f.pipedream else 0.0)
-    time = np.maximum(np.maximum(work, link_in), link_out[:, None]) / m
+    # cost.replica_share: 1 / m in steady state; ceil(M / m) / M on the busiest replica of a flush
+    share = 1.0 / m if f.pipedream else (-(-f.microbatches // reps)) / f.microbatches
+    time = np.maximum(np.maximum(work, link_in), link_out[:, None]) * share
     if np.isfinite(sync_cap):  # only stages whose all-reduce is below the cap
         time = np.where(ar < sync_cap, time, np.inf)
     # cost.stage_memory_bytes: weights x versions + gradients + optimizer state + buffers + ...
@@ -272,6 +275,7 @@ def _flat_inputs(cost: CostModel, space: StateSpace, level: int, devices: int) -
         flights=flight_table(cost, devices),
         memory_cap=cost.memory_limit_bytes if o.memory_constraint else np.inf,
         pipedream=o.schedule is Schedule.PIPEDREAM,
+        microbatches=o.microbatches,
         optimizer_factor=OPTIMIZER_STATE_FACTOR[o.optimizer],
         recompute=o.recompute,
     )

@@ -11,10 +11,13 @@ units and the ``pipedream`` objective it instead bisects the bottleneck over a f
 shortest path (:func:`_bisect_min_units`), whose cost does not grow with the units' windows.
 
 A group's cost at level ``l`` is an *upper bound* on the exact time of its stages once replicated:
-``(B + 2 Q / bandwidth_l) / n' + 2 latency_l`` where ``B`` is the sub-pipeline's slowest stage
-and ``Q`` the largest parameter bytes per replica among its stages (the ring all-reduce of
-``r n'`` replicas moves under ``2 P / bandwidth`` per replica); links into and out of the group at
-level ``l``, divided by ``n'``. Memory is checked exactly, stage by stage of the sub-pipeline, with
+``pipedream``: ``(B + 2 Q / bandwidth_l) / n' + 2 latency_l`` where ``B`` is the sub-pipeline's
+slowest stage and ``Q`` the largest parameter bytes per replica among its stages (the ring
+all-reduce of ``r n'`` replicas moves under ``2 P / bandwidth`` per replica); links into and out
+of the group at level ``l``, divided by ``n'``. ``1f1b``/``gpipe``: ``B`` times the largest
+``ceil(ceil(M / r) / n') / ceil(M / r)`` over the stages' replica counts ``r`` (a stage's busiest
+replica runs ``ceil(M / r)`` microbatches, round-robin, and ``ceil(M / (r n'))`` once the group is
+replicated; :func:`planner.optimize.cost.replica_share`), links times ``ceil(M / n') / M``. Memory is checked exactly, stage by stage of the sub-pipeline, with
 the microbatches in flight of its ``r n'`` replicas and the devices after it (later groups counted
 as whole units): a linear bound in the later devices ignored the ``ceil(M / replicas)`` cap of
 ``1f1b``/``gpipe`` and added one microbatch for rounding even with nothing after the group, which
@@ -204,7 +207,9 @@ def _level0_table(cost: CostModel, t: DownsetTables, inc: np.ndarray, units: int
         out = np.maximum(work, link[:, None])
         if split:
             out = np.maximum(out, link[None, :])
-        return np.where(inc, out / r, np.inf)
+        # cost.replica_share: ceil(M / r) / M on the busiest replica under a flush (round-robin)
+        share = 1.0 / r if pd else -(-o.microbatches // r) / o.microbatches
+        return np.where(inc, out * share, np.inf)
 
     for m in range(1, units + 1):
         if m <= max_reps:  # the whole range as one stage on m devices
@@ -379,6 +384,18 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
     pd = o.schedule is Schedule.PIPEDREAM
     cap = cost.memory_limit_bytes if o.memory_constraint else np.inf
     link = np.where(t.cut_bytes > 0, 2 * (lat1 + t.cut_bytes / bw1), 0.0)
+    # grow[r, n']: a stage on r replicas of a unit, once on r n', runs at most grow x its time in
+    # the table (1 / n' in steady state; under a flush its busiest replica goes from ceil(M / r)
+    # to ceil(M / (r n')) = ceil(ceil(M / r) / n') microbatches, cost.replica_share); row 0 pads
+    r_all = np.arange(units + 1)[:, None]
+    n_all = np.arange(1, cost.topology.levels[1].devices + 1)[None, :]
+    if pd:
+        grow = np.broadcast_to(1.0 / n_all, (units + 1, n_all.shape[1])).copy()
+    else:
+        per_r = -(-o.microbatches // np.maximum(r_all, 1))
+        grow = -(-per_r // n_all) / per_r
+    grow[0] = 0.0
+    grow = np.concatenate([np.zeros((units + 1, 1)), grow], axis=1)  # column n' = 0 unused
 
     def sync_bound(k, js, mp):
         pm = table.param_max[k, js][:, None]
@@ -391,8 +408,13 @@ def _group_fns(cost: CostModel, t: DownsetTables, table: _Table):
         b = table.value[k, js][:, None]
         q = table.param_per_replica[k, js][:, None]
         extra = (2 * q / bw1 / mp + 2 * lat1) if pd else 0.0
-        body = np.where(mp > 1, b / mp + extra, b)
-        time = np.maximum(np.maximum(body, link[k] / mp), link[js][:, None] / mp)
+        # (j, n'): the largest growth over the sub-pipeline's stages
+        factor = grow[table.stage_reps[k, js][:, None, :], reps[:, :, None]].max(axis=2)
+        factor = np.where(factor > 0, factor, 1.0)  # no sub-pipeline: keep b = inf, not nan
+        body = np.where(mp > 1, b * factor + extra, b)
+        # links into and out of the group: unit u takes microbatches i with i % n' == u
+        share = 1.0 / mp if pd else -(-o.microbatches // reps) / o.microbatches
+        time = np.maximum(np.maximum(body, link[k] * share), link[js][:, None] * share)
         if np.isfinite(sync_cap):
             time = np.where(sync_bound(k, js, mp) < sync_cap, time, np.inf)
         return time, _group_fits(cost, table, k, js, reps, ds, cap)

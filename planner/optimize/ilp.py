@@ -28,8 +28,10 @@ Stage sums (compute, parameters, saved bytes, ...) are linear in ``u``; the cut 
 linear in ``b``. Every formula is linear once ``(d, m)``, the neighbour's ``m'`` or ``T`` are fixed,
 so each becomes a constraint switched on by the binaries that fix them (big-M with bounds
 computed per constraint). The bottleneck ``B`` bounds every stage's time and every link divided by
-the smaller replica count of its two stages (``max(L/m_a, L/m_b)``); for ``1f1b``/``gpipe`` the
-objective ``(M + S - 1) B + max_s A_s`` is linearised over the possible ``S``. Times are scaled to
+the smaller replica count of its two stages (``max(L/m_a, L/m_b)``); for ``1f1b``/``gpipe`` a
+replica's share is ``ceil(M/m)/M`` instead of ``1/m`` (round-robin: the busiest replica runs
+``ceil(M/m)`` microbatches; :func:`~planner.optimize.cost.replica_share`), a constant once ``m`` is
+fixed, so the model stays linear; the objective ``(M + S - 1) B + max_s A_s`` is linearised over the possible ``S``. Times are scaled to
 the model's total compute and memory to the device memory so that CBC's tolerances are relative.
 
 The model has ``O(S_max (K + N^2))`` binaries and ``O(S_max N^3)`` link constraints for ``K``
@@ -70,6 +72,7 @@ from planner.optimize.cost import (
     boundary_link_level,
     in_flight,
     link_s,
+    replica_share,
 )
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
@@ -346,9 +349,12 @@ class _Model:
                 device_work.append(ar)
                 time_bound = max(time_bound, (c_tot + per_p + lat) / m)
             else:
-                work[s].append((1.0 / m) * yc)
+                # a constant for a placement: the busiest of m round-robin replicas runs
+                # ceil(M / m) of the M microbatches (cost.replica_share)
+                share = replica_share(o.schedule, m, o.microbatches)
+                work[s].append(share * yc)
                 syncs[s].append(ar)
-                time_bound = max(time_bound, c_tot / m)
+                time_bound = max(time_bound, c_tot * share)
         for s in S:
             prob += pulp.lpSum(yc_of[s]) == compute[s]
             prob += pulp.lpSum(yp_of[s]) == (1.0 / max(p_tot, 1.0)) * params[s]
@@ -359,7 +365,7 @@ class _Model:
         # N B >= sum_s m_s time_s >= total compute + all-reduce work (tight for balanced plans).
         prob += num_devices * bottleneck >= c_tot + pulp.lpSum(device_work)
 
-        # links between consecutive slots (planner model): max(L / m_a, L / m_b) <= B
+        # links between consecutive slots (planner model): max(L share(m_a), L share(m_b)) <= B
         if not self.pipedream:
             for (s, d, m), var in q.items():
                 e = d + m
@@ -375,7 +381,8 @@ class _Model:
                     per_x = link_s(1.0, lv.bandwidth, 0.0)
                     lat = (link_s(1.0, lv.bandwidth, lv.latency) - per_x) / t_unit
                     per_x /= t_unit
-                    scale = 1.0 / min(m, m2)
+                    # the narrower side's share (cost.replica_share is non-increasing in m)
+                    scale = replica_share(o.schedule, min(m, m2), o.microbatches)
                     big = scale * (per_x * x_max + lat)
                     prob += bottleneck >= scale * (per_x * cut[s] + lat * cut_on[s]) - big * (
                         2 - var - nxt

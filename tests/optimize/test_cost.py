@@ -18,6 +18,7 @@ from planner.optimize.cost import (
     contiguous_ranks,
     in_flight,
     link_s,
+    replica_share,
     schedule_objective,
 )
 from planner.profile import LayerProfile, Profile
@@ -131,6 +132,25 @@ def test_flush_schedules_by_hand():
     assert [s.memory_bytes for s in gpipe.stages] == pytest.approx(
         [3000 * 2 + 300 * 2, 3000 * 2 + 300 * 4]
     )
+
+
+@pytest.mark.parametrize("schedule", [Schedule.ONE_F_ONE_B, Schedule.GPIPE])
+def test_flushed_replicas_are_charged_their_busiest_replica(schedule):
+    # round-robin: with M = 5 on 2 replicas one replica runs 3 microbatches, not 2.5
+    p = _cost(schedule=schedule, microbatches=5).evaluate([[0, 1], [2]], [2, 1])
+    assert p.stages[0].time_s == pytest.approx(0.009 * 3 / 5)
+    assert p.minibatch_s == pytest.approx((5 + 2 - 1) * 0.009 + 0.032)
+    # M = 4 on 3 replicas: 2 of 4 each on the busiest, as on 2 replicas
+    three = _cost(schedule=schedule, microbatches=4).evaluate([[0, 1], [2]], [3, 1])
+    assert three.stages[0].time_s == pytest.approx(0.009 * 2 / 4)
+
+
+def test_replica_share():
+    assert replica_share(Schedule.PIPEDREAM, 3, 8) == pytest.approx(1 / 3)  # steady state
+    assert replica_share(Schedule.ONE_F_ONE_B, 3, 8) == pytest.approx(3 / 8)
+    assert replica_share(Schedule.GPIPE, 4, 8) == pytest.approx(1 / 4)  # R divides M: M / R
+    assert replica_share(Schedule.GPIPE, 16, 8) == pytest.approx(1 / 8)  # at least one each
+    assert replica_share(Schedule.GPIPE, 1, 8) == 1.0
 
 
 def test_recomputation_by_hand():
