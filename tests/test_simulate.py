@@ -433,19 +433,25 @@ def test_every_operation_starts_as_soon_as_its_device_and_input_allow(seed: int)
 # * exactly 1 (to 1e-9) for pure data parallelism with R dividing M and for unreplicated
 #   pipedream pipelines whose transfers hide behind compute: alexnet, resnet18, vgg16 at 4 GPUs,
 #   resnet18/vgg16 at 8, gnmt pipedream at 4;
-# * 1.03-3.0 for hybrid plans (replicated stages next to narrower ones), where the objective is
-#   optimistic: (1) with 1f1b/gpipe a stage of R replicas runs ceil(M / R) microbatches per
-#   minibatch on its busiest replica, not M / R (alexnet 7-1 with M = 8: 1.68); (2) the gradient
-#   all-reduce is a barrier among replicas that re-aligns them every round, so a replicated stage
-#   fed by one narrower stage loses (R - 1) upstream periods per round (resnet50 1-1-6 pipedream:
-#   1.67; gnmt 1-1-3-1-2-7-1 on 16 GPUs: 2.99); (3) 1F1B's warm-up (one microbatch per device
-#   downstream) does not hide transfer latency.
+# * 1.05-3.0 for hybrid plans (replicated stages next to narrower ones), where the objective is
+#   optimistic: (1) the gradient all-reduce is a barrier among replicas that re-aligns them every
+#   round, so a replicated stage fed by one narrower stage loses (R - 1) upstream periods per
+#   round (resnet50 1-1-6 pipedream: 1.67; gnmt 1-1-3-1-2-7-1 on 16 GPUs: 2.99); (2) 1F1B's
+#   warm-up (one microbatch per device downstream) does not hide transfer latency. 1f1b/gpipe
+#   stay within 1.55 (resnet50 2-2-2-2-8 1f1b on 16 GPUs: 1.54; alexnet 8-8 gpipe: 1.33).
+#   The objective charges a flushed stage of R replicas ceil(M / R) microbatches on its busiest
+#   replica (round-robin routing, cost.replica_share); with M / R it was up to 1.73 (alexnet 7-1,
+#   M = 8, now planned as 8-way data parallelism at 1.0).
 # * never below 0.95: the (M + S - 1) x slowest-stage bubble of the flushed objective and its
 #   shared-link transfer time (activations and gradients on one link) are upper bounds.
 #
-# The test keeps that envelope: [0.95, 3.5], and exactness where the closed form holds.
+# The test keeps that envelope per schedule, and exactness where the closed form holds.
 
-AGREEMENT = (0.95, 3.5)
+AGREEMENT = {
+    Schedule.PIPEDREAM: (0.95, 3.5),
+    Schedule.ONE_F_ONE_B: (0.95, 1.75),
+    Schedule.GPIPE: (0.95, 1.75),
+}
 
 
 def _pipedream_profile(model: str) -> Profile:
@@ -470,7 +476,7 @@ def _check_agreement(profile: Profile, tmp_path: Path, topology: Topology,
         pytest.skip(f"no plan fits: {exc}")
     result = simulate(plan, profile)
     ratio = result.minibatch_s / plan.predicted.minibatch_s
-    low, high = AGREEMENT
+    low, high = AGREEMENT[schedule]
     assert low <= ratio <= high, (profile.model, schedule, [s.replicas for s in plan.stages], ratio)
     replicas = [s.replicas for s in plan.stages]
     if len(replicas) == 1 and plan.microbatches % replicas[0] == 0:
