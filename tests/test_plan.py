@@ -106,7 +106,7 @@ def test_bad_files(tmp_path):
     doc = _plan().to_dict()
     doc["format"] = "planner.plan/9"
     path.write_text(json.dumps(doc))
-    with pytest.raises(PlanError, match="expected 'planner.plan/1'"):
+    with pytest.raises(PlanError, match=r"expected 'planner\.plan/1'"):
         Plan.load(path)
     doc["format"] = "planner.plan/1"
     doc["stages"][0]["replicas"] = 0

@@ -52,7 +52,7 @@ def test_presets_build_and_unknown_preset_lists_choices():
         t = Topology.preset(name, nodes=2)
         assert t.num_devices == 2 * PRESETS[name]["gpus_per_node"]
         assert t.levels[1].bandwidth_bytes_per_s < t.levels[0].bandwidth_bytes_per_s
-    with pytest.raises(TopologyError, match="p3.16xlarge"):
+    with pytest.raises(TopologyError, match=r"p3\.16xlarge"):
         Topology.preset("dgx-9000")
 
 

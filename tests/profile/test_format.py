@@ -66,7 +66,7 @@ def test_wrong_version_and_truncated_files(tmp_path):
     doc["format"] = "planner.profile/0"
     path = tmp_path / "old.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(ProfileError, match="expected 'planner.profile/1'"):
+    with pytest.raises(ProfileError, match=r"expected 'planner\.profile/1'"):
         Profile.load(path)
     text = _profile().to_json()
     path.write_text(text[: len(text) // 2])
