@@ -151,6 +151,7 @@ class Topology:
         """The topology ``--gpus N [--gpus-per-node K]`` describes (bandwidths in GB/s, 1e9 B/s)."""
         if not isinstance(gpus, int) or gpus < 1:
             raise TopologyError(f"--gpus must be a positive whole number, got {gpus!r}")
+        levels: tuple[Level, ...]
         if gpus_per_node is None or gpus_per_node == gpus:
             levels = (Level(devices=gpus, bandwidth_bytes_per_s=bandwidth_gbps * GB, latency_s=latency_s),)
         else:

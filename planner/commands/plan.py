@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--png", metavar="FILE", help="draw the plan's simulated timeline to FILE")
 
     profiling = parser.add_argument_group("profiling (only when no profile exists for --model)")
-    add_profiling_arguments(profiling, batch_required=False)
+    add_profiling_arguments(profiling)
     profiling.add_argument("--profile-batch-size", type=positive_int, default=32,
                            help="batch size to profile at (default 32)")
 

@@ -11,7 +11,7 @@ from planner.errors import ModelError
 __all__ = ["add_arguments", "run"]
 
 
-def add_profiling_arguments(parser: argparse.ArgumentParser, *, batch_required: bool) -> None:
+def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options that say how to measure (shared with ``plan`` when it must profile)."""
     parser.add_argument("--input-shape", type=shape, metavar="C,H,W",
                         help="one sample's shape without the batch dimension "
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or package.module:factory for your own model")
     parser.add_argument("--batch-size", type=positive_int, required=True,
                         help="samples per measured batch")
-    add_profiling_arguments(parser, batch_required=True)
+    add_profiling_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
                         help="where to write the profile JSON")
 

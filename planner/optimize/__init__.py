@@ -143,12 +143,13 @@ def _solve(cost: CostModel, solver: str, time_limit_s: float | None = None) -> P
     if solver == "ilp":
         from planner.optimize import dp, ilp
 
-        limit = {} if time_limit_s is None else {"time_limit_s": time_limit_s}
         try:  # the DP's answer as CBC's start: the ILP then never returns anything worse
             start: Partition | None = dp.solve(cost)
         except InfeasibleError:
             start = None
-        return ilp.solve(cost, warm_start=start, **limit)
+        if time_limit_s is None:
+            return ilp.solve(cost, warm_start=start)
+        return ilp.solve(cost, warm_start=start, time_limit_s=time_limit_s)
     from planner.optimize import dp
 
     return dp.solve(cost)

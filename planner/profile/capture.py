@@ -160,7 +160,7 @@ def _check_leaf_names(model: torch.nn.Module, leaf_modules: Sequence[str]) -> No
 
 def _innermost_module(exc: BaseException, model: torch.nn.Module) -> str | None:
     """The qualified name of the deepest submodule whose forward appears in the traceback."""
-    codes = {}
+    codes: dict[object, str] = {}
     for name, sub in model.named_modules():
         forward = getattr(type(sub), "forward", None)
         code = getattr(forward, "__code__", None)

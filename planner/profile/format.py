@@ -291,13 +291,10 @@ class Profile:
             )
         validate(doc, "profile", ProfileError, what)
         fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "_names"}
-        kwargs = {
+        kwargs: dict[str, Any] = {
             k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items() if k in fields
         }
-        layers = tuple(
-            LayerProfile(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in layer.items()})
-            for layer in doc["layers"]
-        )
+        layers = tuple(LayerProfile(**_tuples(layer)) for layer in doc["layers"])
         return cls(layers=layers, **kwargs)
 
     @classmethod
@@ -317,6 +314,10 @@ class Profile:
         """Read and validate a profile file; a bad file raises :class:`ProfileError`."""
         doc = load_json(path, ProfileError, "profile")
         return cls.from_dict(doc, f"profile {os.fspath(path)}")
+
+
+def _tuples(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items()}
 
 
 def graph_hash(layers: Iterable[tuple[str, str, Sequence[int]]]) -> str:
