@@ -96,7 +96,7 @@ def _calibrated(args: argparse.Namespace, output: Path) -> tuple[Profile, Path, 
     profile, topology = calibrate(profile, plan.topology, report, plan=plan)
     path = output.with_name(output.stem + ".profile.json")
     profile.save(path)
-    print(f"calibrated from {args.calibrate}: {profile.calibration}; wrote {path}", file=sys.stderr)
+    print(f"{profile.calibration}; wrote {path}", file=sys.stderr)
     args.schedule = args.schedule or str(plan.schedule)
     args.batch_size = args.batch_size or plan.minibatch_size
     args.microbatches = args.microbatches or plan.microbatches
