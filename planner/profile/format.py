@@ -102,6 +102,8 @@ class Profile:
         reps: Timed repetitions per layer (the median is kept).
         whole_step_ms: One measured whole-model forward+backward, milliseconds.
         calibration: How per-layer times were adjusted, if they were; None when raw.
+        timer: The clock the times come from: ``"wall"`` (``time.perf_counter``, CUDA-synchronised
+            on GPUs) or ``"cpu"`` (process CPU time); None when unknown (imports, older files).
         rescaled_from_batch_size: The measured batch size if this profile was rescaled.
         leaf_modules: Modules kept whole while tracing.
         machine: Free text naming the machine that measured it.
@@ -122,6 +124,7 @@ class Profile:
     reps: int | None = None
     whole_step_ms: float | None = None
     calibration: str | None = None
+    timer: str | None = None
     rescaled_from_batch_size: int | None = None
     leaf_modules: tuple[str, ...] = ()
     machine: str | None = None

@@ -238,6 +238,7 @@ def profile_module(
         reps=reps,
         whole_step_ms=whole_ms,
         calibration=calibration,
+        timer={time.perf_counter: "wall", time.process_time: "cpu"}.get(clock),
         leaf_modules=tuple(leaf_modules),
         machine=machine_description(first.device),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -351,3 +351,18 @@ def test_cuda_profile_synchronizes_and_records_the_gpu():
     assert p.device == "cuda" and torch.cuda.get_device_name() in (p.machine or "")
     assert all(layer.forward_ms >= 0 for layer in p.layers)
     assert p.whole_step_ms is not None and p.whole_step_ms > 0
+
+
+def test_the_clock_is_recorded_as_timer():
+    import time as _time
+
+    import torch as _torch
+
+    from planner.profile.measure import profile_module
+
+    _torch.manual_seed(0)
+    net = _torch.nn.Sequential(_torch.nn.Linear(4, 4), _torch.nn.ReLU())
+    x = _torch.randn(2, 4)
+    assert profile_module(net, (x,), warmup=0, reps=1, calibrate=False).timer == "wall"
+    cpu = profile_module(net, (x,), warmup=0, reps=1, calibrate=False, clock=_time.process_time)
+    assert cpu.timer == "cpu"
