@@ -156,7 +156,7 @@ def test_run_then_calibrate_replans_from_the_report(tmp_path):
     assert (tmp_path / "tiny.report.json").is_file()
     again = plan_cmd("--calibrate", "tiny.report.json", "-o", "again.json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "calibrated from tiny.report.json" in again.stderr
+    assert "calibrated from tiny.json" in again.stderr
     plan = Plan.load(tmp_path / "again.json")
     assert plan.minibatch_size == 8 and plan.microbatches == 4
     assert "calibrated" in json.loads((tmp_path / "again.profile.json").read_text())["calibration"]
