@@ -55,8 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "size times the devices for 1f1b/gpipe, the profile's batch for pipedream)")
     how.add_argument("--schedule", choices=[s.value for s in Schedule], default=None,
                      help="pipeline schedule (default: 1f1b, synchronous with a flush)")
-    how.add_argument("--microbatches", type=positive_int, default=None,
-                     help="microbatches per minibatch (default: chosen by the planner)")
+    how.add_argument("--microbatches", type=_microbatches, default=None, metavar="M|auto",
+                     help="microbatches per minibatch (default: the divisor of the minibatch whose "
+                          "microbatch is closest to the profiled batch; auto: try the divisors whose "
+                          "microbatch is within 1/4..4x the profiled batch and keep the fastest)")
     how.add_argument("--optimizer", choices=[o.value for o in OptimizerKind], default="sgd",
                      help="training optimizer, for memory (default: sgd)")
     how.add_argument("--recompute", action="store_true",
@@ -80,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profiling_arguments(profiling)
     profiling.add_argument("--profile-batch-size", type=positive_int, default=32,
                            help="batch size to profile at (default 32)")
+
+
+def _microbatches(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def _calibrated(args: argparse.Namespace, output: Path) -> tuple[Profile, Path, Topology]:
@@ -173,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     options = PlanOptions(
         schedule=Schedule(args.schedule or Schedule.ONE_F_ONE_B),
         minibatch_size=args.batch_size,
-        microbatches=args.microbatches,
+        microbatches=None if args.microbatches == "auto" else args.microbatches,
+        auto_microbatches=args.microbatches == "auto",
         optimizer=OptimizerKind(args.optimizer),
         solver=args.solver,
         straight=args.straight,
