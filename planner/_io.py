@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "load_json", "schema", "validate"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "lists_to_tuples", "load_json", "schema", "validate"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -79,3 +79,8 @@ def load_json(path: str | os.PathLike[str], error: type[Exception], what: str) -
             f"{what} {p} is not valid JSON (line {exc.lineno}: {exc.msg}); "
             "is it truncated? regenerate it"
         ) from None
+
+
+def lists_to_tuples(doc: dict[str, Any]) -> dict[str, Any]:
+    """A parsed JSON object's lists as tuples, for the frozen dataclasses the formats load into."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner._io import atomic_write_text, load_json, validate
+from planner._io import atomic_write_text, lists_to_tuples, load_json, validate
 from planner.errors import PlanError
 from planner.profile.format import Profile
 from planner.schedules import OptimizerKind, Schedule
@@ -347,11 +347,11 @@ class Plan:
         validate(doc, "plan", PlanError, what)
         try:
             return cls(
-                profile=ProfileRef(**_tuples(doc["profile"])),
+                profile=ProfileRef(**lists_to_tuples(doc["profile"])),
                 topology=Topology.from_dict(doc["topology"], f"{what} topology"),
                 schedule=Schedule(doc["schedule"]),
                 optimizer=OptimizerKind(doc["optimizer"]),
-                stages=tuple(PlanStage(**_tuples(s)) for s in doc["stages"]),
+                stages=tuple(PlanStage(**lists_to_tuples(s)) for s in doc["stages"]),
                 predicted=Prediction(**doc["predicted"]),
                 baselines=tuple(BaselineScore(**b) for b in doc.get("baselines", ())),
                 **{k: doc[k] for k in ("minibatch_size", "microbatch_size", "microbatches",
@@ -395,10 +395,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _tuples(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}
 
 
 def find_profile_file(plan: Plan, plan_path: str | os.PathLike[str],

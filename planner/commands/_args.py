@@ -8,24 +8,22 @@ import math
 __all__ = ["nonnegative_int", "positive_float", "positive_int", "shape"]
 
 
-def positive_int(text: str) -> int:
+def _whole(text: str, low: int, bound: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole(text, 1, "at least 1")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+    return _whole(text, 0, "0 or more")
 
 
 def positive_float(text: str) -> float:

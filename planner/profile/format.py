@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from planner._io import atomic_write_text, load_json, validate
+from planner._io import atomic_write_text, lists_to_tuples, load_json, validate
 from planner.errors import ProfileError
 
 if TYPE_CHECKING:
@@ -294,10 +294,8 @@ class Profile:
             )
         validate(doc, "profile", ProfileError, what)
         fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "_names"}
-        kwargs: dict[str, Any] = {
-            k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items() if k in fields
-        }
-        layers = tuple(LayerProfile(**_tuples(layer)) for layer in doc["layers"])
+        kwargs = lists_to_tuples({k: v for k, v in doc.items() if k in fields})
+        layers = tuple(LayerProfile(**lists_to_tuples(layer)) for layer in doc["layers"])
         return cls(layers=layers, **kwargs)
 
     @classmethod
@@ -317,10 +315,6 @@ class Profile:
         """Read and validate a profile file; a bad file raises :class:`ProfileError`."""
         doc = load_json(path, ProfileError, "profile")
         return cls.from_dict(doc, f"profile {os.fspath(path)}")
-
-
-def _tuples(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in doc.items()}
 
 
 def graph_hash(layers: Iterable[tuple[str, str, Sequence[int]]]) -> str:
