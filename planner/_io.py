@@ -12,7 +12,14 @@ from typing import Any
 
 import jsonschema
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "lists_to_tuples", "load_json", "schema", "validate"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "lists_to_tuples",
+    "load_json",
+    "schema",
+    "validate",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -49,7 +56,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 @cache
 def schema(name: str) -> dict[str, Any]:
     """The JSON schema ``planner/schemas/<name>.schema.json`` shipped with the package."""
-    text = resources.files("planner").joinpath("schemas").joinpath(f"{name}.schema.json").read_text()
+    text = (
+        resources.files("planner").joinpath("schemas").joinpath(f"{name}.schema.json").read_text()
+    )
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

@@ -65,12 +65,12 @@ _COMMANDS: dict[str, _Command] = {
     "simulate": _Command(
         "simulate a plan and draw its timeline",
         "plan simulate plan.json --png gantt.png",
-        "planner.simulate_command",
+        "planner.commands.simulate",
     ),
     "run": _Command(
         "train with a plan on local processes",
         "plan run plan.json --steps 50",
-        "planner.runtime.command",
+        "planner.commands.run",
     ),
 }
 

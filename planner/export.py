@@ -68,12 +68,15 @@ def _replication_note(plan: Plan, system: str) -> str | None:
         )
     (count,) = replicas
     if count > 1:
-        return f"{system}: run {count} data-parallel copies of the pipeline to match the replication"
+        return (
+            f"{system}: run {count} data-parallel copies of the pipeline to match the replication"
+        )
     return None
 
 
-def _torch_pipelining(plan: Plan, profile: Profile, stages: list[list[int]], contiguous: bool,
-                      notes: list[str]) -> ExportedPlan:
+def _torch_pipelining(
+    plan: Plan, profile: Profile, stages: list[list[int]], contiguous: bool, notes: list[str]
+) -> ExportedPlan:
     split_spec: dict[str, str] = {}
     for s, stage in enumerate(stages[1:], start=1):
         first = profile.layers[min(stage)]
@@ -85,11 +88,15 @@ def _torch_pipelining(plan: Plan, profile: Profile, stages: list[list[int]], con
                 "torch.distributed.pipelining.pipe_split() before it in forward()"
             )
     if not contiguous:
-        notes.append("some stages are not contiguous in program order; torch.distributed."
-                     "pipelining splits the traced program in order, so it cannot express them")
+        notes.append(
+            "some stages are not contiguous in program order; torch.distributed."
+            "pipelining splits the traced program in order, so it cannot express them"
+        )
     if plan.schedule is Schedule.PIPEDREAM:
-        notes.append("torch.distributed.pipelining has no asynchronous PipeDream schedule; "
-                     "Schedule1F1B is the closest (with a flush)")
+        notes.append(
+            "torch.distributed.pipelining has no asynchronous PipeDream schedule; "
+            "Schedule1F1B is the closest (with a flush)"
+        )
     note = _replication_note(plan, "torch.distributed.pipelining")
     if note:
         notes.append(note)
@@ -101,14 +108,15 @@ def _torch_pipelining(plan: Plan, profile: Profile, stages: list[list[int]], con
         "microbatches": plan.microbatches,
         "schedule": schedule,
         "usage": "pipeline(model, mb_args=..., split_spec={name: SplitPoint.BEGINNING for name in "
-                 "split_spec}); then " + schedule + "(stage, n_microbatches=microbatches, loss_fn=...)",
+        "split_spec}); then " + schedule + "(stage, n_microbatches=microbatches, loss_fn=...)",
         "notes": notes,
     }
     return ExportedPlan(text=json.dumps(doc, indent=1) + "\n", companions={}, notes=tuple(notes))
 
 
-def _deepspeed(plan: Plan, profile: Profile, stages: list[list[int]], contiguous: bool,
-               notes: list[str]) -> ExportedPlan:
+def _deepspeed(
+    plan: Plan, profile: Profile, stages: list[list[int]], contiguous: bool, notes: list[str]
+) -> ExportedPlan:
     if not contiguous:
         raise PlanError(
             "DeepSpeed's parts are ranges of the layer list, but this plan's stages are not "
@@ -122,9 +130,11 @@ def _deepspeed(plan: Plan, profile: Profile, stages: list[list[int]], contiguous
         notes.append(note)
     if plan.schedule is not Schedule.ONE_F_ONE_B:
         notes.append(f"DeepSpeed always runs 1F1B with a flush; this plan assumed {plan.schedule}")
-    notes.append("parts index the profile's layers in order; build PipelineModule(layers=...) from "
-                 "the same layer list and set its parts to these boundaries (partition_method "
-                 "computes them otherwise)")
+    notes.append(
+        "parts index the profile's layers in order; build PipelineModule(layers=...) from "
+        "the same layer list and set its parts to these boundaries (partition_method "
+        "computes them otherwise)"
+    )
     doc = {
         "format": "deepspeed",
         "num_stages": len(stages),
@@ -149,7 +159,9 @@ def _pipedream(plan: Plan, profile: Profile, stages: list[list[int]]) -> Exporte
         lines.append(line)
     notes = []
     if plan.schedule is not Schedule.PIPEDREAM:
-        notes.append(f"PipeDream's runtime runs its own asynchronous 1F1B; this plan assumed {plan.schedule}")
+        notes.append(
+            f"PipeDream's runtime runs its own asynchronous 1F1B; this plan assumed {plan.schedule}"
+        )
     conf = {
         # PipeDream generates one module per stage plus the loss, which runs on the last stage.
         "module_to_stage_map": [*range(len(stages)), len(stages) - 1],

@@ -281,24 +281,48 @@ class Plan:
             f"{'' if self.optimal else ' (not proven optimal)'}, cost model {self.cost_model}"
             f"{', recompute' if self.recompute else ''}\n"
         )
-        cols = ("stage", "layers", "n", "replicas", "ranks", "compute ms", "comm ms",
-                "allreduce ms", "time ms", "memory GiB")
+        cols = (
+            "stage",
+            "layers",
+            "n",
+            "replicas",
+            "ranks",
+            "compute ms",
+            "comm ms",
+            "allreduce ms",
+            "time ms",
+            "memory GiB",
+        )
         rows = []
         for s, stage in enumerate(self.stages):
-            span = stage.layers[0] if len(stage.layers) == 1 else f"{stage.layers[0]} .. {stage.layers[-1]}"
+            span = (
+                stage.layers[0]
+                if len(stage.layers) == 1
+                else f"{stage.layers[0]} .. {stage.layers[-1]}"
+            )
             mark = " *" if s == self.bottleneck_stage else ""
-            rows.append((
-                f"{s}{mark}", _clip(span, 44), str(len(stage.layers)), str(stage.replicas),
-                ranks_of[s], f"{stage.compute_s * 1e3:.2f}", f"{stage.comm_s * 1e3:.2f}",
-                f"{stage.allreduce_s * 1e3:.2f}", f"{stage.time_s * 1e3:.2f}",
-                f"{stage.memory_bytes / _GIB:.2f}",
-            ))
+            rows.append(
+                (
+                    f"{s}{mark}",
+                    _clip(span, 44),
+                    str(len(stage.layers)),
+                    str(stage.replicas),
+                    ranks_of[s],
+                    f"{stage.compute_s * 1e3:.2f}",
+                    f"{stage.comm_s * 1e3:.2f}",
+                    f"{stage.allreduce_s * 1e3:.2f}",
+                    f"{stage.time_s * 1e3:.2f}",
+                    f"{stage.memory_bytes / _GIB:.2f}",
+                )
+            )
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         numeric = set(range(2, len(cols))) - {4}
 
         def line(cells: tuple[str, ...]) -> str:
-            return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+            return "  ".join(
+                c.rjust(w) if i in numeric else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
 
         table = "\n".join([line(cols), *(line(r) for r in rows)])
         lines = [
@@ -312,8 +336,11 @@ class Plan:
         ]
         speed = f"speedup: {p.speedup_over_single:.2f}x over one device"
         dp = p.speedup_over_data_parallel
-        speed += (f", {dp:.2f}x over data parallelism" if dp is not None
-                  else ", data parallelism does not fit in memory")
+        speed += (
+            f", {dp:.2f}x over data parallelism"
+            if dp is not None
+            else ", data parallelism does not fit in memory"
+        )
         lines.append(speed)
         if self.baselines:
             lines.append("baselines (same cost model):")
@@ -354,9 +381,20 @@ class Plan:
                 stages=tuple(PlanStage(**lists_to_tuples(s)) for s in doc["stages"]),
                 predicted=Prediction(**doc["predicted"]),
                 baselines=tuple(BaselineScore(**b) for b in doc.get("baselines", ())),
-                **{k: doc[k] for k in ("minibatch_size", "microbatch_size", "microbatches",
-                                       "solver", "optimal", "cost_model", "recompute",
-                                       "planner_version") if k in doc},
+                **{
+                    k: doc[k]
+                    for k in (
+                        "minibatch_size",
+                        "microbatch_size",
+                        "microbatches",
+                        "solver",
+                        "optimal",
+                        "cost_model",
+                        "recompute",
+                        "planner_version",
+                    )
+                    if k in doc
+                },
             )
         except PlanError as exc:
             raise PlanError(f"{what}: {exc}") from None
@@ -397,8 +435,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def find_profile_file(plan: Plan, plan_path: str | os.PathLike[str],
-                      override: str | os.PathLike[str] | None = None) -> Path:
+def find_profile_file(
+    plan: Plan, plan_path: str | os.PathLike[str], override: str | os.PathLike[str] | None = None
+) -> Path:
     """The file of the plan's profile: ``override``; else its recorded path (as given, then
     relative to the plan's folder), else a file of that name beside the plan.
 
@@ -417,8 +456,9 @@ def find_profile_file(plan: Plan, plan_path: str | os.PathLike[str],
     raise PlanError(f"cannot find the plan's profile (tried {tried}); pass it with --profile FILE")
 
 
-def load_plan_and_profile(plan_path: str | os.PathLike[str],
-                          override: str | os.PathLike[str] | None = None) -> tuple[Plan, Profile]:
+def load_plan_and_profile(
+    plan_path: str | os.PathLike[str], override: str | os.PathLike[str] | None = None
+) -> tuple[Plan, Profile]:
     """A plan and its profile, checked to belong together (same file, every layer once)."""
     plan = Plan.load(plan_path)
     path = find_profile_file(plan, plan_path, override)

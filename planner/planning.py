@@ -26,7 +26,14 @@ from planner.profile.format import Profile
 from planner.schedules import OptimizerKind, Schedule
 from planner.topology import Topology
 
-__all__ = ["PlanOptions", "draw_plan", "make_plan", "plan_from_partition", "shipped_profile", "solve"]
+__all__ = [
+    "PlanOptions",
+    "draw_plan",
+    "make_plan",
+    "plan_from_partition",
+    "shipped_profile",
+    "solve",
+]
 
 _PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -93,8 +100,11 @@ def _sizes(profile: Profile, topology: Topology, options: PlanOptions) -> tuple[
         # Linear rescaling is a fair estimate near the measured batch size only, so the search
         # keeps microbatches between a quarter and four times the profiled batch.
         low, high = profile.batch_size / 4, profile.batch_size * 4
-        counts = [m for m in range(1, minibatch + 1)
-                  if minibatch % m == 0 and low <= minibatch // m <= high] or [default]
+        counts = [
+            m
+            for m in range(1, minibatch + 1)
+            if minibatch % m == 0 and low <= minibatch // m <= high
+        ] or [default]
     else:
         # Plan at the measured batch size (no extrapolation): the divisor of the minibatch whose
         # microbatch is closest to the profiled batch.
@@ -108,8 +118,14 @@ def _sizes(profile: Profile, topology: Topology, options: PlanOptions) -> tuple[
     return minibatch, counts
 
 
-def solve(profile: Profile, topology: Topology, options: PlanOptions, *, minibatch_size: int,
-          microbatches: int) -> Partition:
+def solve(
+    profile: Profile,
+    topology: Topology,
+    options: PlanOptions,
+    *,
+    minibatch_size: int,
+    microbatches: int,
+) -> Partition:
     """One solver run for a fixed microbatch count (the profile is rescaled to the microbatch)."""
     from planner.optimize import optimize
 
@@ -128,8 +144,9 @@ def solve(profile: Profile, topology: Topology, options: PlanOptions, *, minibat
     )
 
 
-def make_plan(profile: Profile, profile_path: str | os.PathLike[str], topology: Topology,
-              options: PlanOptions) -> Plan:
+def make_plan(
+    profile: Profile, profile_path: str | os.PathLike[str], topology: Topology, options: PlanOptions
+) -> Plan:
     """Optimize ``profile`` for ``topology`` and wrap the result, with baselines, as a Plan."""
     from planner.errors import InfeasibleError
     from planner.optimize.baselines import all_baselines
@@ -141,7 +158,9 @@ def make_plan(profile: Profile, profile_path: str | os.PathLike[str], topology: 
     failure: InfeasibleError | None = None
     for count in counts:
         try:
-            partition = solve(planned, topology, options, minibatch_size=minibatch, microbatches=count)
+            partition = solve(
+                planned, topology, options, minibatch_size=minibatch, microbatches=count
+            )
         except InfeasibleError as exc:
             failure = failure or exc
             continue
@@ -160,8 +179,9 @@ def make_plan(profile: Profile, profile_path: str | os.PathLike[str], topology: 
         memory_constraint=options.memory_constraint,
         cost_model=CostModelKind(options.cost_model),
     )
-    return plan_from_partition(best, profile, profile_path, topology, options, minibatch, baselines,
-                               planned=planned)
+    return plan_from_partition(
+        best, profile, profile_path, topology, options, minibatch, baselines, planned=planned
+    )
 
 
 def _planning_profile(profile: Profile) -> Profile:
@@ -177,16 +197,21 @@ def _planning_profile(profile: Profile) -> Profile:
 def _stage_names(partition: Partition, profile: Profile, planned: Profile) -> list[list[str]]:
     """Stage layer names in ``profile``'s order; layers the solver did not see (dropped by
     :func:`_planning_profile`) join the stage of their first consumer, or else of their last input."""
-    stage_of = {planned.layers[i].name: s for s, st in enumerate(partition.stages) for i in st.layers}
+    stage_of = {
+        planned.layers[i].name: s for s, st in enumerate(partition.stages) for i in st.layers
+    }
     consumers = profile.consumers()
     for index, layer in enumerate(profile.layers):  # sinks: after their inputs
         if layer.name not in stage_of and layer.inputs and not consumers[index]:
-            stage_of[layer.name] = max(stage_of.get(profile.layers[i].name, 0) for i in layer.inputs)
+            stage_of[layer.name] = max(
+                stage_of.get(profile.layers[i].name, 0) for i in layer.inputs
+            )
     for index in reversed(range(len(profile.layers))):  # sources and the rest: before consumers
         name = profile.layers[index].name
         if name not in stage_of:
-            stage_of[name] = min((stage_of.get(profile.layers[c].name, 0) for c in consumers[index]),
-                                 default=0)
+            stage_of[name] = min(
+                (stage_of.get(profile.layers[c].name, 0) for c in consumers[index]), default=0
+            )
     stages: list[list[str]] = [[] for _ in partition.stages]
     for layer in profile.layers:
         stages[stage_of[layer.name]].append(layer.name)
@@ -212,8 +237,15 @@ def plan_from_partition(
     data_parallel_s = None
     for name, base in (baselines or {}).items():
         fits = base.fits
-        scores.append(BaselineScore(name=name, minibatch_s=base.minibatch_s, stages=len(base.stages),
-                                    fits=fits, note=base.note))
+        scores.append(
+            BaselineScore(
+                name=name,
+                minibatch_s=base.minibatch_s,
+                stages=len(base.stages),
+                fits=fits,
+                note=base.note,
+            )
+        )
         if name == "data-parallel" and fits:
             data_parallel_s = base.minibatch_s
     stages = tuple(

@@ -153,8 +153,13 @@ def replica_order(
     count = replicas[stage]
     if not 0 <= replica < count:
         raise ValueError(f"stage {stage} has {count} replicas; replica {replica} does not exist")
-    order = stage_order(schedule, num_stages=len(replicas), stage=stage,
-                        microbatches=microbatches, replicas=replicas)
+    order = stage_order(
+        schedule,
+        num_stages=len(replicas),
+        stage=stage,
+        microbatches=microbatches,
+        replicas=replicas,
+    )
     return tuple(op for op in order if replica_of(op.microbatch, count) == replica)
 
 
@@ -188,8 +193,9 @@ def in_flight(
     most = 0
     for replica in range(replicas[stage]):
         held = 0
-        for op in replica_order(schedule, replicas=replicas, stage=stage, replica=replica,
-                                microbatches=microbatches):
+        for op in replica_order(
+            schedule, replicas=replicas, stage=stage, replica=replica, microbatches=microbatches
+        ):
             held += 1 if op.kind == "F" else -1
             most = max(most, held)
     return most
@@ -237,12 +243,16 @@ def sync_points(
     if minibatches < 1:
         raise ValueError(f"need at least one minibatch, got {minibatches}")
     if schedule is not Schedule.PIPEDREAM:
-        per = len(replica_order(schedule, replicas=replicas, stage=stage, replica=replica,
-                                microbatches=microbatches))
+        per = len(
+            replica_order(
+                schedule, replicas=replicas, stage=stage, replica=replica, microbatches=microbatches
+            )
+        )
         return tuple(per * (k + 1) for k in range(minibatches))
     total = microbatches * minibatches
-    order = stage_order(schedule, num_stages=len(replicas), stage=stage, microbatches=total,
-                        replicas=replicas)
+    order = stage_order(
+        schedule, num_stages=len(replicas), stage=stage, microbatches=total, replicas=replicas
+    )
     points: list[int] = []
     mine = 0
     for op in order:
@@ -287,8 +297,12 @@ def step_grid(schedule: Schedule, *, replicas: Sequence[int], microbatches: int)
     """
     num = len(replicas)
     lists = [
-        [replica_order(schedule, replicas=replicas, stage=s, replica=r, microbatches=microbatches)
-         for r in range(replicas[s])]
+        [
+            replica_order(
+                schedule, replicas=replicas, stage=s, replica=r, microbatches=microbatches
+            )
+            for r in range(replicas[s])
+        ]
         for s in range(num)
     ]
     done: dict[tuple[str, int, int], int] = {}  # (kind, stage, microbatch) -> step it ended
@@ -305,8 +319,11 @@ def step_grid(schedule: Schedule, *, replicas: Sequence[int], microbatches: int)
                     if op.kind == "F":
                         need = done.get(("F", s - 1, op.microbatch)) if s > 0 else 0
                     else:
-                        need = (done.get(("B", s + 1, op.microbatch)) if s < num - 1
-                                else done.get(("F", s, op.microbatch)))
+                        need = (
+                            done.get(("B", s + 1, op.microbatch))
+                            if s < num - 1
+                            else done.get(("F", s, op.microbatch))
+                        )
                     if need is None:
                         break
                     step = max(free[s][r], need)
@@ -315,14 +332,16 @@ def step_grid(schedule: Schedule, *, replicas: Sequence[int], microbatches: int)
                     free[s][r] = step + 1
                     ptr[s][r] += 1
                     progress = True
-    names = [f"s{s}" if replicas[s] == 1 else f"s{s}r{r}"
-             for s in range(num) for r in range(replicas[s])]
+    names = [
+        f"s{s}" if replicas[s] == 1 else f"s{s}r{r}" for s in range(num) for r in range(replicas[s])
+    ]
     width = max(3, *(len(n) for n in names))
     steps = max(step for step, _, _ in cells) + 1
     lines = ["step  " + "  ".join(n.ljust(width) for n in names)]
     for step in range(steps):
-        row = [cells.get((step, s, r), "").ljust(width)
-               for s in range(num) for r in range(replicas[s])]
+        row = [
+            cells.get((step, s, r), "").ljust(width) for s in range(num) for r in range(replicas[s])
+        ]
         lines.append(f"{step:>4}  " + "  ".join(row))
     return "\n".join(line.rstrip() for line in lines)
 

@@ -61,8 +61,18 @@ __all__ = [
 ]
 
 EVENT_KINDS = ("forward", "backward", "send", "recv", "allreduce")
-EVENT_COLUMNS = ("rank", "stage", "replica", "kind", "microbatch", "minibatch", "start_s",
-                 "end_s", "peer", "bytes")
+EVENT_COLUMNS = (
+    "rank",
+    "stage",
+    "replica",
+    "kind",
+    "microbatch",
+    "minibatch",
+    "start_s",
+    "end_s",
+    "peer",
+    "bytes",
+)
 _F, _B, _SEND, _RECV, _AR = range(5)
 _STATE_COPIES = {OptimizerKind.SGD: 0, OptimizerKind.MOMENTUM: 1, OptimizerKind.ADAM: 2}
 
@@ -100,8 +110,16 @@ class SimStage:
     def __post_init__(self) -> None:
         if not self.ranks:
             raise PlanError("a stage needs at least one rank")
-        for name in ("forward_s", "backward_s", "send_bytes", "allreduce_s", "static_bytes",
-                     "activation_bytes", "backward_extra_bytes", "stash_bytes"):
+        for name in (
+            "forward_s",
+            "backward_s",
+            "send_bytes",
+            "allreduce_s",
+            "static_bytes",
+            "activation_bytes",
+            "backward_extra_bytes",
+            "stash_bytes",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise PlanError(f"stage {name} must be finite and >= 0, got {value!r}")
@@ -204,8 +222,10 @@ class SimulationResult:
             )
         if self.links and self.links[0].busy_fraction > 0:
             top = self.links[0]
-            lines.append(f"busiest link: rank {top.src} -> {top.dst} (level {top.level}), "
-                         f"{top.busy_fraction:.1%} busy")
+            lines.append(
+                f"busiest link: rank {top.src} -> {top.dst} (level {top.level}), "
+                f"{top.busy_fraction:.1%} busy"
+            )
         return "\n".join(lines)
 
 
@@ -226,8 +246,9 @@ def default_minibatches(schedule: Schedule, *, devices: int, microbatches: int) 
     return 2 * _edge(devices, microbatches) + 1 + max(8, math.ceil(4 * devices / microbatches))
 
 
-def steady_window(schedule: Schedule, *, devices: int, microbatches: int,
-                  minibatches: int) -> tuple[int, int]:
+def steady_window(
+    schedule: Schedule, *, devices: int, microbatches: int, minibatches: int
+) -> tuple[int, int]:
     """The minibatches ``(lo, hi)`` whose end times bound the steady-state window.
 
     The time per minibatch is ``(end[hi] - end[lo]) / (hi - lo)``; ``lo == hi == 0`` means one
@@ -257,7 +278,7 @@ def _whole_periods(done: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     Round-robin replication makes a steady state periodic over several minibatches (e.g. every
     round of replicas ends with its all-reduce), so a window over part of a period would be off.
     """
-    steps = np.diff(done[lo:hi + 1])
+    steps = np.diff(done[lo : hi + 1])
     scale = max(float(np.abs(steps).max(initial=0.0)), 1e-300)
     for period in range(1, len(steps) // 2 + 1):
         if np.allclose(steps[period:], steps[:-period], rtol=1e-9, atol=1e-9 * scale):
@@ -337,20 +358,24 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
         fwd = sum(layer.forward_ms for layer in layers) / 1e3
         bwd = sum(layer.backward_ms for layer in layers) / 1e3
         params = sum(layer.parameter_bytes for layer in layers)
-        saved = sum(layer.activation_bytes if layer.saved_bytes is None else layer.saved_bytes
-                    for layer in layers)
+        saved = sum(
+            layer.activation_bytes if layer.saved_bytes is None else layer.saved_bytes
+            for layer in layers
+        )
         inbound = float(boundary[s - 1]) if s > 0 else 0.0
-        out.append(SimStage(
-            forward_s=fwd,
-            backward_s=bwd + (fwd if plan.recompute else 0.0),
-            ranks=stage.ranks,
-            send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
-            allreduce_s=ring_allreduce_s(plan.topology, stage.ranks, params),
-            static_bytes=float(copies * params + sum(layer.buffer_bytes for layer in layers)),
-            activation_bytes=inbound if plan.recompute else float(saved),
-            backward_extra_bytes=float(saved) if plan.recompute else 0.0,
-            stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
-        ))
+        out.append(
+            SimStage(
+                forward_s=fwd,
+                backward_s=bwd + (fwd if plan.recompute else 0.0),
+                ranks=stage.ranks,
+                send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
+                allreduce_s=ring_allreduce_s(plan.topology, stage.ranks, params),
+                static_bytes=float(copies * params + sum(layer.buffer_bytes for layer in layers)),
+                activation_bytes=inbound if plan.recompute else float(saved),
+                backward_extra_bytes=float(saved) if plan.recompute else 0.0,
+                stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
+            )
+        )
     return out
 
 
@@ -410,23 +435,35 @@ def simulate_stages(
     if microbatches < 1:
         raise PlanError(f"need at least one microbatch per minibatch, got {microbatches}")
     if minibatches is None:
-        minibatches = default_minibatches(schedule, devices=sum(len(st.ranks) for st in stages),
-                                          microbatches=microbatches)
+        minibatches = default_minibatches(
+            schedule, devices=sum(len(st.ranks) for st in stages), microbatches=microbatches
+        )
     if minibatches < 1:
-        raise PlanError(f"need at least one minibatch to simulate, got {minibatches}; use --minibatches 4")
+        raise PlanError(
+            f"need at least one minibatch to simulate, got {minibatches}; use --minibatches 4"
+        )
     ranks = [r for st in stages for r in st.ranks]
     if len(set(ranks)) != len(ranks):
         raise PlanError(f"ranks {ranks} repeat; give each replica its own rank")
     if topology is not None and max(ranks) >= topology.num_devices:
-        raise PlanError(f"rank {max(ranks)} is outside the topology's {topology.num_devices} devices")
+        raise PlanError(
+            f"rank {max(ranks)} is outside the topology's {topology.num_devices} devices"
+        )
     return _Engine(stages, schedule, microbatches, minibatches, topology, microbatch_size).run()
 
 
 class _Engine:
     """The event loop; devices advance through their op lists as far as their inputs allow."""
 
-    def __init__(self, stages: Sequence[SimStage], schedule: Schedule, microbatches: int,
-                 minibatches: int, topology: Topology | None, microbatch_size: int) -> None:
+    def __init__(
+        self,
+        stages: Sequence[SimStage],
+        schedule: Schedule,
+        microbatches: int,
+        minibatches: int,
+        topology: Topology | None,
+        microbatch_size: int,
+    ) -> None:
         self.stages, self.schedule, self.topology = list(stages), schedule, topology
         self.M, self.N, self.mb_size = microbatches, minibatches, microbatch_size
         self.total = microbatches * minibatches
@@ -463,22 +500,35 @@ class _Engine:
         self.ev: list[tuple[int, int, int, int, float, float, int, float]] = []
         self.queue: deque[int] = deque(range(len(self.devices)))
 
-
-    def _device_ops(self, replicas: list[int], s: int, r: int, reduce: bool) -> list[tuple[int, int]]:
+    def _device_ops(
+        self, replicas: list[int], s: int, r: int, reduce: bool
+    ) -> list[tuple[int, int]]:
         """The device's op list from planner.schedules, with an all-reduce per minibatch."""
         kinds = {"F": _F, "B": _B}
         if self.schedule is Schedule.PIPEDREAM:
-            ops = [(kinds[op.kind], op.microbatch) for op in replica_order(
-                self.schedule, replicas=replicas, stage=s, replica=r, microbatches=self.total)]
+            ops = [
+                (kinds[op.kind], op.microbatch)
+                for op in replica_order(
+                    self.schedule, replicas=replicas, stage=s, replica=r, microbatches=self.total
+                )
+            ]
         else:
-            base = replica_order(self.schedule, replicas=replicas, stage=s, replica=r,
-                                 microbatches=self.M)
-            ops = [(kinds[op.kind], k * self.M + op.microbatch)
-                   for k in range(self.N) for op in base]
+            base = replica_order(
+                self.schedule, replicas=replicas, stage=s, replica=r, microbatches=self.M
+            )
+            ops = [
+                (kinds[op.kind], k * self.M + op.microbatch) for k in range(self.N) for op in base
+            ]
         if not reduce:
             return ops
-        points = sync_points(self.schedule, replicas=replicas, stage=s, replica=r,
-                             microbatches=self.M, minibatches=self.N)
+        points = sync_points(
+            self.schedule,
+            replicas=replicas,
+            stage=s,
+            replica=r,
+            microbatches=self.M,
+            minibatches=self.N,
+        )
         unit = sync_unit(self.schedule, replicas=replicas[s], microbatches=self.M)
         out: list[tuple[int, int]] = []
         start = 0
@@ -492,8 +542,9 @@ class _Engine:
     def run(self) -> SimulationResult:
         while self.queue:
             self._advance(self.queue.popleft())
-        stuck = [self.devices[d][0] for d in range(len(self.devices))
-                 if self.ptr[d] < len(self.ops[d])]
+        stuck = [
+            self.devices[d][0] for d in range(len(self.devices)) if self.ptr[d] < len(self.ops[d])
+        ]
         assert not stuck, f"schedule deadlocked on ranks {stuck}"
         return self._result()
 
@@ -557,8 +608,9 @@ class _Engine:
             i += 1
         self.ptr[d], self.free[d] = i, t
 
-    def _send(self, d: int, src: int, stage: int, g: int, ready: float, nbytes: float,
-              kind: int) -> None:
+    def _send(
+        self, d: int, src: int, stage: int, g: int, ready: float, nbytes: float, kind: int
+    ) -> None:
         """Send microbatch ``g``'s activations (kind F) or gradients (B) to ``stage``."""
         dd = self.dev_of[stage][g]
         dst = self.devices[dd][0]
@@ -588,8 +640,9 @@ class _Engine:
         minibatch = np.asarray(cols[3], dtype=np.int64)
         done = np.zeros(self.N)
         np.maximum.at(done, minibatch, end)  # each minibatch ends with its last operation
-        lo, hi = steady_window(self.schedule, devices=len(self.devices), microbatches=self.M,
-                               minibatches=self.N)
+        lo, hi = steady_window(
+            self.schedule, devices=len(self.devices), microbatches=self.M, minibatches=self.N
+        )
         if self.schedule is Schedule.PIPEDREAM:
             lo, hi = _whole_periods(done, lo, hi)
         w0, w1 = (0.0, float(done[0])) if hi == 0 else (float(done[lo]), float(done[hi]))
@@ -601,55 +654,79 @@ class _Engine:
         reduce = np.bincount(dev[kind == _AR], clipped[kind == _AR], minlength=ndev) / span
         peaks = [max(v) for v in self.mem_v]
         devices = tuple(
-            DeviceStats(rank=rank, stage=s, replica=r, compute_fraction=float(compute[d]),
-                        allreduce_fraction=float(reduce[d]),
-                        idle_fraction=float(max(0.0, 1.0 - compute[d] - reduce[d])),
-                        peak_memory_bytes=float(peaks[d]))
+            DeviceStats(
+                rank=rank,
+                stage=s,
+                replica=r,
+                compute_fraction=float(compute[d]),
+                allreduce_fraction=float(reduce[d]),
+                idle_fraction=float(max(0.0, 1.0 - compute[d] - reduce[d])),
+                peak_memory_bytes=float(peaks[d]),
+            )
             for d, (rank, s, r) in enumerate(self.devices)
         )
         links = []
         for (src, dst), spans in self.link_busy.items():
             busy = np.asarray(spans)
             used = float(np.sum(np.clip(busy[:, 1], w0, w1) - np.clip(busy[:, 0], w0, w1)))
-            links.append(LinkStats(src=src, dst=dst, level=self.topology.link_level(src, dst)
-                                   if self.topology else 0, busy_fraction=used / span))
+            links.append(
+                LinkStats(
+                    src=src,
+                    dst=dst,
+                    level=self.topology.link_level(src, dst) if self.topology else 0,
+                    busy_fraction=used / span,
+                )
+            )
         links.sort(key=lambda link: (-link.busy_fraction, link.src, link.dst))
         busiest: dict[int, float] = {}
         for stats in devices:
-            busiest[stats.stage] = max(busiest.get(stats.stage, 0.0),
-                                       stats.compute_fraction + stats.allreduce_fraction)
+            busiest[stats.stage] = max(
+                busiest.get(stats.stage, 0.0), stats.compute_fraction + stats.allreduce_fraction
+            )
         critical = max(busiest, key=lambda s: (round(busiest[s], 6), self._stage_time(s)))
         ranks = np.asarray([rank for rank, _, _ in self.devices], dtype=np.int64)
         stage = np.asarray([s for _, s, _ in self.devices], dtype=np.int64)
         replica = np.asarray([r for _, _, r in self.devices], dtype=np.int64)
-        events = pd.DataFrame({
-            "rank": ranks[dev],
-            "stage": stage[dev],
-            "replica": replica[dev],
-            "kind": pd.Categorical.from_codes(kind, categories=list(EVENT_KINDS)),
-            "microbatch": np.asarray(cols[2], dtype=np.int64),
-            "minibatch": minibatch,
-            "start_s": start,
-            "end_s": end,
-            "peer": np.asarray(cols[6], dtype=np.int64),
-            "bytes": np.asarray(cols[7], dtype=float),
-        }).sort_values(["start_s", "rank"], kind="stable", ignore_index=True)
+        events = pd.DataFrame(
+            {
+                "rank": ranks[dev],
+                "stage": stage[dev],
+                "replica": replica[dev],
+                "kind": pd.Categorical.from_codes(kind, categories=list(EVENT_KINDS)),
+                "microbatch": np.asarray(cols[2], dtype=np.int64),
+                "minibatch": minibatch,
+                "start_s": start,
+                "end_s": end,
+                "peer": np.asarray(cols[6], dtype=np.int64),
+                "bytes": np.asarray(cols[7], dtype=float),
+            }
+        ).sort_values(["start_s", "rank"], kind="stable", ignore_index=True)
         sizes = [len(t) for t in self.mem_t]
-        memory = pd.DataFrame({
-            "rank": np.repeat(ranks, sizes),
-            "stage": np.repeat(stage, sizes),
-            "time_s": np.concatenate([np.asarray(t) for t in self.mem_t]),
-            "bytes": np.concatenate([np.asarray(v) for v in self.mem_v]),
-        })
+        memory = pd.DataFrame(
+            {
+                "rank": np.repeat(ranks, sizes),
+                "stage": np.repeat(stage, sizes),
+                "time_s": np.concatenate([np.asarray(t) for t in self.mem_t]),
+                "bytes": np.concatenate([np.asarray(v) for v in self.mem_v]),
+            }
+        )
         samples = self.M * self.mb_size
         return SimulationResult(
-            schedule=self.schedule, microbatches=self.M, minibatches=self.N,
-            samples_per_minibatch=samples, minibatch_s=minibatch_s,
-            first_minibatch_s=float(done[0]), makespan_s=float(end.max()),
+            schedule=self.schedule,
+            microbatches=self.M,
+            minibatches=self.N,
+            samples_per_minibatch=samples,
+            minibatch_s=minibatch_s,
+            first_minibatch_s=float(done[0]),
+            makespan_s=float(end.max()),
             samples_per_s=samples / minibatch_s if minibatch_s > 0 else math.inf,
-            window_s=(w0, w1), critical_stage=critical, devices=devices, links=tuple(links),
+            window_s=(w0, w1),
+            critical_stage=critical,
+            devices=devices,
+            links=tuple(links),
             memory_limit_bytes=None if self.topology is None else self.topology.memory_bytes,
-            events=events, memory=memory,
+            events=events,
+            memory=memory,
         )
 
     def _stage_time(self, s: int) -> float:

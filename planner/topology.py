@@ -153,7 +153,9 @@ class Topology:
             raise TopologyError(f"--gpus must be a positive whole number, got {gpus!r}")
         levels: tuple[Level, ...]
         if gpus_per_node is None or gpus_per_node == gpus:
-            levels = (Level(devices=gpus, bandwidth_bytes_per_s=bandwidth_gbps * GB, latency_s=latency_s),)
+            levels = (
+                Level(devices=gpus, bandwidth_bytes_per_s=bandwidth_gbps * GB, latency_s=latency_s),
+            )
         else:
             if gpus_per_node < 1 or gpus % gpus_per_node:
                 raise TopologyError(
@@ -162,7 +164,11 @@ class Topology:
                     + ", ".join(str(d) for d in range(1, gpus + 1) if gpus % d == 0 and d > 1)
                 )
             levels = (
-                Level(devices=gpus_per_node, bandwidth_bytes_per_s=bandwidth_gbps * GB, latency_s=latency_s),
+                Level(
+                    devices=gpus_per_node,
+                    bandwidth_bytes_per_s=bandwidth_gbps * GB,
+                    latency_s=latency_s,
+                ),
                 Level(
                     devices=gpus // gpus_per_node,
                     bandwidth_bytes_per_s=inter_node_bandwidth_gbps * GB,
@@ -181,11 +187,21 @@ class Topology:
                 f"unknown topology preset {name!r}; choose one of {', '.join(sorted(PRESETS))} "
                 "or give a JSON file"
             ) from None
-        levels = [Level(devices=spec["gpus_per_node"], bandwidth_bytes_per_s=spec["intra_gbps"] * GB,
-                        latency_s=spec["intra_latency_s"])]
+        levels = [
+            Level(
+                devices=spec["gpus_per_node"],
+                bandwidth_bytes_per_s=spec["intra_gbps"] * GB,
+                latency_s=spec["intra_latency_s"],
+            )
+        ]
         if nodes > 1:
-            levels.append(Level(devices=nodes, bandwidth_bytes_per_s=spec["inter_gbps"] * GB,
-                                latency_s=spec["inter_latency_s"]))
+            levels.append(
+                Level(
+                    devices=nodes,
+                    bandwidth_bytes_per_s=spec["inter_gbps"] * GB,
+                    latency_s=spec["inter_latency_s"],
+                )
+            )
         return cls(levels=tuple(levels), memory_bytes=spec["memory_gb"] * GIB, name=name)
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,8 +210,11 @@ class Topology:
             "name": self.name,
             "memory_bytes": self.memory_bytes,
             "levels": [
-                {"devices": lv.devices, "bandwidth_bytes_per_s": lv.bandwidth_bytes_per_s,
-                 "latency_s": lv.latency_s}
+                {
+                    "devices": lv.devices,
+                    "bandwidth_bytes_per_s": lv.bandwidth_bytes_per_s,
+                    "latency_s": lv.latency_s,
+                }
                 for lv in self.levels
             ],
         }
@@ -206,8 +225,11 @@ class Topology:
             raise TopologyError(f"{what} must be an object with a list 'levels'; see `plan --help`")
         try:
             levels = tuple(
-                Level(devices=lv["devices"], bandwidth_bytes_per_s=float(lv["bandwidth_bytes_per_s"]),
-                      latency_s=float(lv.get("latency_s", 0.0)))
+                Level(
+                    devices=lv["devices"],
+                    bandwidth_bytes_per_s=float(lv["bandwidth_bytes_per_s"]),
+                    latency_s=float(lv.get("latency_s", 0.0)),
+                )
                 for lv in doc["levels"]
             )
             memory = float(doc["memory_bytes"])
@@ -223,7 +245,9 @@ class Topology:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Topology:
-        return cls.from_dict(load_json(path, TopologyError, "topology file"), f"topology {Path(path)}")
+        return cls.from_dict(
+            load_json(path, TopologyError, "topology file"), f"topology {Path(path)}"
+        )
 
     @classmethod
     def resolve(cls, spec: str, nodes: int = 1) -> Topology:
@@ -240,22 +264,38 @@ class Topology:
 # p3.16xlarge, 8 V100 over NVLink, 25 Gbps). Bandwidths are per link and direction.
 PRESETS: dict[str, dict[str, Any]] = {
     "p3.16xlarge": {  # AWS: 8x V100-SXM2 16 GB, NVLink 2 at 25 GB/s a link; 25 Gbit/s network
-        "gpus_per_node": 8, "memory_gb": 16, "intra_gbps": 25.0, "inter_gbps": 25 / 8,
-        "intra_latency_s": 5e-6, "inter_latency_s": 20e-6,
+        "gpus_per_node": 8,
+        "memory_gb": 16,
+        "intra_gbps": 25.0,
+        "inter_gbps": 25 / 8,
+        "intra_latency_s": 5e-6,
+        "inter_latency_s": 20e-6,
     },
     "nc24v3": {  # Azure: 4x V100-PCIe 16 GB, PCIe 3.0 x16 (15.75 GB/s theoretical); 10 Gbit/s
-        "gpus_per_node": 4, "memory_gb": 16, "intra_gbps": 15.75, "inter_gbps": 10 / 8,
-        "intra_latency_s": 5e-6, "inter_latency_s": 20e-6,
+        "gpus_per_node": 4,
+        "memory_gb": 16,
+        "intra_gbps": 15.75,
+        "inter_gbps": 10 / 8,
+        "intra_latency_s": 5e-6,
+        "inter_latency_s": 20e-6,
     },
     "dgx-a100": {  # NVIDIA DGX A100: 8x A100 80 GB, NVSwitch 300 GB/s a GPU and direction;
         # one 200 Gbit/s HDR InfiniBand adapter per GPU (25 GB/s)
-        "gpus_per_node": 8, "memory_gb": 80, "intra_gbps": 300.0, "inter_gbps": 25.0,
-        "intra_latency_s": 3e-6, "inter_latency_s": 5e-6,
+        "gpus_per_node": 8,
+        "memory_gb": 80,
+        "intra_gbps": 300.0,
+        "inter_gbps": 25.0,
+        "intra_latency_s": 3e-6,
+        "inter_latency_s": 5e-6,
     },
     "dgx-h100": {  # NVIDIA DGX H100: 8x H100 80 GB, NVLink 4 450 GB/s a GPU and direction;
         # one 400 Gbit/s NDR InfiniBand adapter per GPU (50 GB/s)
-        "gpus_per_node": 8, "memory_gb": 80, "intra_gbps": 450.0, "inter_gbps": 50.0,
-        "intra_latency_s": 3e-6, "inter_latency_s": 5e-6,
+        "gpus_per_node": 8,
+        "memory_gb": 80,
+        "intra_gbps": 450.0,
+        "inter_gbps": 50.0,
+        "intra_latency_s": 3e-6,
+        "inter_latency_s": 5e-6,
     },
 }
 

@@ -54,8 +54,18 @@ COLORS = {
     "idle": "#F2F2F2",
     "limit": "#C00000",
 }
-_STAGE_COLORS = ("#4E79A7", "#F28E2B", "#59A14F", "#E15759", "#76B7B2", "#EDC948", "#B07AA1",
-                 "#FF9DA7", "#9C755F", "#BAB0AC")
+_STAGE_COLORS = (
+    "#4E79A7",
+    "#F28E2B",
+    "#59A14F",
+    "#E15759",
+    "#76B7B2",
+    "#EDC948",
+    "#B07AA1",
+    "#FF9DA7",
+    "#9C755F",
+    "#BAB0AC",
+)
 _GIB = 1024**3
 _DPI = 100
 
@@ -84,8 +94,9 @@ def default_until_s(result: SimulationResult) -> float:
     return float(done[k])
 
 
-def gantt_figure(result: SimulationResult, *, title: str | None = None,
-                 until_s: float | None = None) -> Figure:
+def gantt_figure(
+    result: SimulationResult, *, title: str | None = None, until_s: float | None = None
+) -> Figure:
     """The timeline of a simulated run: one row per device, time in ms.
 
     Forwards and backwards are full-height bars numbered by microbatch (counted within each
@@ -125,38 +136,71 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
         y = rows["rank"].map(row_of).to_numpy()
         start = rows["start_s"].to_numpy() * to_ms
         dur = (rows["end_s"].to_numpy() - rows["start_s"].to_numpy()) * to_ms
-        ax.barh(y - 0.05, dur, left=start, height=0.6, color=COLORS[kind], edgecolor="white",
-                linewidth=0.4, zorder=2)
+        ax.barh(
+            y - 0.05,
+            dur,
+            left=start,
+            height=0.6,
+            color=COLORS[kind],
+            edgecolor="white",
+            linewidth=0.4,
+            zorder=2,
+        )
         numbers = rows["microbatch"].to_numpy()
         if result.schedule is not Schedule.PIPEDREAM:
-            numbers = numbers % result.microbatches  # within the minibatch; the flush separates them
+            numbers = (
+                numbers % result.microbatches
+            )  # within the minibatch; the flush separates them
         for yy, s0, d, m in zip(y, start, dur, numbers, strict=True):
             label = str(m)
             if d / ms_per_px >= 5.5 * len(label) + 3 and s0 + d / 2 < x_max:
-                ax.text(s0 + d / 2, yy - 0.05, label, ha="center", va="center", fontsize=font,
-                        color="white" if kind == "backward" else "black", zorder=3,
-                        clip_on=True)
+                ax.text(
+                    s0 + d / 2,
+                    yy - 0.05,
+                    label,
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if kind == "backward" else "black",
+                    zorder=3,
+                    clip_on=True,
+                )
     recv = events[events["kind"] == "recv"]
     if len(recv):
-        ax.barh(recv["rank"].map(row_of).to_numpy() + 0.32,
-                (recv["end_s"] - recv["start_s"]).to_numpy() * to_ms,
-                left=recv["start_s"].to_numpy() * to_ms, height=0.12,
-                color=COLORS["communication"], linewidth=0, zorder=2)
+        ax.barh(
+            recv["rank"].map(row_of).to_numpy() + 0.32,
+            (recv["end_s"] - recv["start_s"]).to_numpy() * to_ms,
+            left=recv["start_s"].to_numpy() * to_ms,
+            height=0.12,
+            color=COLORS["communication"],
+            linewidth=0,
+            zorder=2,
+        )
     reduce = events[events["kind"] == "allreduce"]
     if len(reduce):
-        ax.barh(reduce["rank"].map(row_of).to_numpy() - 0.05,
-                (reduce["end_s"] - reduce["start_s"]).to_numpy() * to_ms,
-                left=reduce["start_s"].to_numpy() * to_ms, height=0.6,
-                color=COLORS["allreduce"], edgecolor="white", linewidth=0.4, zorder=2)
+        ax.barh(
+            reduce["rank"].map(row_of).to_numpy() - 0.05,
+            (reduce["end_s"] - reduce["start_s"]).to_numpy() * to_ms,
+            left=reduce["start_s"].to_numpy() * to_ms,
+            height=0.6,
+            color=COLORS["allreduce"],
+            edgecolor="white",
+            linewidth=0.4,
+            zorder=2,
+        )
     if result.schedule is not Schedule.PIPEDREAM:
         ends = events.groupby("minibatch", observed=True)["end_s"].max().to_numpy() * to_ms
         for end in ends[ends <= x_max * 1.0001]:
             ax.axvline(end, color="#404040", lw=0.8, ls="--", zorder=1)
-    ax.set_yticks(range(n), [f"rank {d.rank} / stage {d.stage}" for d in devices],
-                  fontsize=8 if n <= 24 else 6)
+    ax.set_yticks(
+        range(n),
+        [f"rank {d.rank} / stage {d.stage}" for d in devices],
+        fontsize=8 if n <= 24 else 6,
+    )
     right = ax.secondary_yaxis("right")
-    right.set_yticks(range(n), [f"idle {d.idle_fraction:.0%}" for d in devices],
-                     fontsize=8 if n <= 24 else 6)
+    right.set_yticks(
+        range(n), [f"idle {d.idle_fraction:.0%}" for d in devices], fontsize=8 if n <= 24 else 6
+    )
     right.tick_params(length=0)
     ax.tick_params(axis="y", length=0)
     ax.set_xlabel("time (ms)")
@@ -164,30 +208,42 @@ def gantt_figure(result: SimulationResult, *, title: str | None = None,
     ax.set_axisbelow(True)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    handles: list[Artist] = [Patch(color=COLORS["forward"], label="forward"),
-                             Patch(color=COLORS["backward"], label="backward")]
+    handles: list[Artist] = [
+        Patch(color=COLORS["forward"], label="forward"),
+        Patch(color=COLORS["backward"], label="backward"),
+    ]
     if len(recv):
-        handles.append(Patch(color=COLORS["communication"],
-                             label="transfer in (activations / gradients)"))
+        handles.append(
+            Patch(color=COLORS["communication"], label="transfer in (activations / gradients)")
+        )
     if len(reduce):
         handles.append(Patch(color=COLORS["allreduce"], label="gradient all-reduce"))
     handles.append(Patch(facecolor=COLORS["idle"], edgecolor="#BBBBBB", label="idle (bubble)"))
     if result.schedule is not Schedule.PIPEDREAM:
-        handles.append(Line2D([], [], color="#404040", lw=0.8, ls="--",
-                              label="end of minibatch (flush)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
-               frameon=False)
+        handles.append(
+            Line2D([], [], color="#404040", lw=0.8, ls="--", label="end of minibatch (flush)")
+        )
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False
+    )
     if title is None:
-        title = (f"{result.schedule} schedule, {len(result.devices)} devices, "
-                 f"{result.microbatches} microbatches per minibatch: "
-                 f"{result.samples_per_s:,.1f} samples/s simulated "
-                 f"({result.minibatch_s * 1e3:,.1f} ms per minibatch)")
+        title = (
+            f"{result.schedule} schedule, {len(result.devices)} devices, "
+            f"{result.microbatches} microbatches per minibatch: "
+            f"{result.samples_per_s:,.1f} samples/s simulated "
+            f"({result.minibatch_s * 1e3:,.1f} ms per minibatch)"
+        )
     ax.set_title(title, fontsize=10, loc="left")
     return fig
 
 
-def draw_gantt(result: SimulationResult, path: str | os.PathLike[str], *,
-               title: str | None = None, until_s: float | None = None) -> None:
+def draw_gantt(
+    result: SimulationResult,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    until_s: float | None = None,
+) -> None:
     """Write the Gantt chart of :func:`gantt_figure` to ``path`` as a PNG.
 
     Example:
@@ -228,9 +284,17 @@ def partition_figure(plan: Plan, profile: Profile, *, title: str | None = None) 
             top.axvline(lo, color="#303030", lw=1.0)
         stage = plan.stages[s]
         label = f"stage {s}\n{compute[indices].sum():.1f} ms" + (
-            f"\n×{stage.replicas}" if stage.replicas > 1 else "")
-        top.text((lo + hi) / 2, ymax * 0.97, label, ha="center", va="top", fontsize=8,
-                 fontweight="bold" if stage.replicas > 1 else "normal")
+            f"\n×{stage.replicas}" if stage.replicas > 1 else ""
+        )
+        top.text(
+            (lo + hi) / 2,
+            ymax * 0.97,
+            label,
+            ha="center",
+            va="top",
+            fontsize=8,
+            fontweight="bold" if stage.replicas > 1 else "normal",
+        )
     top.set_ylabel("forward + backward\n(ms per microbatch)")
     top.set_xlabel(f"layer (profile order, {len(x)} layers)")
     for side in ("top", "right"):
@@ -240,8 +304,12 @@ def partition_figure(plan: Plan, profile: Profile, *, title: str | None = None) 
     effective = per_replica / replicas
     xs = np.arange(len(groups))
     bottom.bar(xs, per_replica, color="#D9D9D9", label="one replica")
-    bottom.bar(xs, effective, color=[_STAGE_COLORS[s % len(_STAGE_COLORS)] for s in xs],
-               label="÷ replicas (pipeline's view)")
+    bottom.bar(
+        xs,
+        effective,
+        color=[_STAGE_COLORS[s % len(_STAGE_COLORS)] for s in xs],
+        label="÷ replicas (pipeline's view)",
+    )
     for s in range(len(groups)):
         ranks = plan.stages[s].ranks
         text = f"×{replicas[s]}\nranks {_ranks(ranks)}" if replicas[s] > 1 else f"rank {ranks[0]}"
@@ -255,14 +323,17 @@ def partition_figure(plan: Plan, profile: Profile, *, title: str | None = None) 
         bottom.spines[side].set_visible(False)
     if title is None:
         used = sum(stage.replicas for stage in plan.stages)
-        title = (f"{plan.profile.model}: {len(plan.stages)} stages on {used} devices "
-                 f"({plan.schedule}, microbatch {plan.microbatch_size})")
+        title = (
+            f"{plan.profile.model}: {len(plan.stages)} stages on {used} devices "
+            f"({plan.schedule}, microbatch {plan.microbatch_size})"
+        )
     top.set_title(title, fontsize=10, loc="left")
     return fig
 
 
-def draw_partition(plan: Plan, profile: Profile, path: str | os.PathLike[str], *,
-                   title: str | None = None) -> None:
+def draw_partition(
+    plan: Plan, profile: Profile, path: str | os.PathLike[str], *, title: str | None = None
+) -> None:
     """Write the partition picture of :func:`partition_figure` to ``path`` as a PNG.
 
     Example:
@@ -274,8 +345,9 @@ def draw_partition(plan: Plan, profile: Profile, path: str | os.PathLike[str], *
 # --- memory --------------------------------------------------------------------------------
 
 
-def memory_figure(result: SimulationResult, *, title: str | None = None,
-                  until_s: float | None = None) -> Figure:
+def memory_figure(
+    result: SimulationResult, *, title: str | None = None, until_s: float | None = None
+) -> Figure:
     """Memory per device: over time (left; at most 8 devices, those with the highest peaks) and
     the peak of every device against the device memory (right).
 
@@ -299,34 +371,57 @@ def memory_figure(result: SimulationResult, *, title: str | None = None,
         v = np.append(v[:last], v[max(last - 1, 0)])
         color = _STAGE_COLORS[d.stage % len(_STAGE_COLORS)]
         style = "-" if d.replica == 0 else ":"
-        left.step(t, v, where="post", color=color, lw=1.2, ls=style,
-                  label=f"rank {d.rank} / stage {d.stage}")
+        left.step(
+            t,
+            v,
+            where="post",
+            color=color,
+            lw=1.2,
+            ls=style,
+            label=f"rank {d.rank} / stage {d.stage}",
+        )
     left.set_xlim(0, until_s * 1e3)
     left.set_xlabel("time (ms)")
     left.set_ylabel("memory (GiB)")
     left.set_ylim(0, None)
-    left.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0),
-                title=None if len(traced) == len(devices) else "highest peaks",
-                title_fontsize=7)
+    left.legend(
+        fontsize=7,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        title=None if len(traced) == len(devices) else "highest peaks",
+        title_fontsize=7,
+    )
     peaks = np.array([d.peak_memory_bytes for d in devices]) / _GIB
     static = np.array([base[d.rank] for d in devices]) / _GIB
     y = np.arange(len(devices))
     right.barh(y, static, color="#A5A5A5", label="weights, gradients, optimizer state")
-    right.barh(y, peaks - static, left=static,
-               color=[_STAGE_COLORS[d.stage % len(_STAGE_COLORS)] for d in devices],
-               label="activations in flight (+ stashed weights)")
-    right.set_yticks(y, [f"rank {d.rank} / stage {d.stage}" for d in devices],
-                     fontsize=8 if len(devices) <= 24 else 6)
+    right.barh(
+        y,
+        peaks - static,
+        left=static,
+        color=[_STAGE_COLORS[d.stage % len(_STAGE_COLORS)] for d in devices],
+        label="activations in flight (+ stashed weights)",
+    )
+    right.set_yticks(
+        y,
+        [f"rank {d.rank} / stage {d.stage}" for d in devices],
+        fontsize=8 if len(devices) <= 24 else 6,
+    )
     right.set_ylim(len(devices) - 0.5, -0.5)
     right.set_xlabel("peak memory (GiB)")
     limit = result.memory_limit_bytes
     if limit is not None:
-        right.axvline(limit / _GIB, color=COLORS["limit"], lw=1.5, ls="--",
-                      label=f"device memory {limit / _GIB:.3g} GiB")
+        right.axvline(
+            limit / _GIB,
+            color=COLORS["limit"],
+            lw=1.5,
+            ls="--",
+            label=f"device memory {limit / _GIB:.3g} GiB",
+        )
         if limit / _GIB <= 1.5 * max(float(peaks.max()), 1e-9):
             left.axhline(limit / _GIB, color=COLORS["limit"], lw=1.5, ls="--")
-    right.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.14),
-                 ncol=1)
+    right.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     for ax in (left, right):
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
@@ -336,8 +431,13 @@ def memory_figure(result: SimulationResult, *, title: str | None = None,
     return fig
 
 
-def draw_memory(result: SimulationResult, path: str | os.PathLike[str], *,
-                title: str | None = None, until_s: float | None = None) -> None:
+def draw_memory(
+    result: SimulationResult,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    until_s: float | None = None,
+) -> None:
     """Write the memory chart of :func:`memory_figure` to ``path`` as a PNG.
 
     Example:
@@ -350,5 +450,3 @@ def _ranks(ranks: tuple[int, ...]) -> str:
     if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[0] + len(ranks))):
         return f"{ranks[0]}-{ranks[-1]}"
     return ",".join(str(r) for r in ranks)
-
-

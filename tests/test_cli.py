@@ -20,12 +20,18 @@ def plan_cmd(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "MPLBACKEND": "Agg"}
     return subprocess.run(
         [sys.executable, "-m", "planner.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def planned(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     cwd = tmp_path_factory.mktemp("fresh")
     result = plan_cmd("--model", "resnet50", "--gpus", "8", cwd=cwd)
     return cwd, result
@@ -62,7 +68,9 @@ def test_export_formats(planned):
     cwd, _ = planned
     for fmt in ("torch-pipelining", "deepspeed", "pipedream"):
         out = cwd / f"export-{fmt}.txt"
-        result = plan_cmd("export", "plan-resnet50-8gpus.json", "--format", fmt, "-o", str(out), cwd=cwd)
+        result = plan_cmd(
+            "export", "plan-resnet50-8gpus.json", "--format", fmt, "-o", str(out), cwd=cwd
+        )
         if fmt == "deepspeed" and result.returncode == 2:
             assert "not contiguous" in result.stderr  # a DAG-order plan DeepSpeed cannot express
             continue
@@ -83,16 +91,25 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str]]]:
     good_plan = tmp / "good-plan.json"
     if good_plan.exists():
         plan_doc = json.loads(good_plan.read_text())
-    truncated_profile = _write(tmp / "trunc.json", '{"format": "planner.profile/1", "model": "x", "lay')
-    old_profile = _write(tmp / "old.json", json.dumps({"format": "planner.profile/0", "model": "x",
-                                                        "batch_size": 1, "layers": []}))
-    graph = _write(tmp / "graph.txt", "node1 -- Input -- forward_compute_time=1.0, backward_compute_")
+    truncated_profile = _write(
+        tmp / "trunc.json", '{"format": "planner.profile/1", "model": "x", "lay'
+    )
+    old_profile = _write(
+        tmp / "old.json",
+        json.dumps({"format": "planner.profile/0", "model": "x", "batch_size": 1, "layers": []}),
+    )
+    graph = _write(
+        tmp / "graph.txt", "node1 -- Input -- forward_compute_time=1.0, backward_compute_"
+    )
     corrupt_plan = _write(tmp / "corrupt-plan.json", "{not json")
     cases = [
         ("unknown model", ["--model", "resnet5000", "--gpus", "8"]),
         ("zero gpus", ["--model", "resnet50", "--gpus", "0"]),
         ("gpus not a number", ["--model", "resnet50", "--gpus", "eight"]),
-        ("gpus-per-node not dividing", ["--model", "resnet50", "--gpus", "16", "--gpus-per-node", "6"]),
+        (
+            "gpus-per-node not dividing",
+            ["--model", "resnet50", "--gpus", "16", "--gpus-per-node", "6"],
+        ),
         ("negative bandwidth", ["--model", "resnet50", "--gpus", "8", "--bandwidth", "-5"]),
         ("no devices given", ["--model", "resnet50"]),
         ("no model or profile", ["--gpus", "8"]),
@@ -101,13 +118,39 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("missing profile", ["--profile", str(tmp / "nope.json"), "--gpus", "8"]),
         ("truncated profile", ["--profile", truncated_profile, "--gpus", "8"]),
         ("wrong-version profile", ["--profile", old_profile, "--gpus", "8"]),
-        ("batch not divisible", ["--model", "resnet50", "--gpus", "8", "--batch-size", "30",
-                                  "--microbatches", "4"]),
+        (
+            "batch not divisible",
+            ["--model", "resnet50", "--gpus", "8", "--batch-size", "30", "--microbatches", "4"],
+        ),
         ("infeasible memory", ["--model", "resnet50", "--gpus", "2", "--memory-gb", "0.01"]),
-        ("bad input shape", ["profile", "--model", "resnet50", "--batch-size", "2",
-                             "--input-shape", "3,0,224", "-o", "p.json"]),
-        ("untraceable model", ["profile", "--model", "cli_models:untraceable", "--batch-size", "2",
-                               "--input-shape", "8", "-o", "p.json"]),
+        (
+            "bad input shape",
+            [
+                "profile",
+                "--model",
+                "resnet50",
+                "--batch-size",
+                "2",
+                "--input-shape",
+                "3,0,224",
+                "-o",
+                "p.json",
+            ],
+        ),
+        (
+            "untraceable model",
+            [
+                "profile",
+                "--model",
+                "cli_models:untraceable",
+                "--batch-size",
+                "2",
+                "--input-shape",
+                "8",
+                "-o",
+                "p.json",
+            ],
+        ),
         ("truncated graph.txt", ["import-pipedream", graph, "--batch-size", "8", "-o", "p.json"]),
         ("missing plan", ["show", str(tmp / "nope.json")]),
         ("corrupt plan", ["show", corrupt_plan]),
@@ -118,8 +161,12 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str]]]:
     if plan_doc is not None:
         plan_doc["profile"]["sha256"] = "f" * 64
         mismatched = _write(tmp / "mismatch-plan.json", json.dumps(plan_doc))
-        cases.append(("plan/profile mismatch", ["export", mismatched, "--format", "deepspeed",
-                                                "-o", "x.json"]))
+        cases.append(
+            (
+                "plan/profile mismatch",
+                ["export", mismatched, "--format", "deepspeed", "-o", "x.json"],
+            )
+        )
     return cases
 
 
@@ -137,19 +184,44 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, planned):
         lines = result.stderr.strip().splitlines()
         errors = [line for line in lines if ": error: " in line]
         leftovers = {p.name for p in tmp_path.iterdir()} - inputs
-        if (result.returncode != 2 or len(errors) != 1 or not lines or lines[-1] != errors[0]
-                or "Traceback" in result.stderr or leftovers):
-            failures.append(f"{label}: status {result.returncode}, stderr {result.stderr!r}, "
-                            f"new files {sorted(leftovers)}")
+        if (
+            result.returncode != 2
+            or len(errors) != 1
+            or not lines
+            or lines[-1] != errors[0]
+            or "Traceback" in result.stderr
+            or leftovers
+        ):
+            failures.append(
+                f"{label}: status {result.returncode}, stderr {result.stderr!r}, "
+                f"new files {sorted(leftovers)}"
+            )
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_run_then_calibrate_replans_from_the_report(tmp_path):
-    made = plan_cmd("--model", "gpt2-tiny", "--gpus", "2", "--straight", "--batch-size", "8",
-                    "--microbatches", "4", "--profile-batch-size", "4", "--reps", "1", "--warmup", "0",
-                    "-o", "tiny.json", cwd=tmp_path)
+    made = plan_cmd(
+        "--model",
+        "gpt2-tiny",
+        "--gpus",
+        "2",
+        "--straight",
+        "--batch-size",
+        "8",
+        "--microbatches",
+        "4",
+        "--profile-batch-size",
+        "4",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "-o",
+        "tiny.json",
+        cwd=tmp_path,
+    )
     assert made.returncode == 0, made.stderr
     ran = plan_cmd("run", "tiny.json", "--steps", "3", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr

@@ -12,16 +12,31 @@ from planner.topology import Topology
 
 def _profile():
     layers = tuple(
-        LayerProfile(name=n, op="op", forward_ms=1, backward_ms=2, output_bytes=(8,),
-                     parameter_bytes=4, inputs=inputs)
+        LayerProfile(
+            name=n,
+            op="op",
+            forward_ms=1,
+            backward_ms=2,
+            output_bytes=(8,),
+            parameter_bytes=4,
+            inputs=inputs,
+        )
         for n, inputs in [("a", ()), ("b", (0,)), ("c", (0,)), ("d", (1, 2))]
     )
     return Profile(model="toy", batch_size=4, layers=layers)
 
 
 def _stage(layers, ranks, time_s=0.1):
-    return PlanStage(layers=layers, replicas=len(ranks), ranks=ranks, compute_s=0.2, comm_s=0.01,
-                     allreduce_s=0.0, time_s=time_s, memory_bytes=1e6)
+    return PlanStage(
+        layers=layers,
+        replicas=len(ranks),
+        ranks=ranks,
+        compute_s=0.2,
+        comm_s=0.01,
+        allreduce_s=0.0,
+        time_s=time_s,
+        memory_bytes=1e6,
+    )
 
 
 def _plan(stages=None, **kw):
@@ -34,8 +49,13 @@ def _plan(stages=None, **kw):
         microbatch_size=4,
         microbatches=4,
         stages=stages or (_stage(("a", "c"), (0, 1)), _stage(("b", "d"), (2,), 0.2)),
-        predicted=Prediction(bottleneck_s=0.2, minibatch_s=1.4, samples_per_s=11.4,
-                             single_device_s=4.8, data_parallel_s=None),
+        predicted=Prediction(
+            bottleneck_s=0.2,
+            minibatch_s=1.4,
+            samples_per_s=11.4,
+            single_device_s=4.8,
+            data_parallel_s=None,
+        ),
         baselines=(BaselineScore(name="uniform", minibatch_s=2.0, stages=2, fits=False, note="x"),),
     )
     defaults.update(kw)

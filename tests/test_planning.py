@@ -15,9 +15,15 @@ from planner.topology import Topology
 
 def _chain(batch: int = 32, n: int = 6) -> Profile:
     layers = tuple(
-        LayerProfile(name=f"l{i}", op="Linear", forward_ms=1.0 + i, backward_ms=2.0,
-                     output_bytes=(4096,), parameter_bytes=1 << 20,
-                     inputs=() if i == 0 else (i - 1,))
+        LayerProfile(
+            name=f"l{i}",
+            op="Linear",
+            forward_ms=1.0 + i,
+            backward_ms=2.0,
+            output_bytes=(4096,),
+            parameter_bytes=1 << 20,
+            inputs=() if i == 0 else (i - 1,),
+        )
         for i in range(n)
     )
     return Profile(model="chain", batch_size=batch, layers=layers)
@@ -37,14 +43,19 @@ def test_sizes(options, devices, expected):
 
 
 def test_sizes_pick_the_divisor_closest_to_the_profiled_batch():
-    minibatch, counts = _sizes(_chain(), Topology.from_args(gpus=4), PlanOptions(minibatch_size=100))
+    minibatch, counts = _sizes(
+        _chain(), Topology.from_args(gpus=4), PlanOptions(minibatch_size=100)
+    )
     assert minibatch == 100 and counts == [4]  # 25 per microbatch: the divisor nearest 32
     assert 100 % counts[0] == 0
 
 
 def test_auto_microbatches_stay_near_the_profiled_batch():
-    _, counts = _sizes(_chain(), Topology.from_args(gpus=4),
-                       PlanOptions(minibatch_size=256, auto_microbatches=True))
+    _, counts = _sizes(
+        _chain(),
+        Topology.from_args(gpus=4),
+        PlanOptions(minibatch_size=256, auto_microbatches=True),
+    )
     assert counts == [2, 4, 8, 16, 32]  # microbatches 128 .. 8, i.e. 4x .. 1/4 of 32
 
 
@@ -60,7 +71,12 @@ def test_make_plan_round_trips_and_checks(tmp_path):
     plan = make_plan(profile, path, Topology.from_args(gpus=2), PlanOptions(straight=True))
     plan.check_profile(profile)
     assert plan.microbatch_size * plan.microbatches == plan.minibatch_size == 64
-    assert [b.name for b in plan.baselines] == ["data-parallel", "gpipe-balanced", "uniform", "parameters"]
+    assert [b.name for b in plan.baselines] == [
+        "data-parallel",
+        "gpipe-balanced",
+        "uniform",
+        "parameters",
+    ]
     assert plan.predicted.samples_per_s == pytest.approx(64 / plan.predicted.minibatch_s)
 
 
@@ -68,8 +84,12 @@ def test_pipedream_input_nodes_join_the_first_stage(tmp_path):
     profile = read_graph_txt(pipedream_graph("vgg16"))
     path = tmp_path / "vgg16.json"
     profile.save(path)
-    plan = make_plan(profile, path, Topology.from_args(gpus=4, bandwidth_gbps=10),
-                     PlanOptions(schedule=Schedule.PIPEDREAM, cost_model="pipedream"))
+    plan = make_plan(
+        profile,
+        path,
+        Topology.from_args(gpus=4, bandwidth_gbps=10),
+        PlanOptions(schedule=Schedule.PIPEDREAM, cost_model="pipedream"),
+    )
     plan.check_profile(profile)  # every layer, Input included, in exactly one stage
     assert "node1" in plan.stages[0].layers  # PipeDream's Input source: dropped for solving
 

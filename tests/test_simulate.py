@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from planner import simulate_command
+from planner.commands import simulate as simulate_command
 from planner.errors import PlanError, PlannerError, ProfileError
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.format import LayerProfile, Profile
@@ -39,40 +39,80 @@ def equal_stages(num: int, f: float = 1.0, b: float = 2.0, **kw: float) -> list[
     return [SimStage(forward_s=f, backward_s=b, ranks=(s,), **kw) for s in range(num)]
 
 
-def chain_profile(times_ms: Sequence[tuple[float, float]], *, activation: int = 1000,
-                  params: int = 100, skips: Sequence[tuple[int, int]] = ()) -> Profile:
+def chain_profile(
+    times_ms: Sequence[tuple[float, float]],
+    *,
+    activation: int = 1000,
+    params: int = 100,
+    skips: Sequence[tuple[int, int]] = (),
+) -> Profile:
     """A chain of layers (plus ``skips`` edges ``(src, dst)``) at batch size 4."""
     layers = []
     for i, (f, b) in enumerate(times_ms):
         inputs = ((i - 1,) if i else ()) + tuple(src for src, dst in skips if dst == i)
-        layers.append(LayerProfile(name=f"l{i}", op="Linear", forward_ms=f, backward_ms=b,
-                                   output_bytes=(activation,), parameter_bytes=params,
-                                   inputs=inputs))
+        layers.append(
+            LayerProfile(
+                name=f"l{i}",
+                op="Linear",
+                forward_ms=f,
+                backward_ms=b,
+                output_bytes=(activation,),
+                parameter_bytes=params,
+                inputs=inputs,
+            )
+        )
     return Profile(model="chain", batch_size=4, layers=tuple(layers))
 
 
-def make_plan(profile: Profile, cuts: Sequence[int], replicas: Sequence[int], *,
-              schedule: Schedule = Schedule.ONE_F_ONE_B, microbatches: int = 4,
-              microbatch_size: int = 4, topology: Topology | None = None,
-              optimizer: OptimizerKind = OptimizerKind.SGD, recompute: bool = False) -> Plan:
+def make_plan(
+    profile: Profile,
+    cuts: Sequence[int],
+    replicas: Sequence[int],
+    *,
+    schedule: Schedule = Schedule.ONE_F_ONE_B,
+    microbatches: int = 4,
+    microbatch_size: int = 4,
+    topology: Topology | None = None,
+    optimizer: OptimizerKind = OptimizerKind.SGD,
+    recompute: bool = False,
+) -> Plan:
     """A plan with stages starting at layer indices ``cuts`` (the first is 0)."""
     bounds = [*cuts, len(profile.layers)]
     stages, rank = [], 0
     for s, count in enumerate(replicas):
-        names = tuple(layer.name for layer in profile.layers[bounds[s]:bounds[s + 1]])
-        stages.append(PlanStage(layers=names, replicas=count, ranks=tuple(range(rank, rank + count)),
-                                compute_s=0.0, comm_s=0.0, allreduce_s=0.0, time_s=0.0,
-                                memory_bytes=0.0))
+        names = tuple(layer.name for layer in profile.layers[bounds[s] : bounds[s + 1]])
+        stages.append(
+            PlanStage(
+                layers=names,
+                replicas=count,
+                ranks=tuple(range(rank, rank + count)),
+                compute_s=0.0,
+                comm_s=0.0,
+                allreduce_s=0.0,
+                time_s=0.0,
+                memory_bytes=0.0,
+            )
+        )
         rank += count
     topology = topology or Topology.from_args(gpus=rank)
     return Plan(
-        profile=ProfileRef(path="chain.json", sha256="0" * 64, model=profile.model,
-                           batch_size=profile.batch_size),
-        topology=topology, schedule=schedule, optimizer=optimizer,
-        minibatch_size=microbatches * microbatch_size, microbatch_size=microbatch_size,
-        microbatches=microbatches, stages=tuple(stages),
-        predicted=Prediction(bottleneck_s=1.0, minibatch_s=1.0, samples_per_s=1.0,
-                             single_device_s=1.0, data_parallel_s=None),
+        profile=ProfileRef(
+            path="chain.json", sha256="0" * 64, model=profile.model, batch_size=profile.batch_size
+        ),
+        topology=topology,
+        schedule=schedule,
+        optimizer=optimizer,
+        minibatch_size=microbatches * microbatch_size,
+        microbatch_size=microbatch_size,
+        microbatches=microbatches,
+        stages=tuple(stages),
+        predicted=Prediction(
+            bottleneck_s=1.0,
+            minibatch_s=1.0,
+            samples_per_s=1.0,
+            single_device_s=1.0,
+            data_parallel_s=None,
+        ),
         recompute=recompute,
     )
 
@@ -81,11 +121,15 @@ def make_plan(profile: Profile, cuts: Sequence[int], replicas: Sequence[int], *,
 
 
 @pytest.mark.parametrize("schedule", SYNC)
-@pytest.mark.parametrize(("stages", "microbatches"), [(1, 1), (2, 4), (4, 4), (4, 8), (4, 2), (3, 1), (8, 16)])
-def test_flushed_schedules_take_m_plus_s_minus_1_slots(schedule: Schedule, stages: int,
-                                                       microbatches: int) -> None:
-    r = simulate_stages(equal_stages(stages), schedule=schedule, microbatches=microbatches,
-                        minibatches=3)
+@pytest.mark.parametrize(
+    ("stages", "microbatches"), [(1, 1), (2, 4), (4, 4), (4, 8), (4, 2), (3, 1), (8, 16)]
+)
+def test_flushed_schedules_take_m_plus_s_minus_1_slots(
+    schedule: Schedule, stages: int, microbatches: int
+) -> None:
+    r = simulate_stages(
+        equal_stages(stages), schedule=schedule, microbatches=microbatches, minibatches=3
+    )
     slots = microbatches + stages - 1
     assert r.minibatch_s == pytest.approx(slots * 3.0, abs=1e-12)
     assert r.first_minibatch_s == pytest.approx(slots * 3.0, abs=1e-12)
@@ -105,16 +149,22 @@ def test_pipedream_steady_state_is_the_slowest_stage(stages: int, microbatches: 
 
 def test_more_minibatches_do_not_change_a_flushed_minibatch() -> None:
     sim = [SimStage(forward_s=1.0 + s, backward_s=2.0, ranks=(s,)) for s in range(3)]
-    times = {n: simulate_stages(sim, schedule=Schedule.ONE_F_ONE_B, microbatches=4,
-                                minibatches=n).minibatch_s for n in (1, 2, 5)}
+    times = {
+        n: simulate_stages(
+            sim, schedule=Schedule.ONE_F_ONE_B, microbatches=4, minibatches=n
+        ).minibatch_s
+        for n in (1, 2, 5)
+    }
     assert times[1] == pytest.approx(times[2]) == pytest.approx(times[5])
 
 
 def test_transfers_add_two_hops_per_boundary() -> None:
     # 2 stages, 1 GB over a 1 GB/s link both ways: GPipe = (M+S-1)(f+b) + 2(S-1) x 1 s
     topo = Topology(levels=(Level(devices=2, bandwidth_bytes_per_s=1 * GB),), memory_bytes=1e12)
-    sim = [SimStage(forward_s=2.0, backward_s=4.0, ranks=(0,), send_bytes=1e9),
-           SimStage(forward_s=2.0, backward_s=4.0, ranks=(1,))]
+    sim = [
+        SimStage(forward_s=2.0, backward_s=4.0, ranks=(0,), send_bytes=1e9),
+        SimStage(forward_s=2.0, backward_s=4.0, ranks=(1,)),
+    ]
     r = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=4, minibatches=1, topology=topo)
     assert r.minibatch_s == pytest.approx(5 * 6.0 + 2 * 1.0)
     sends = r.events[r.events["kind"] == "send"]
@@ -125,8 +175,10 @@ def test_transfers_add_two_hops_per_boundary() -> None:
 
 def test_a_slow_link_serialises_its_transfers() -> None:
     topo = Topology(levels=(Level(devices=2, bandwidth_bytes_per_s=1 * GB),), memory_bytes=1e12)
-    sim = [SimStage(forward_s=1.0, backward_s=1.0, ranks=(0,), send_bytes=3e9),
-           SimStage(forward_s=1.0, backward_s=1.0, ranks=(1,))]
+    sim = [
+        SimStage(forward_s=1.0, backward_s=1.0, ranks=(0,), send_bytes=3e9),
+        SimStage(forward_s=1.0, backward_s=1.0, ranks=(1,)),
+    ]
     r = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=8, minibatches=1, topology=topo)
     # eight 3 s sends back to back from 1 s to 25 s; stage 1's last forward ends at 26 s and its
     # backwards at 27 + j s; eight gradient sends back to back from 27 s to 51 s; then B7
@@ -142,17 +194,26 @@ def test_a_slow_link_serialises_its_transfers() -> None:
 
 @pytest.mark.parametrize("schedule", ALL)
 def test_replicas_take_microbatches_round_robin_in_schedule_order(schedule: Schedule) -> None:
-    sim = [SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
-           SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,))]
+    sim = [
+        SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
+        SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,)),
+    ]
     r = simulate_stages(sim, schedule=schedule, microbatches=6, minibatches=2)
     compute = r.events[r.events["kind"].isin(["forward", "backward"])]
     for (stage, replica), rows in compute.groupby(["stage", "replica"]):
         assert set(rows["microbatch"] % len(sim[stage].ranks)) == {replica}
         ops = rows.sort_values("start_s", kind="stable")
-        seen = " ".join(f"{'F' if k == 'forward' else 'B'}{m % 6}"
-                        for k, m in zip(ops["kind"], ops["microbatch"], strict=True))
-        want = replica_order(schedule, replicas=(3, 1), stage=stage, replica=replica,
-                             microbatches=12 if schedule is Schedule.PIPEDREAM else 6)
+        seen = " ".join(
+            f"{'F' if k == 'forward' else 'B'}{m % 6}"
+            for k, m in zip(ops["kind"], ops["microbatch"], strict=True)
+        )
+        want = replica_order(
+            schedule,
+            replicas=(3, 1),
+            stage=stage,
+            replica=replica,
+            microbatches=12 if schedule is Schedule.PIPEDREAM else 6,
+        )
         expected = format_ops(want) if schedule is Schedule.PIPEDREAM else format_ops(want * 2)
         if schedule is Schedule.PIPEDREAM:
             expected = " ".join(f"{t[0]}{int(t[1:]) % 6}" for t in expected.split())
@@ -166,8 +227,10 @@ def test_replicas_take_microbatches_round_robin_in_schedule_order(schedule: Sche
 
 def test_three_to_one_replication_reaches_the_analytic_rate() -> None:
     # stage 0: 9 s per microbatch over 3 replicas = 3 s; stage 1: 3 s; all-reduce 0.5 s
-    sim = [SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
-           SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,))]
+    sim = [
+        SimStage(forward_s=3.0, backward_s=6.0, ranks=(0, 1, 2), allreduce_s=0.5),
+        SimStage(forward_s=1.0, backward_s=2.0, ranks=(3,)),
+    ]
     r = simulate_stages(sim, schedule=Schedule.PIPEDREAM, microbatches=6, minibatches=12)
     assert r.minibatch_s == pytest.approx(6 * (9.0 + 0.5) / 3)  # PipeDream: (C + A) / m
     gpipe = simulate_stages(sim, schedule=Schedule.GPIPE, microbatches=6, minibatches=2)
@@ -189,8 +252,10 @@ def test_data_parallel_alone(schedule: Schedule) -> None:
 
 
 def test_pipedream_with_one_microbatch_reduces_once_per_round_of_replicas() -> None:
-    sim = [SimStage(forward_s=1.0, backward_s=2.0, ranks=(0, 1), allreduce_s=0.5),
-           SimStage(forward_s=0.5, backward_s=1.0, ranks=(2,))]
+    sim = [
+        SimStage(forward_s=1.0, backward_s=2.0, ranks=(0, 1), allreduce_s=0.5),
+        SimStage(forward_s=0.5, backward_s=1.0, ranks=(2,)),
+    ]
     r = simulate_stages(sim, schedule=Schedule.PIPEDREAM, microbatches=1, minibatches=40)
     reduces = r.events[(r.events["kind"] == "allreduce") & (r.events["rank"] == 0)]
     assert len(reduces) == 20
@@ -198,7 +263,9 @@ def test_pipedream_with_one_microbatch_reduces_once_per_round_of_replicas() -> N
 
 
 def test_ring_allreduce_uses_the_slowest_level_spanned() -> None:
-    topo = Topology.from_args(gpus=8, gpus_per_node=4, bandwidth_gbps=10, inter_node_bandwidth_gbps=1)
+    topo = Topology.from_args(
+        gpus=8, gpus_per_node=4, bandwidth_gbps=10, inter_node_bandwidth_gbps=1
+    )
     assert ring_allreduce_s(topo, (0,), 1e9) == 0.0
     assert ring_allreduce_s(topo, (0, 1), 1e9) == pytest.approx(2 * 0.5 * 1e9 / 10e9)
     assert ring_allreduce_s(topo, (2, 3, 4, 5), 1e9) == pytest.approx(2 * 0.75 * 1e9 / 1e9)
@@ -207,12 +274,21 @@ def test_ring_allreduce_uses_the_slowest_level_spanned() -> None:
 # --- memory ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("schedule", "held"), [(Schedule.GPIPE, [8, 8, 8]),
-                                                (Schedule.ONE_F_ONE_B, [3, 2, 1]),
-                                                (Schedule.PIPEDREAM, [3, 2, 1])])
+@pytest.mark.parametrize(
+    ("schedule", "held"),
+    [
+        (Schedule.GPIPE, [8, 8, 8]),
+        (Schedule.ONE_F_ONE_B, [3, 2, 1]),
+        (Schedule.PIPEDREAM, [3, 2, 1]),
+    ],
+)
 def test_peak_memory_counts_microbatches_in_flight(schedule: Schedule, held: list[int]) -> None:
-    sim = equal_stages(3, static_bytes=100.0, activation_bytes=10.0,
-                       stash_bytes=1.0 if schedule is Schedule.PIPEDREAM else 0.0)
+    sim = equal_stages(
+        3,
+        static_bytes=100.0,
+        activation_bytes=10.0,
+        stash_bytes=1.0 if schedule is Schedule.PIPEDREAM else 0.0,
+    )
     r = simulate_stages(sim, schedule=schedule, microbatches=8, minibatches=2)
     for d, n in zip(r.devices, held, strict=True):
         stash = (n - 1) if schedule is Schedule.PIPEDREAM else 0
@@ -224,11 +300,14 @@ def test_peak_memory_counts_microbatches_in_flight(schedule: Schedule, held: lis
 
 def test_plan_memory_follows_optimizer_and_recompute() -> None:
     profile = chain_profile([(1.0, 2.0)] * 4, activation=1000, params=100)
-    adam = plan_stages(make_plan(profile, [0, 2], [1, 1], optimizer=OptimizerKind.ADAM,
-                                 microbatch_size=8), profile)
+    adam = plan_stages(
+        make_plan(profile, [0, 2], [1, 1], optimizer=OptimizerKind.ADAM, microbatch_size=8), profile
+    )
     assert adam[0].static_bytes == 4 * 200  # weights, gradients, two Adam buffers
     assert adam[0].activation_bytes == 2 * 2000  # two layers' outputs at twice the batch
-    again = plan_stages(make_plan(profile, [0, 2], [1, 1], recompute=True, microbatch_size=8), profile)
+    again = plan_stages(
+        make_plan(profile, [0, 2], [1, 1], recompute=True, microbatch_size=8), profile
+    )
     assert again[1].activation_bytes == 2000  # only the stage's input
     assert again[1].backward_extra_bytes == 4000
     assert again[1].backward_s == pytest.approx(3 * 2 * 2.0 / 1e3)  # forward again + backward
@@ -250,8 +329,9 @@ def test_skip_connections_are_relayed_through_middle_stages() -> None:
 
 def test_simulate_a_plan_uses_the_rescaled_profile() -> None:
     profile = chain_profile([(1.0, 2.0), (1.0, 2.0), (2.0, 4.0)])
-    plan = make_plan(profile, [0, 2], [1, 1], schedule=Schedule.GPIPE, microbatches=4,
-                     microbatch_size=2)
+    plan = make_plan(
+        profile, [0, 2], [1, 1], schedule=Schedule.GPIPE, microbatches=4, microbatch_size=2
+    )
     r = simulate(plan, profile, minibatches=2)
     # per microbatch (half the profiled batch): both stages 1 ms forward, 2 ms backward
     transfer = 2 * plan.topology.transfer_s(500, 0)
@@ -269,22 +349,36 @@ def test_a_plan_for_another_profile_is_refused() -> None:
 
 
 def test_events_frame_has_the_documented_columns() -> None:
-    r = simulate_stages(equal_stages(2), schedule=Schedule.ONE_F_ONE_B, microbatches=2,
-                        topology=Topology.from_args(gpus=2))
+    r = simulate_stages(
+        equal_stages(2),
+        schedule=Schedule.ONE_F_ONE_B,
+        microbatches=2,
+        topology=Topology.from_args(gpus=2),
+    )
     assert tuple(r.events.columns) == EVENT_COLUMNS
     assert set(r.events["kind"].cat.categories) == set(EVENT_KINDS)
     assert (r.events["end_s"] >= r.events["start_s"]).all()
     assert r.makespan_s == pytest.approx(r.events["end_s"].max())
 
 
-@pytest.mark.parametrize(("bad", "message"), [
-    ({"stages": []}, "at least one stage"),
-    ({"microbatches": 0}, "at least one microbatch"),
-    ({"minibatches": 0}, "at least one minibatch"),
-    ({"stages": [SimStage(forward_s=1, backward_s=1, ranks=(0,)),
-                 SimStage(forward_s=1, backward_s=1, ranks=(0,))]}, "repeat"),
-    ({"topology": Topology.from_args(gpus=1)}, "outside the topology"),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"stages": []}, "at least one stage"),
+        ({"microbatches": 0}, "at least one microbatch"),
+        ({"minibatches": 0}, "at least one minibatch"),
+        (
+            {
+                "stages": [
+                    SimStage(forward_s=1, backward_s=1, ranks=(0,)),
+                    SimStage(forward_s=1, backward_s=1, ranks=(0,)),
+                ]
+            },
+            "repeat",
+        ),
+        ({"topology": Topology.from_args(gpus=1)}, "outside the topology"),
+    ],
+)
 def test_bad_inputs_are_refused(bad: dict, message: str) -> None:
     kwargs = {"stages": equal_stages(2), "schedule": Schedule.GPIPE, "microbatches": 2, **bad}
     with pytest.raises(PlanError, match=message):
@@ -299,8 +393,12 @@ def test_negative_costs_are_refused() -> None:
 def test_steady_window_skips_fill_and_drain() -> None:
     assert steady_window(Schedule.GPIPE, devices=4, microbatches=4, minibatches=1) == (0, 0)
     assert steady_window(Schedule.GPIPE, devices=4, microbatches=4, minibatches=3) == (0, 2)
-    lo, hi = steady_window(Schedule.PIPEDREAM, devices=16, microbatches=1, minibatches=
-                           default_minibatches(Schedule.PIPEDREAM, devices=16, microbatches=1))
+    lo, hi = steady_window(
+        Schedule.PIPEDREAM,
+        devices=16,
+        microbatches=1,
+        minibatches=default_minibatches(Schedule.PIPEDREAM, devices=16, microbatches=1),
+    )
     assert lo >= 16 and hi - lo >= 2
     assert math.isfinite(lo)
 
@@ -313,8 +411,12 @@ def _write_plan(tmp_path: Path, *, schedule: Schedule = Schedule.ONE_F_ONE_B) ->
     profile_path = tmp_path / "chain.json"
     profile.save(profile_path)
     plan = make_plan(profile, [0, 1, 3], [2, 1, 1], schedule=schedule)
-    plan = dataclasses.replace(plan, profile=dataclasses.replace(
-        plan.profile, path="chain.json", sha256=file_sha256(profile_path)))
+    plan = dataclasses.replace(
+        plan,
+        profile=dataclasses.replace(
+            plan.profile, path="chain.json", sha256=file_sha256(profile_path)
+        ),
+    )
     plan_path = tmp_path / "plan.json"
     plan.save(plan_path)
     return plan_path, plan
@@ -330,18 +432,28 @@ def _args(plan: Path | str, **options: object) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("schedule", ALL)
-def test_plan_simulate_prints_and_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str],
-                                         schedule: Schedule) -> None:
+def test_plan_simulate_prints_and_writes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    schedule: Schedule,
+) -> None:
     plan_path, _ = _write_plan(tmp_path, schedule=schedule)
     monkeypatch.chdir(tmp_path.parent)  # the recorded path resolves next to the plan
     out = tmp_path / "out"
-    status = simulate_command.run(_args(plan_path, png=out / "gantt.png", csv=out / "events.csv",
-                                        minibatches=4))
+    status = simulate_command.run(
+        _args(plan_path, png=out / "gantt.png", csv=out / "events.csv", minibatches=4)
+    )
     assert status == 0
     text = capsys.readouterr().out
-    for needle in ("time per minibatch", "samples/s", "idle (bubble)", "peak memory",
-                   "critical stage", "plan's prediction"):
+    for needle in (
+        "time per minibatch",
+        "samples/s",
+        "idle (bubble)",
+        "peak memory",
+        "critical stage",
+        "plan's prediction",
+    ):
         assert needle in text
     for name in ("gantt.png", "gantt.partition.png", "gantt.memory.png"):
         assert (out / name).stat().st_size > 10_000
@@ -375,7 +487,10 @@ def test_plan_simulate_refuses_bad_input(tmp_path: Path) -> None:
 
 def test_side_paths() -> None:
     assert [p.name for p in simulate_command.side_paths("out/g.png")] == [
-        "g.png", "g.partition.png", "g.memory.png"]
+        "g.png",
+        "g.partition.png",
+        "g.memory.png",
+    ]
 
 
 # --- the engine is causal and greedy -----------------------------------------------------------
@@ -387,23 +502,40 @@ def test_every_operation_starts_as_soon_as_its_device_and_input_allow(seed: int)
     schedule = list(Schedule)[seed % 3]
     num = int(rng.integers(1, 6))
     replicas = [int(rng.choice([1, 1, 2, 3])) for _ in range(num)]
-    topo = Topology.from_args(gpus=16, gpus_per_node=4, bandwidth_gbps=1, inter_node_bandwidth_gbps=0.2)
+    topo = Topology.from_args(
+        gpus=16, gpus_per_node=4, bandwidth_gbps=1, inter_node_bandwidth_gbps=0.2
+    )
     ranks = rng.permutation(16)[: sum(replicas)].tolist()
     stages, at = [], 0
     for m in replicas:
         f = float(rng.uniform(0.5, 2))
-        stages.append(SimStage(forward_s=f, backward_s=2 * f, ranks=tuple(ranks[at:at + m]),
-                               send_bytes=float(rng.uniform(0, 1e9)),
-                               allreduce_s=float(rng.uniform(0, 1))))
+        stages.append(
+            SimStage(
+                forward_s=f,
+                backward_s=2 * f,
+                ranks=tuple(ranks[at : at + m]),
+                send_bytes=float(rng.uniform(0, 1e9)),
+                allreduce_s=float(rng.uniform(0, 1)),
+            )
+        )
         at += m
-    r = simulate_stages(stages, schedule=schedule, microbatches=int(rng.integers(1, 7)),
-                        minibatches=3, topology=topo)
+    r = simulate_stages(
+        stages,
+        schedule=schedule,
+        microbatches=int(rng.integers(1, 7)),
+        minibatches=3,
+        topology=topo,
+    )
     ev = r.events
     stage_of = {rank: s for s, st in enumerate(stages) for rank in st.ranks}
-    done = {(row.stage, row.microbatch, row.kind): (row.rank, row.end_s)
-            for row in ev[ev["kind"].isin(["forward", "backward"])].itertuples()}
-    arrived = {(row.rank, row.microbatch, row.peer): row.end_s
-               for row in ev[ev["kind"] == "recv"].itertuples()}
+    done = {
+        (row.stage, row.microbatch, row.kind): (row.rank, row.end_s)
+        for row in ev[ev["kind"].isin(["forward", "backward"])].itertuples()
+    }
+    arrived = {
+        (row.rank, row.microbatch, row.peer): row.end_s
+        for row in ev[ev["kind"] == "recv"].itertuples()
+    }
     last = len(stages) - 1
     for rank, rows in ev[ev["kind"].isin(["forward", "backward", "allreduce"])].groupby("rank"):
         free = 0.0
@@ -459,12 +591,14 @@ def _pipedream_profile(model: str) -> Profile:
 
     from planner.profile.pipedream import read_graph_txt
 
-    return read_graph_txt(pipedream_graph(model), model=model,
-                          batch_size=64 if model == "gnmt" else None)
+    return read_graph_txt(
+        pipedream_graph(model), model=model, batch_size=64 if model == "gnmt" else None
+    )
 
 
-def _check_agreement(profile: Profile, tmp_path: Path, topology: Topology,
-                     schedule: Schedule) -> None:
+def _check_agreement(
+    profile: Profile, tmp_path: Path, topology: Topology, schedule: Schedule
+) -> None:
     from planner.errors import InfeasibleError
     from planner.planning import PlanOptions, make_plan
 
@@ -486,9 +620,11 @@ def _check_agreement(profile: Profile, tmp_path: Path, topology: Topology,
 @pytest.mark.parametrize("schedule", ALL)
 @pytest.mark.parametrize("model", ["alexnet", "gnmt", "resnet18", "resnet50", "vgg16"])
 def test_simulation_agrees_with_the_objective_on_pipedream_profiles_4_gpus(
-        model: str, schedule: Schedule, tmp_path: Path) -> None:
-    _check_agreement(_pipedream_profile(model), tmp_path,
-                     Topology.from_args(gpus=4, bandwidth_gbps=25), schedule)
+    model: str, schedule: Schedule, tmp_path: Path
+) -> None:
+    _check_agreement(
+        _pipedream_profile(model), tmp_path, Topology.from_args(gpus=4, bandwidth_gbps=25), schedule
+    )
 
 
 @pytest.mark.slow
@@ -496,9 +632,14 @@ def test_simulation_agrees_with_the_objective_on_pipedream_profiles_4_gpus(
 @pytest.mark.parametrize("schedule", ALL)
 @pytest.mark.parametrize("model", ["alexnet", "gnmt", "resnet18", "resnet50", "vgg16"])
 def test_simulation_agrees_with_the_objective_on_pipedream_profiles(
-        model: str, schedule: Schedule, gpus: int, tmp_path: Path) -> None:
-    topology = Topology.from_args(gpus=gpus, gpus_per_node=8 if gpus > 8 else None,
-                                  bandwidth_gbps=25, inter_node_bandwidth_gbps=10)
+    model: str, schedule: Schedule, gpus: int, tmp_path: Path
+) -> None:
+    topology = Topology.from_args(
+        gpus=gpus,
+        gpus_per_node=8 if gpus > 8 else None,
+        bandwidth_gbps=25,
+        inter_node_bandwidth_gbps=10,
+    )
     _check_agreement(_pipedream_profile(model), tmp_path, topology, schedule)
 
 
@@ -510,7 +651,8 @@ SHIPPED = sorted((Path(__file__).resolve().parent.parent / "profiles").glob("*.j
 @pytest.mark.parametrize("gpus", [8, 16])
 @pytest.mark.parametrize("path", SHIPPED or [None], ids=[p.stem for p in SHIPPED] or ["none"])
 def test_simulation_agrees_with_the_objective_on_shipped_profiles(
-        path: Path | None, gpus: int, schedule: Schedule, tmp_path: Path) -> None:
+    path: Path | None, gpus: int, schedule: Schedule, tmp_path: Path
+) -> None:
     if path is None:
         pytest.skip("no shipped profiles in profiles/ yet")
     topology = Topology.from_args(gpus=gpus, gpus_per_node=8 if gpus > 8 else None)

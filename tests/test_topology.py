@@ -15,7 +15,9 @@ def test_one_level_from_gpus():
 
 
 def test_two_levels_rank_layout():
-    t = Topology.from_args(gpus=16, gpus_per_node=8, bandwidth_gbps=25, inter_node_bandwidth_gbps=10)
+    t = Topology.from_args(
+        gpus=16, gpus_per_node=8, bandwidth_gbps=25, inter_node_bandwidth_gbps=10
+    )
     assert [lv.devices for lv in t.levels] == [8, 2]
     assert t.link_level(0, 7) == 0
     assert t.link_level(7, 8) == 1

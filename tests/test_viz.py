@@ -37,18 +37,39 @@ def colours(path: Path) -> set[tuple[int, ...]]:
 
 
 def hex_rgb(color: str) -> tuple[int, int, int]:
-    return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
 
 
 def small_run(schedule: Schedule = Schedule.ONE_F_ONE_B) -> SimulationResult:
-    stages = [SimStage(forward_s=2e-3, backward_s=4e-3, ranks=(0, 1), send_bytes=2e7,
-                       allreduce_s=1e-3, static_bytes=2e9, activation_bytes=3e8),
-              SimStage(forward_s=1e-3, backward_s=2e-3, ranks=(2,), send_bytes=1e7,
-                       static_bytes=1e9, activation_bytes=2e8),
-              SimStage(forward_s=1e-3, backward_s=2e-3, ranks=(3,), static_bytes=1e9,
-                       activation_bytes=1e8)]
-    return simulate_stages(stages, schedule=schedule, microbatches=4, minibatches=3,
-                           topology=Topology.from_args(gpus=4, bandwidth_gbps=10))
+    stages = [
+        SimStage(
+            forward_s=2e-3,
+            backward_s=4e-3,
+            ranks=(0, 1),
+            send_bytes=2e7,
+            allreduce_s=1e-3,
+            static_bytes=2e9,
+            activation_bytes=3e8,
+        ),
+        SimStage(
+            forward_s=1e-3,
+            backward_s=2e-3,
+            ranks=(2,),
+            send_bytes=1e7,
+            static_bytes=1e9,
+            activation_bytes=2e8,
+        ),
+        SimStage(
+            forward_s=1e-3, backward_s=2e-3, ranks=(3,), static_bytes=1e9, activation_bytes=1e8
+        ),
+    ]
+    return simulate_stages(
+        stages,
+        schedule=schedule,
+        microbatches=4,
+        minibatches=3,
+        topology=Topology.from_args(gpus=4, bandwidth_gbps=10),
+    )
 
 
 @pytest.mark.parametrize("schedule", list(Schedule))
@@ -70,7 +91,12 @@ def test_gantt_shows_two_flushed_minibatches_by_default() -> None:
     axes = gantt_figure(r, title="custom").axes[0]
     assert axes.get_title(loc="left") == "custom"
     labels = [t.get_text() for t in axes.get_yticklabels()]
-    assert labels == ["rank 0 / stage 0", "rank 1 / stage 0", "rank 2 / stage 1", "rank 3 / stage 2"]
+    assert labels == [
+        "rank 0 / stage 0",
+        "rank 1 / stage 0",
+        "rank 2 / stage 1",
+        "rank 3 / stage 2",
+    ]
     assert axes.get_xlabel() == "time (ms)"
 
 
@@ -83,24 +109,52 @@ def test_memory_png(tmp_path: Path) -> None:
 
 def test_partition_png(tmp_path: Path) -> None:
     layers = tuple(
-        LayerProfile(name=f"l{i}", op="Linear", forward_ms=1.0 + i % 3, backward_ms=2.0,
-                     output_bytes=(1000,), parameter_bytes=100, inputs=(i - 1,) if i else ())
-        for i in range(12))
+        LayerProfile(
+            name=f"l{i}",
+            op="Linear",
+            forward_ms=1.0 + i % 3,
+            backward_ms=2.0,
+            output_bytes=(1000,),
+            parameter_bytes=100,
+            inputs=(i - 1,) if i else (),
+        )
+        for i in range(12)
+    )
     profile = Profile(model="chain", batch_size=8, layers=layers)
     bounds = [(0, 6), (6, 9), (9, 12)]
     replicas = [2, 1, 1]
     stages, rank = [], 0
     for (lo, hi), m in zip(bounds, replicas, strict=True):
-        stages.append(PlanStage(layers=tuple(f"l{i}" for i in range(lo, hi)), replicas=m,
-                                ranks=tuple(range(rank, rank + m)), compute_s=0.0, comm_s=0.0,
-                                allreduce_s=0.0, time_s=0.0, memory_bytes=0.0))
+        stages.append(
+            PlanStage(
+                layers=tuple(f"l{i}" for i in range(lo, hi)),
+                replicas=m,
+                ranks=tuple(range(rank, rank + m)),
+                compute_s=0.0,
+                comm_s=0.0,
+                allreduce_s=0.0,
+                time_s=0.0,
+                memory_bytes=0.0,
+            )
+        )
         rank += m
-    plan = Plan(profile=ProfileRef(path="chain.json", sha256="0" * 64, model="chain", batch_size=8),
-                topology=Topology.from_args(gpus=4), schedule=Schedule.ONE_F_ONE_B,
-                optimizer=OptimizerKind.SGD, minibatch_size=16, microbatch_size=4, microbatches=4,
-                stages=tuple(stages),
-                predicted=Prediction(bottleneck_s=1.0, minibatch_s=1.0, samples_per_s=16.0,
-                                     single_device_s=1.0, data_parallel_s=None))
+    plan = Plan(
+        profile=ProfileRef(path="chain.json", sha256="0" * 64, model="chain", batch_size=8),
+        topology=Topology.from_args(gpus=4),
+        schedule=Schedule.ONE_F_ONE_B,
+        optimizer=OptimizerKind.SGD,
+        minibatch_size=16,
+        microbatch_size=4,
+        microbatches=4,
+        stages=tuple(stages),
+        predicted=Prediction(
+            bottleneck_s=1.0,
+            minibatch_s=1.0,
+            samples_per_s=16.0,
+            single_device_s=1.0,
+            data_parallel_s=None,
+        ),
+    )
     path = tmp_path / "partition.png"
     draw_partition(plan, profile, path)
     assert png_size(path) == (1200, 520)

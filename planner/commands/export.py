@@ -15,12 +15,22 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", metavar="PLAN.json", help="a plan written by `plan`")
-    parser.add_argument("--format", required=True, choices=[f.value for f in ExportFormat],
-                        help="target system")
-    parser.add_argument("--profile", default=None, metavar="FILE",
-                        help="the plan's profile (default: the path recorded in the plan)")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE",
-                        help="file to write (pipedream also writes FILE's stem + .conf.json)")
+    parser.add_argument(
+        "--format", required=True, choices=[f.value for f in ExportFormat], help="target system"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="the plan's profile (default: the path recorded in the plan)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="file to write (pipedream also writes FILE's stem + .conf.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

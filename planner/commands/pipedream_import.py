@@ -11,11 +11,19 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph", metavar="GRAPH.txt", help="PipeDream profile (graph.txt)")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="profile JSON to write")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="the batch size PipeDream profiled at (default: inferred where "
-                             "the graph allows, else required)")
-    parser.add_argument("--model", default=None, help="model name to record (default: the folder name)")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="profile JSON to write"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="the batch size PipeDream profiled at (default: inferred where "
+        "the graph allows, else required)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="model name to record (default: the folder name)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     profile = read_graph_txt(args.graph, batch_size=args.batch_size, model=args.model)
     profile.save(args.output)
-    print(f"imported {len(profile.layers)} layers of {profile.model} (batch {profile.batch_size}) "
-          f"into {args.output}")
+    print(
+        f"imported {len(profile.layers)} layers of {profile.model} (batch {profile.batch_size}) "
+        f"into {args.output}"
+    )
     return 0

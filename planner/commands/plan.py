@@ -27,61 +27,128 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to plan (one of)")
     source = what.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="torchvision name, gpt2-small/-medium/-tiny or "
-                        "package.module:factory; a shipped profile is used when one exists")
-    source.add_argument("--profile", metavar="FILE", help="a profile JSON (plan profile, import-pipedream)")
-    source.add_argument("--calibrate", metavar="REPORT.json",
-                        help="re-plan from what `plan run` measured: rescale the run's profile "
-                             "(compute) and topology (communication) to the report, then plan "
-                             "with the run's settings unless options say otherwise")
+    source.add_argument(
+        "--model",
+        help="torchvision name, gpt2-small/-medium/-tiny or "
+        "package.module:factory; a shipped profile is used when one exists",
+    )
+    source.add_argument(
+        "--profile", metavar="FILE", help="a profile JSON (plan profile, import-pipedream)"
+    )
+    source.add_argument(
+        "--calibrate",
+        metavar="REPORT.json",
+        help="re-plan from what `plan run` measured: rescale the run's profile "
+        "(compute) and topology (communication) to the report, then plan "
+        "with the run's settings unless options say otherwise",
+    )
 
     devices = parser.add_argument_group("devices")
     devices.add_argument("--gpus", type=positive_int, help="number of devices")
-    devices.add_argument("--gpus-per-node", type=positive_int, help="devices per server (two levels)")
-    devices.add_argument("--topology", metavar="PRESET|FILE",
-                         help=f"a preset ({', '.join(sorted(PRESETS))}) or a topology JSON file; "
-                              "with a preset, --gpus counts all devices across its servers")
-    devices.add_argument("--bandwidth", type=parse_bandwidth, default=None, metavar="GB/s",
-                         help=f"link bandwidth inside a server (default {DEFAULT_BANDWIDTH_GBPS:g} GB/s; "
-                              "units: 25, 25GB/s, 100Gbit/s)")
-    devices.add_argument("--inter-node-bandwidth", type=parse_bandwidth, default=None, metavar="GB/s",
-                         help=f"bandwidth across servers (default {DEFAULT_INTER_NODE_BANDWIDTH_GBPS:g} GB/s)")
-    devices.add_argument("--memory-gb", type=positive_float, default=None,
-                         help=f"memory per device in GiB (default {DEFAULT_MEMORY_GB:g})")
+    devices.add_argument(
+        "--gpus-per-node", type=positive_int, help="devices per server (two levels)"
+    )
+    devices.add_argument(
+        "--topology",
+        metavar="PRESET|FILE",
+        help=f"a preset ({', '.join(sorted(PRESETS))}) or a topology JSON file; "
+        "with a preset, --gpus counts all devices across its servers",
+    )
+    devices.add_argument(
+        "--bandwidth",
+        type=parse_bandwidth,
+        default=None,
+        metavar="GB/s",
+        help=f"link bandwidth inside a server (default {DEFAULT_BANDWIDTH_GBPS:g} GB/s; "
+        "units: 25, 25GB/s, 100Gbit/s)",
+    )
+    devices.add_argument(
+        "--inter-node-bandwidth",
+        type=parse_bandwidth,
+        default=None,
+        metavar="GB/s",
+        help=f"bandwidth across servers (default {DEFAULT_INTER_NODE_BANDWIDTH_GBPS:g} GB/s)",
+    )
+    devices.add_argument(
+        "--memory-gb",
+        type=positive_float,
+        default=None,
+        help=f"memory per device in GiB (default {DEFAULT_MEMORY_GB:g})",
+    )
 
     how = parser.add_argument_group("how to train")
-    how.add_argument("--batch-size", type=positive_int, default=None,
-                     help="minibatch size: samples per optimizer step (default: the profile's batch "
-                          "size times the devices for 1f1b/gpipe, the profile's batch for pipedream)")
-    how.add_argument("--schedule", choices=[s.value for s in Schedule], default=None,
-                     help="pipeline schedule (default: 1f1b, synchronous with a flush)")
-    how.add_argument("--microbatches", type=_microbatches, default=None, metavar="M|auto",
-                     help="microbatches per minibatch (default: the divisor of the minibatch whose "
-                          "microbatch is closest to the profiled batch; auto: try the divisors whose "
-                          "microbatch is within 1/4..4x the profiled batch and keep the fastest)")
-    how.add_argument("--optimizer", choices=[o.value for o in OptimizerKind], default="sgd",
-                     help="training optimizer, for memory (default: sgd)")
-    how.add_argument("--recompute", action="store_true",
-                     help="recompute activations in backward instead of storing them")
+    how.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="minibatch size: samples per optimizer step (default: the profile's batch "
+        "size times the devices for 1f1b/gpipe, the profile's batch for pipedream)",
+    )
+    how.add_argument(
+        "--schedule",
+        choices=[s.value for s in Schedule],
+        default=None,
+        help="pipeline schedule (default: 1f1b, synchronous with a flush)",
+    )
+    how.add_argument(
+        "--microbatches",
+        type=_microbatches,
+        default=None,
+        metavar="M|auto",
+        help="microbatches per minibatch (default: the divisor of the minibatch whose "
+        "microbatch is closest to the profiled batch; auto: try the divisors whose "
+        "microbatch is within 1/4..4x the profiled batch and keep the fastest)",
+    )
+    how.add_argument(
+        "--optimizer",
+        choices=[o.value for o in OptimizerKind],
+        default="sgd",
+        help="training optimizer, for memory (default: sgd)",
+    )
+    how.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute activations in backward instead of storing them",
+    )
 
     solve = parser.add_argument_group("solver")
-    solve.add_argument("--solver", choices=("dp", "ilp"), default="dp", help="dynamic program or exact ILP")
-    solve.add_argument("--straight", action="store_true", help="no replication: one device per stage")
-    solve.add_argument("--cost-model", choices=("planner", "pipedream"), default="planner",
-                       help="planner's cost model, or PipeDream's optimizer's assumptions")
+    solve.add_argument(
+        "--solver", choices=("dp", "ilp"), default="dp", help="dynamic program or exact ILP"
+    )
+    solve.add_argument(
+        "--straight", action="store_true", help="no replication: one device per stage"
+    )
+    solve.add_argument(
+        "--cost-model",
+        choices=("planner", "pipedream"),
+        default="planner",
+        help="planner's cost model, or PipeDream's optimizer's assumptions",
+    )
     solve.add_argument("--no-memory-limit", action="store_true", help="ignore device memory")
-    solve.add_argument("--time-limit", type=positive_float, default=60.0,
-                       help="seconds the ILP may take (default 60)")
+    solve.add_argument(
+        "--time-limit",
+        type=positive_float,
+        default=60.0,
+        help="seconds the ILP may take (default 60)",
+    )
 
     out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", metavar="FILE", help="plan JSON to write (default: plan-MODEL-NGPUS.json)")
-    out.add_argument("--json", action="store_true", help="print the plan JSON on stdout and nothing else")
+    out.add_argument(
+        "-o", "--output", metavar="FILE", help="plan JSON to write (default: plan-MODEL-NGPUS.json)"
+    )
+    out.add_argument(
+        "--json", action="store_true", help="print the plan JSON on stdout and nothing else"
+    )
     out.add_argument("--png", metavar="FILE", help="draw the plan's simulated timeline to FILE")
 
     profiling = parser.add_argument_group("profiling (only when no profile exists for --model)")
     add_profiling_arguments(profiling)
-    profiling.add_argument("--profile-batch-size", type=positive_int, default=32,
-                           help="batch size to profile at (default 32)")
+    profiling.add_argument(
+        "--profile-batch-size",
+        type=positive_int,
+        default=32,
+        help="batch size to profile at (default 32)",
+    )
 
 
 def _microbatches(text: str) -> int | str:
@@ -114,18 +181,23 @@ def _calibrated(args: argparse.Namespace, output: Path) -> tuple[Profile, Path, 
 def _topology(args: argparse.Namespace) -> Topology:
     if args.topology:
         if args.bandwidth or args.inter_node_bandwidth:
-            raise PlannerError("--bandwidth options do not combine with --topology; edit the topology file")
+            raise PlannerError(
+                "--bandwidth options do not combine with --topology; edit the topology file"
+            )
         nodes = 1
         if args.topology in PRESETS and args.gpus:
             per_node = PRESETS[args.topology]["gpus_per_node"]
             if args.gpus % per_node:
-                raise PlannerError(f"--gpus {args.gpus} is not a multiple of {per_node}, the "
-                                   f"devices in one {args.topology} server")
+                raise PlannerError(
+                    f"--gpus {args.gpus} is not a multiple of {per_node}, the "
+                    f"devices in one {args.topology} server"
+                )
             nodes = args.gpus // per_node
         topology = Topology.resolve(args.topology, nodes)
         if args.memory_gb:
-            topology = Topology(levels=topology.levels, memory_bytes=args.memory_gb * 1024**3,
-                                name=topology.name)
+            topology = Topology(
+                levels=topology.levels, memory_bytes=args.memory_gb * 1024**3, name=topology.name
+            )
         return topology
     if args.gpus is None:
         raise PlannerError("say how many devices: --gpus N (or --topology PRESET|FILE)")
@@ -133,7 +205,10 @@ def _topology(args: argparse.Namespace) -> Topology:
         gpus=args.gpus,
         gpus_per_node=args.gpus_per_node,
         bandwidth_gbps=(args.bandwidth or DEFAULT_BANDWIDTH_GBPS * 1e9) / 1e9,
-        inter_node_bandwidth_gbps=(args.inter_node_bandwidth or DEFAULT_INTER_NODE_BANDWIDTH_GBPS * 1e9) / 1e9,
+        inter_node_bandwidth_gbps=(
+            args.inter_node_bandwidth or DEFAULT_INTER_NODE_BANDWIDTH_GBPS * 1e9
+        )
+        / 1e9,
         memory_gb=args.memory_gb or DEFAULT_MEMORY_GB,
     )
 
@@ -144,16 +219,21 @@ def _profile(args: argparse.Namespace, output: Path) -> tuple[Profile, Path]:
     shipped = shipped_profile(args.model)
     if shipped is not None and not args.leaf_modules and args.input_shape is None:
         profile = Profile.load(shipped)
-        print(f"using the shipped profile {shipped} ({profile.model}, batch {profile.batch_size}, "
-              f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})",
-              file=sys.stderr)
+        print(
+            f"using the shipped profile {shipped} ({profile.model}, batch {profile.batch_size}, "
+            f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})",
+            file=sys.stderr,
+        )
         return profile, shipped
     from planner.models import load_model, model_names
 
     if ":" not in args.model and args.model not in model_names():
         load_model(args.model, batch_size=1)  # raises the error listing the closest names
-    print(f"no shipped profile for {args.model}; profiling on {args.device} at batch "
-          f"{args.profile_batch_size}", file=sys.stderr)
+    print(
+        f"no shipped profile for {args.model}; profiling on {args.device} at batch "
+        f"{args.profile_batch_size}",
+        file=sys.stderr,
+    )
     profile = measure(args, args.profile_batch_size)
     path = output.with_name(output.stem + ".profile.json")
     profile.save(path)
@@ -163,7 +243,10 @@ def _profile(args: argparse.Namespace, output: Path) -> tuple[Profile, Path]:
 
 def run(args: argparse.Namespace) -> int:
     if args.calibrate:
-        output = Path(args.output or Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json")
+        output = Path(
+            args.output
+            or Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json"
+        )
         profile, profile_path, topology = _calibrated(args, output)
     else:
         topology = _topology(args)

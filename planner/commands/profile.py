@@ -13,37 +13,72 @@ __all__ = ["add_arguments", "run"]
 
 def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options that say how to measure (shared with ``plan`` when it must profile)."""
-    parser.add_argument("--input-shape", type=shape, metavar="C,H,W",
-                        help="one sample's shape without the batch dimension "
-                             "(default: the model's, e.g. 3,224,224)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where to measure (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="parameter and activation dtype (default: float32)")
-    parser.add_argument("--leaf-modules", nargs="+", default=[], metavar="NAME",
-                        help="module types (Block) or qualified names (blocks.3) to keep whole "
-                             "as one layer; also the fix for models torch.fx cannot trace")
-    parser.add_argument("--warmup", type=nonnegative_int, default=None,
-                        help="untimed whole-model forward+backward steps before timing (default: 1)")
-    parser.add_argument("--reps", type=positive_int, default=None,
-                        help="most timed repetitions per layer; a layer stops at two agreeing samples, "
-                             "the median is kept (default: 3)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads while measuring (default: all cores); recorded")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall clock (default), or process CPU time: with --threads 1 it "
-                             "leaves out time other jobs hold the cores (recorded as timer)")
+    parser.add_argument(
+        "--input-shape",
+        type=shape,
+        metavar="C,H,W",
+        help="one sample's shape without the batch dimension "
+        "(default: the model's, e.g. 3,224,224)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="parameter and activation dtype (default: float32)",
+    )
+    parser.add_argument(
+        "--leaf-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="module types (Block) or qualified names (blocks.3) to keep whole "
+        "as one layer; also the fix for models torch.fx cannot trace",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=nonnegative_int,
+        default=None,
+        help="untimed whole-model forward+backward steps before timing (default: 1)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=positive_int,
+        default=None,
+        help="most timed repetitions per layer; a layer stops at two agreeing samples, "
+        "the median is kept (default: 3)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads while measuring (default: all cores); recorded",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall clock (default), or process CPU time: with --threads 1 it "
+        "leaves out time other jobs hold the cores (recorded as timer)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="torchvision model name (resnet50), gpt2-small/gpt2-medium/gpt2-tiny, "
-                             "or package.module:factory for your own model")
-    parser.add_argument("--batch-size", type=positive_int, required=True,
-                        help="samples per measured batch")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="torchvision model name (resnet50), gpt2-small/gpt2-medium/gpt2-tiny, "
+        "or package.module:factory for your own model",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, required=True, help="samples per measured batch"
+    )
     add_profiling_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE",
-                        help="where to write the profile JSON")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="where to write the profile JSON"
+    )
 
 
 def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyped-def]
@@ -57,10 +92,14 @@ def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyp
             raise ModelError("--device cuda but CUDA is not available here; use --device cpu")
     import time
 
-    kwargs = {k: getattr(args, k) for k in ("warmup", "reps", "threads") if getattr(args, k) is not None}
+    kwargs = {
+        k: getattr(args, k) for k in ("warmup", "reps", "threads") if getattr(args, k) is not None
+    }
     if args.clock == "cpu":
         if args.device == "cuda":
-            raise ModelError("--clock cpu does not time GPU work; use --clock wall with --device cuda")
+            raise ModelError(
+                "--clock cpu does not time GPU work; use --clock wall with --device cuda"
+            )
         kwargs["clock"] = time.process_time
     return profile_model(
         args.model,
@@ -78,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     profile = measure(args, args.batch_size)
     profile.save(args.output)
     whole = profile.whole_step_ms
-    ratio = f", per-layer sum / whole step = {profile.total_compute_ms / whole:.3f}" if whole else ""
+    ratio = (
+        f", per-layer sum / whole step = {profile.total_compute_ms / whole:.3f}" if whole else ""
+    )
     if profile.calibration:
         ratio += f" ({profile.calibration})"
     print(

@@ -115,7 +115,9 @@ def capture(model: torch.nn.Module, leaf_modules: Sequence[str] = ()) -> Capture
     tracer = _LeafTracer(leaf_modules)
     try:
         graph = tracer.trace(model)
-    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... for untraceable code
+    except (
+        Exception
+    ) as exc:  # fx raises TraceError, TypeError, RuntimeError, ... for untraceable code
         construct = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = _innermost_module(exc, model)
         hint = f" (in module {where!r})" if where else ""

@@ -139,7 +139,9 @@ class Profile:
         names: dict[str, int] = {}
         for index, layer in enumerate(self.layers):
             if layer.name in names:
-                raise ProfileError(f"layer name {layer.name!r} appears twice (layers {names[layer.name]} and {index})")
+                raise ProfileError(
+                    f"layer name {layer.name!r} appears twice (layers {names[layer.name]} and {index})"
+                )
             names[layer.name] = index
             for source in layer.inputs:
                 if not 0 <= source < index:

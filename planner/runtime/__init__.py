@@ -3,7 +3,7 @@
 ``plan run PLAN.json`` starts one local process per rank; ``torchrun ... -m planner.runtime
 PLAN.json`` runs across machines. Modules, in data-flow order: :mod:`~planner.runtime.stage`
 (cut the model), :mod:`~planner.runtime.comm` (peers, metadata, transfers, gradient sync),
-:mod:`~planner.runtime.schedules` (run the operation lists), :mod:`~planner.runtime.worker`
+:mod:`~planner.runtime.executors` (run the operation lists), :mod:`~planner.runtime.worker`
 (one rank's set-up), :mod:`~planner.runtime.loops` (the training loops),
 :mod:`~planner.runtime.pipedream` (asynchronous 1F1B with weight stashing),
 :mod:`~planner.runtime.checkpoint`, :mod:`~planner.runtime.launch` (local processes),
@@ -20,10 +20,10 @@ from planner.runtime.calibrate import Calibration, calibrate, calibration_of
 from planner.runtime.comm import BoundaryMeta, Placement, TensorMeta
 from planner.runtime.compare import compare_run
 from planner.runtime.config import Backend, RunConfig, RunError
+from planner.runtime.executors import FlushSchedule, StageExecutor
 from planner.runtime.launch import LaunchResult, launch_local
 from planner.runtime.pipedream import PipeDreamSchedule, WeightStash
 from planner.runtime.report import Comparison, RankStats, RunReport, StageStats, StepStats
-from planner.runtime.schedules import FlushSchedule, StageExecutor
 from planner.runtime.stage import (
     SharedParameter,
     StageCut,

@@ -24,9 +24,9 @@ from planner.runtime.checkpoint import Checkpointer
 from planner.runtime.comm import BoundaryMeta, CommTimers, GradientSync, Placement, PointToPoint
 from planner.runtime.config import RunConfig
 from planner.runtime.data import Batch, DataSource, microbatch
+from planner.runtime.executors import FlushSchedule, StageExecutor
 from planner.runtime.pipedream import PipeDreamSchedule, WeightStash
 from planner.runtime.report import RankStats, StepStats
-from planner.runtime.schedules import FlushSchedule, StageExecutor
 from planner.schedules import Schedule
 
 __all__ = [

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from planner.runtime.comm import GradientSync
-from planner.runtime.schedules import InputsFn, StageExecutor, TargetsFn
+from planner.runtime.executors import InputsFn, StageExecutor, TargetsFn
 from planner.schedules import Schedule, in_flight, replica_order, sync_points
 
 __all__ = ["PipeDreamSchedule", "WeightStash"]

@@ -8,12 +8,34 @@ from planner.profile import LayerProfile, Profile
 
 def _profile(**kw):
     layers = (
-        LayerProfile(name="a", op="Linear", forward_ms=1.0, backward_ms=2.0, output_bytes=(400,),
-                     parameter_bytes=100, saved_bytes=400, forward_samples_ms=(1.0, 1.1)),
-        LayerProfile(name="b", op="ReLU", forward_ms=0.5, backward_ms=0.5, output_bytes=(400,),
-                     parameter_bytes=0, inputs=(0,)),
-        LayerProfile(name="c", op="add", forward_ms=0.1, backward_ms=0.1, output_bytes=(200, 200),
-                     parameter_bytes=0, inputs=(0, 1)),
+        LayerProfile(
+            name="a",
+            op="Linear",
+            forward_ms=1.0,
+            backward_ms=2.0,
+            output_bytes=(400,),
+            parameter_bytes=100,
+            saved_bytes=400,
+            forward_samples_ms=(1.0, 1.1),
+        ),
+        LayerProfile(
+            name="b",
+            op="ReLU",
+            forward_ms=0.5,
+            backward_ms=0.5,
+            output_bytes=(400,),
+            parameter_bytes=0,
+            inputs=(0,),
+        ),
+        LayerProfile(
+            name="c",
+            op="add",
+            forward_ms=0.1,
+            backward_ms=0.1,
+            output_bytes=(200, 200),
+            parameter_bytes=0,
+            inputs=(0, 1),
+        ),
     )
     return Profile(model="toy", batch_size=4, layers=layers, input_shape=(10,), **kw)
 
@@ -53,8 +75,15 @@ def test_rescale_scales_per_sample_costs_and_keeps_parameters():
 
 
 def test_invalid_profiles_are_refused():
-    layer = LayerProfile(name="a", op="x", forward_ms=1, backward_ms=1, output_bytes=(1,),
-                         parameter_bytes=0, inputs=(0,))
+    layer = LayerProfile(
+        name="a",
+        op="x",
+        forward_ms=1,
+        backward_ms=1,
+        output_bytes=(1,),
+        parameter_bytes=0,
+        inputs=(0,),
+    )
     with pytest.raises(ProfileError, match="topological order"):
         Profile(model="m", batch_size=1, layers=(layer,))
     with pytest.raises(ProfileError, match="no layers"):

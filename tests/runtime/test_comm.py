@@ -7,7 +7,7 @@ import torch
 
 from planner.runtime.comm import BoundaryMeta, Placement, TensorMeta
 from planner.runtime.config import RunConfig, RunError
-from planner.runtime.schedules import FlushSchedule
+from planner.runtime.executors import FlushSchedule
 from planner.schedules import Schedule, replica_order
 
 

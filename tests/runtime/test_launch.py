@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from runtime_helpers import HERE, REPO, free_port, make_plan, with_profile
 
+from planner.commands import run as command
 from planner.errors import PlanError, PlannerError
-from planner.runtime import command
 from planner.runtime.__main__ import main as rank_main
 
 MLP = "runtime_models:mlp"
@@ -175,7 +175,7 @@ def test_killed_rank_ends_the_run_and_is_named(tmp_path: Path, env_path: dict) -
         [
             sys.executable,
             "-m",
-            "planner.runtime.command",
+            "planner.commands.run",
             str(tmp_path / "plan.json"),
             "--steps",
             "1000000",

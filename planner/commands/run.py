@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m planner.runtime.command PLAN.json ...``: ``plan run`` without the ``plan`` CLI."""
+    """``python -m planner.commands.run PLAN.json ...``: ``plan run`` without the ``plan`` CLI."""
     from planner.errors import PlannerError
 
     parser = argparse.ArgumentParser(

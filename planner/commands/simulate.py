@@ -23,15 +23,25 @@ __all__ = ["add_arguments", "run", "side_paths", "summary"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``plan simulate``."""
     parser.add_argument("plan", metavar="PLAN.json", help="a plan written by `plan`")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="the plan's profile (default: the path the plan records, looked up "
-                             "from here and then next to the plan)")
-    parser.add_argument("--minibatches", type=int, metavar="N",
-                        help="minibatches to simulate (default: 3 for 1f1b/gpipe; enough to "
-                             "reach the steady state for pipedream)")
-    parser.add_argument("--png", metavar="FILE",
-                        help="write the Gantt chart here, and the partition and memory charts "
-                             "next to it (FILE.partition.png, FILE.memory.png)")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="the plan's profile (default: the path the plan records, looked up "
+        "from here and then next to the plan)",
+    )
+    parser.add_argument(
+        "--minibatches",
+        type=int,
+        metavar="N",
+        help="minibatches to simulate (default: 3 for 1f1b/gpipe; enough to "
+        "reach the steady state for pipedream)",
+    )
+    parser.add_argument(
+        "--png",
+        metavar="FILE",
+        help="write the Gantt chart here, and the partition and memory charts "
+        "next to it (FILE.partition.png, FILE.memory.png)",
+    )
     parser.add_argument("--csv", metavar="FILE", help="write every simulated event here")
 
 
@@ -46,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
         from planner.viz import draw_gantt, draw_memory, draw_partition
 
         gantt, partition, memory = side_paths(args.png)
-        title = (f"{plan.profile.model}: {result.schedule} on {len(result.devices)} devices, "
-                 f"{result.microbatches} x {plan.microbatch_size} samples per minibatch: "
-                 f"{result.samples_per_s:,.1f} samples/s simulated")
+        title = (
+            f"{plan.profile.model}: {result.schedule} on {len(result.devices)} devices, "
+            f"{result.microbatches} x {plan.microbatch_size} samples per minibatch: "
+            f"{result.samples_per_s:,.1f} samples/s simulated"
+        )
         draw_gantt(result, gantt, title=title)
         draw_partition(plan, profile, partition)
         draw_memory(result, memory)
@@ -66,14 +78,19 @@ def side_paths(png: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     path = Path(png)
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
     suffix = path.suffix or ".png"
-    return (path.with_name(stem + suffix), path.with_name(f"{stem}.partition{suffix}"),
-            path.with_name(f"{stem}.memory{suffix}"))
+    return (
+        path.with_name(stem + suffix),
+        path.with_name(f"{stem}.partition{suffix}"),
+        path.with_name(f"{stem}.memory{suffix}"),
+    )
 
 
 def summary(plan: Plan, result: SimulationResult) -> str:
     """The simulated numbers beside the plan's prediction."""
     predicted = plan.predicted
-    ratio = result.minibatch_s / predicted.minibatch_s if predicted.minibatch_s > 0 else float("nan")
+    ratio = (
+        result.minibatch_s / predicted.minibatch_s if predicted.minibatch_s > 0 else float("nan")
+    )
     lines = [
         f"{plan.profile.model}: {len(plan.stages)} stages on {len(result.devices)} devices, "
         f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
@@ -85,9 +102,13 @@ def summary(plan: Plan, result: SimulationResult) -> str:
     peaks: dict[int, float] = {}
     for d in result.devices:
         peaks[d.stage] = max(peaks.get(d.stage, 0.0), d.peak_memory_bytes)
-    lines.append("memory per stage, GiB (predicted / simulated peak): " + ", ".join(
-        f"{s}: {stage.memory_bytes / 1024**3:.2f} / {peaks[s] / 1024**3:.2f}"
-        for s, stage in enumerate(plan.stages)))
+    lines.append(
+        "memory per stage, GiB (predicted / simulated peak): "
+        + ", ".join(
+            f"{s}: {stage.memory_bytes / 1024**3:.2f} / {peaks[s] / 1024**3:.2f}"
+            for s, stage in enumerate(plan.stages)
+        )
+    )
     limit = result.memory_limit_bytes
     over = [d for d in result.devices if limit is not None and d.peak_memory_bytes > limit]
     if over and limit is not None:
