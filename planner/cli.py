@@ -5,13 +5,17 @@ subcommands do one step each: ``plan profile``, ``plan import-pipedream``,
 ``plan export-pipedream``, ``plan show``, ``plan export``, ``plan simulate``, ``plan run``.
 
 Errors the user can fix print one line on stderr and exit with status 2; nothing half-written
-is left behind (every file is written to a temporary name and renamed).
+is left behind (every file is written to a temporary name and renamed), and outputs are checked
+before any work (see :func:`planner._io.check_outputs`). A reader that closes the pipe early
+(``plan show plan.json | head -1``) ends the command quietly with status 141, what a shell reports
+for a process ended by SIGPIPE, so ``set -o pipefail`` scripts still see that output was cut.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +23,10 @@ from typing import NoReturn
 
 from planner.errors import PlannerError
 
-__all__ = ["main"]
+__all__ = ["BROKEN_PIPE_STATUS", "main"]
+
+BROKEN_PIPE_STATUS = 141
+"""Exit status when stdout's reader went away: 128 + SIGPIPE, as a shell reports ``head``'s writer."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,18 +122,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``plan`` command; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in _COMMANDS:
-            parser, run = _build_subparser(args[0])
-            return run(parser.parse_args(args[1:]))
-        from planner.commands import plan as plan_command
-
-        return plan_command.run(_main_parser().parse_args(args))
+        status = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
     except PlannerError as exc:
         print(f"plan: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("plan: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
+
+
+def _dispatch(args: list[str]) -> int:
+    if args and args[0] in _COMMANDS:
+        parser, run = _build_subparser(args[0])
+        return run(parser.parse_args(args[1:]))
+    from planner.commands import plan as plan_command
+
+    return plan_command.run(_main_parser().parse_args(args))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test harness: nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from planner._io import atomic_write_text
+from planner._io import atomic_write_text, check_outputs, printable
+from planner.errors import PlanError
 from planner.export import ExportFormat, export_plan
-from planner.plan import load_plan_and_profile
+from planner.plan import find_profile_file, load_plan_and_profile
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,15 +36,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan, profile = load_plan_and_profile(args.plan, args.profile)
-    exported = export_plan(plan, profile, ExportFormat(args.format))
+    exported = export_plan(plan, profile, ExportFormat(args.format))  # in memory only
     out = Path(args.output)
-    atomic_write_text(out, exported.text)
-    written = [str(out)]
-    for suffix, text in exported.companions.items():
-        companion = out.with_name(out.stem + suffix)
-        atomic_write_text(companion, text)
-        written.append(str(companion))
+    files = {out: exported.text} | {
+        out.with_name(out.stem + suffix): text for suffix, text in exported.companions.items()
+    }
+    outputs = check_outputs(
+        [("-o", path) if path == out else ("-o (its companion)", path) for path in files],
+        inputs=[
+            ("plan", args.plan),
+            ("plan's profile", find_profile_file(plan, args.plan, args.profile)),
+        ],
+        error=PlanError,
+    )
+    for path, text in files.items():
+        atomic_write_text(path, text)
     for note in exported.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print("wrote " + ", ".join(written))
+        print(f"note: {printable(note)}", file=sys.stderr)
+    print(outputs.announce(*files))
     return 0

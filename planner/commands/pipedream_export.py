@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from planner._io import check_outputs, printable
+from planner.errors import ProfileError
 from planner.profile.format import Profile
 
 __all__ = ["add_arguments", "run"]
@@ -17,7 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from planner.profile.pipedream import write_graph_txt
 
+    outputs = check_outputs(
+        [("-o", args.output)], inputs=[("profile", args.profile)], error=ProfileError
+    )
     profile = Profile.load(args.profile)
     write_graph_txt(profile, args.output)
-    print(f"wrote {len(profile.layers)} layers of {profile.model} to {args.output}")
+    print(
+        f"{len(profile.layers)} layers of {printable(profile.model)}: "
+        f"{outputs.announce(args.output)}"
+    )
     return 0

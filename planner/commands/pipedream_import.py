@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from planner._io import check_input_file, check_outputs, printable
 from planner.commands._args import positive_int
+from planner.errors import ProfileError
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,10 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from planner.profile.pipedream import read_graph_txt
 
+    check_input_file(args.graph, ProfileError, "graph.txt")
+    outputs = check_outputs(
+        [("-o", args.output)], inputs=[("graph.txt", args.graph)], error=ProfileError
+    )
     profile = read_graph_txt(args.graph, batch_size=args.batch_size, model=args.model)
     profile.save(args.output)
     print(
-        f"imported {len(profile.layers)} layers of {profile.model} (batch {profile.batch_size}) "
-        f"into {args.output}"
+        f"imported {len(profile.layers)} layers of {printable(profile.model)} "
+        f"(batch {profile.batch_size}); {outputs.announce(args.output)}"
     )
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from planner._io import Outputs, check_outputs
 from planner.commands._args import positive_float, positive_int
 from planner.commands.profile import add_profiling_arguments, measure
 from planner.errors import PlannerError, ProfileError
@@ -20,6 +23,10 @@ from planner.topology import (
     Topology,
     parse_bandwidth,
 )
+
+if TYPE_CHECKING:
+    from planner.plan import Plan
+    from planner.runtime.report import RunReport
 
 __all__ = ["add_arguments", "run"]
 
@@ -155,27 +162,92 @@ def _microbatches(text: str) -> int | str:
     return "auto" if text == "auto" else positive_int(text)
 
 
-def _calibrated(args: argparse.Namespace, output: Path) -> tuple[Profile, Path, Topology]:
+def _calibrated(
+    args: argparse.Namespace, run: _Run, path: Path, outputs: Outputs
+) -> tuple[Profile, Path, Topology]:
     """The profile and topology a run's report implies, with the run's settings as defaults."""
-    from planner.plan import load_plan_and_profile
     from planner.runtime.calibrate import calibrate
-    from planner.runtime.report import RunReport
 
-    report = RunReport.load(args.calibrate)
-    plan_path = Path(report.plan)
-    if not plan_path.is_file():
-        plan_path = Path(args.calibrate).parent / plan_path.name
-    plan, profile = load_plan_and_profile(str(plan_path))
-    profile, topology = calibrate(profile, plan.topology, report, plan=plan)
-    path = output.with_name(output.stem + ".profile.json")
+    profile, topology = calibrate(run.profile, run.plan.topology, run.report, plan=run.plan)
     profile.save(path)
-    print(f"{profile.calibration}; wrote {path}", file=sys.stderr)
-    args.schedule = args.schedule or str(plan.schedule)
-    args.batch_size = args.batch_size or plan.minibatch_size
-    args.microbatches = args.microbatches or plan.microbatches
+    print(f"{profile.calibration}; {outputs.announce(path)}", file=sys.stderr)
+    args.schedule = args.schedule or str(run.plan.schedule)
+    args.batch_size = args.batch_size or run.plan.minibatch_size
+    args.microbatches = args.microbatches or run.plan.microbatches
     if args.gpus is None and args.topology is None:
         return profile, path, topology
     return profile, path, _topology(args)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """A run to calibrate from: its report, and the plan and profile it ran."""
+
+    report: RunReport
+    plan: Plan
+    plan_path: Path
+    profile: Profile
+    profile_path: Path
+
+
+def _run_of(report_path: str) -> _Run:
+    from planner.plan import find_profile_file, load_plan_and_profile
+    from planner.runtime.calibrate import check_report_matches
+    from planner.runtime.report import RunReport
+
+    report = RunReport.load(report_path)
+    plan_path = Path(report.plan)
+    if not plan_path.is_file():
+        plan_path = Path(report_path).parent / plan_path.name
+    plan, profile = load_plan_and_profile(str(plan_path))
+    check_report_matches(report, plan, profile, report_path=report_path)
+    return _Run(
+        report=report,
+        plan=plan,
+        plan_path=plan_path,
+        profile=profile,
+        profile_path=find_profile_file(plan, plan_path),
+    )
+
+
+def _check_outputs(
+    args: argparse.Namespace, output: Path, profile_out: Path | None, run: _Run | None
+) -> Outputs:
+    """Refuse, before any work, outputs that are inputs or cannot be written."""
+    outputs = [("-o", output)]
+    if profile_out is not None:
+        outputs.append(("-o (the profile written beside it)", profile_out))
+    if args.png:
+        outputs.append(("--png", Path(args.png)))
+    inputs: list[tuple[str, str | Path]] = []
+    if run is not None:
+        inputs += [
+            ("report", args.calibrate),
+            ("run's plan", run.plan_path),
+            ("run's profile", run.profile_path),
+        ]
+    elif profile_out is None:
+        inputs.append(("profile", _profile_input(args)))
+    if args.topology and args.topology not in PRESETS:
+        inputs.append(("topology file", args.topology))
+    return check_outputs(outputs, inputs=inputs, error=PlannerError)
+
+
+def _profile_input(args: argparse.Namespace) -> Path:
+    """The profile file ``plan`` will read; ``_will_profile(args)`` must be False."""
+    if args.profile:
+        return Path(args.profile)
+    shipped = shipped_profile(args.model)
+    assert shipped is not None
+    return Path(shipped)
+
+
+def _will_profile(args: argparse.Namespace) -> bool:
+    """Whether ``--model`` must be profiled here (no usable shipped profile)."""
+    if args.profile or args.calibrate:
+        return False
+    shipped = shipped_profile(args.model)
+    return shipped is None or bool(args.leaf_modules) or args.input_shape is not None
 
 
 def _topology(args: argparse.Namespace) -> Topology:
@@ -213,11 +285,12 @@ def _topology(args: argparse.Namespace) -> Topology:
     )
 
 
-def _profile(args: argparse.Namespace, output: Path) -> tuple[Profile, Path]:
+def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> tuple[Profile, Path]:
     if args.profile:
         return Profile.load(args.profile), Path(args.profile)
     shipped = shipped_profile(args.model)
-    if shipped is not None and not args.leaf_modules and args.input_shape is None:
+    if path is None:
+        assert shipped is not None
         profile = Profile.load(shipped)
         print(
             f"using the shipped profile {shipped} ({profile.model}, batch {profile.batch_size}, "
@@ -235,28 +308,35 @@ def _profile(args: argparse.Namespace, output: Path) -> tuple[Profile, Path]:
         file=sys.stderr,
     )
     profile = measure(args, args.profile_batch_size)
-    path = output.with_name(output.stem + ".profile.json")
     profile.save(path)
-    print(f"wrote the profile to {path}", file=sys.stderr)
+    print(f"{outputs.announce(path)} (the profile)", file=sys.stderr)
     return profile, path
 
 
 def run(args: argparse.Namespace) -> int:
+    run_ = None
     if args.calibrate:
         output = Path(
             args.output
             or Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json"
         )
-        profile, profile_path, topology = _calibrated(args, output)
+        run_ = _run_of(args.calibrate)
     else:
         topology = _topology(args)
         name = args.model or Path(args.profile).stem
         safe = name.replace(":", "_").replace("/", "_")
         output = Path(args.output or f"plan-{safe}-{topology.num_devices}gpus.json")
-    if output.exists() and output.is_dir():
-        raise PlannerError(f"-o {output} is a folder; give a file name")
-    if not args.calibrate:
-        profile, profile_path = _profile(args, output)
+    profile_out = (
+        output.with_name(output.stem + ".profile.json")
+        if run_ is not None or _will_profile(args)
+        else None
+    )
+    outputs = _check_outputs(args, output, profile_out, run_)
+    if run_ is not None:
+        assert profile_out is not None
+        profile, profile_path, topology = _calibrated(args, run_, profile_out, outputs)
+    else:
+        profile, profile_path = _profile(args, profile_out, outputs)
     if args.model and profile.source == "pipedream":
         raise ProfileError("a PipeDream profile cannot be rebuilt by --model; use --profile")
     options = PlanOptions(
@@ -278,9 +358,11 @@ def run(args: argparse.Namespace) -> int:
         from planner.planning import draw_plan
 
         draw_plan(plan, profile, args.png)
+    written = outputs.announce(output, *([args.png] if args.png else []))
     if args.json:
         print(plan.to_json())
+        print(written, file=sys.stderr)
     else:
         print(plan.describe())
-        print(f"\nwrote {output}" + (f" and {args.png}" if args.png else ""))
+        print(f"\n{written}")
     return 0

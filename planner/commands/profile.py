@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from planner._io import check_outputs
 from planner.commands._args import nonnegative_int, positive_int, shape
 from planner.errors import ModelError
 
@@ -114,6 +115,7 @@ def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyp
 
 
 def run(args: argparse.Namespace) -> int:
+    outputs = check_outputs([("-o", args.output)], inputs=(), error=ModelError)
     profile = measure(args, args.batch_size)
     profile.save(args.output)
     whole = profile.whole_step_ms
@@ -128,5 +130,5 @@ def run(args: argparse.Namespace) -> int:
         f"{profile.total_compute_ms:.1f} ms forward+backward{ratio}",
         file=sys.stderr,
     )
-    print(f"wrote {args.output}")
+    print(outputs.announce(args.output))
     return 0

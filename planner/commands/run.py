@@ -19,6 +19,7 @@ from planner.runtime.comm import Placement
 from planner.runtime.config import RunConfig, add_run_arguments
 from planner.runtime.data import data_source
 from planner.runtime.launch import launch_local
+from planner.runtime.report import check_run_outputs
 from planner.runtime.worker import load_spec, prepare
 
 __all__ = ["add_arguments", "main", "run"]
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """
     config = RunConfig.from_args(args)
     plan = Plan.load(config.plan_path)
+    check_run_outputs(config, plan)  # report and checkpoint folder writable, not inputs
     world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
     spec = load_spec(plan, seed=config.seed)
     prepare(plan, spec, rank=0, world_size=world)

@@ -12,9 +12,9 @@ import io
 import os
 from pathlib import Path
 
-from planner._io import atomic_write_text
+from planner._io import atomic_write_text, check_outputs, printable
 from planner.errors import PlanError
-from planner.plan import Plan, load_plan_and_profile
+from planner.plan import Plan, find_profile_file, load_plan_and_profile
 from planner.simulate import SimulationResult, simulate
 
 __all__ = ["add_arguments", "run", "side_paths", "summary"]
@@ -50,26 +50,36 @@ def run(args: argparse.Namespace) -> int:
     if args.minibatches is not None and args.minibatches < 1:
         raise PlanError(f"--minibatches must be at least 1, got {args.minibatches}")
     plan, profile = load_plan_and_profile(args.plan, args.profile)
+    pictures: tuple[Path, ...] = side_paths(args.png) if args.png else ()
+    names = ("--png", "--png (partition chart)", "--png (memory chart)")
+    outputs = check_outputs(
+        [*zip(names, pictures, strict=False), *([("--csv", args.csv)] if args.csv else [])],
+        inputs=[
+            ("plan", args.plan),
+            ("plan's profile", find_profile_file(plan, args.plan, args.profile)),
+        ],
+        error=PlanError,
+    )
     result = simulate(plan, profile, minibatches=args.minibatches)
     print(summary(plan, result))
     if args.png:
         from planner.viz import draw_gantt, draw_memory, draw_partition
 
-        gantt, partition, memory = side_paths(args.png)
+        gantt, partition, memory = pictures
         title = (
-            f"{plan.profile.model}: {result.schedule} on {len(result.devices)} devices, "
+            f"{printable(plan.profile.model)}: {result.schedule} on {len(result.devices)} devices, "
             f"{result.microbatches} x {plan.microbatch_size} samples per minibatch: "
             f"{result.samples_per_s:,.1f} samples/s simulated"
         )
         draw_gantt(result, gantt, title=title)
         draw_partition(plan, profile, partition)
         draw_memory(result, memory)
-        print(f"wrote {gantt}, {partition}, {memory}")
+        print(outputs.announce(gantt, partition, memory))
     if args.csv:
         buffer = io.StringIO()
         result.events.to_csv(buffer, index=False)
         atomic_write_text(args.csv, buffer.getvalue())
-        print(f"wrote {args.csv} ({len(result.events)} events)")
+        print(f"{outputs.announce(args.csv)} ({len(result.events)} events)")
     return 0
 
 
@@ -92,7 +102,7 @@ def summary(plan: Plan, result: SimulationResult) -> str:
         result.minibatch_s / predicted.minibatch_s if predicted.minibatch_s > 0 else float("nan")
     )
     lines = [
-        f"{plan.profile.model}: {len(plan.stages)} stages on {len(result.devices)} devices, "
+        f"{printable(plan.profile.model)}: {len(plan.stages)} stages on {len(result.devices)} devices, "
         f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
         f"{plan.microbatch_size}",
         result.describe(),

@@ -27,7 +27,15 @@ from planner.runtime.config import RunError
 from planner.runtime.report import RunReport
 from planner.topology import Topology
 
-__all__ = ["Calibration", "calibrate", "calibration_of", "fit_latency"]
+__all__ = [
+    "Calibration",
+    "calibrate",
+    "calibration_of",
+    "check_report_matches",
+    "fit_latency",
+]
+
+_NOTE_PREFIX = "calibrated from "
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +80,37 @@ def calibration_of(report: RunReport) -> Calibration:
     return Calibration(compute_scale=measured / predicted, comm_scale=comm)
 
 
+def check_report_matches(
+    report: RunReport, plan: Plan, profile: Profile, *, report_path: str | None = None
+) -> None:
+    """Check that ``plan`` (and its ``profile``) is what the run behind ``report`` ran.
+
+    A plan or profile replaced after the run (e.g. by an earlier ``plan --calibrate`` written over
+    them) would be rescaled a second time: the scaling would compound without anyone seeing it.
+
+    Raises:
+        RunError: The plan's model, schedule or sizes differ from the report's, or the profile was
+            already calibrated from this same run.
+    """
+    what = f"report {report_path or report.plan}"
+    mine = (plan.profile.model, str(plan.schedule), plan.minibatch_size, plan.microbatches)
+    ran = (report.model, report.schedule, report.minibatch_size, report.microbatches)
+    devices = 1 + max(max(stage.ranks) for stage in plan.stages)
+    if mine != ran or devices != report.world_size:
+        raise RunError(
+            f"{what} ran {ran[0]} ({ran[1]}, minibatch {ran[2]} = {ran[3]} microbatches, "
+            f"{report.world_size} processes) but {report.plan} now holds {mine[0]} ({mine[1]}, "
+            f"minibatch {mine[2]} = {mine[3]} microbatches, {devices} processes): the plan was "
+            "replaced after the run; run the plan again and calibrate from the new report"
+        )
+    if profile.calibration and profile.calibration.startswith(f"{_NOTE_PREFIX}{report.plan}:"):
+        raise RunError(
+            f"the profile of {report.plan} was already calibrated from this run "
+            f"({profile.calibration}); calibrating again would compound the scaling; "
+            "run the plan again and calibrate from the new report"
+        )
+
+
 def calibrate(
     profile: Profile, topology: Topology, report: RunReport, *, plan: Plan | None = None
 ) -> tuple[Profile, Topology]:
@@ -95,7 +134,9 @@ def calibrate(
         )
         for layer in profile.layers
     )
-    note = f"calibrated from {report.plan}: {cal.describe()}"
+    note = f"{_NOTE_PREFIX}{report.plan}: {cal.describe()}"
+    if profile.calibration:  # a run of a calibrated plan: scales relative to it, both recorded
+        note += f"; before that, {profile.calibration}"
     calibrated = dataclasses.replace(
         profile,
         layers=layers,

@@ -22,13 +22,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from planner._io import atomic_write_text
+from planner._io import Outputs, atomic_write_text, check_output_folder, check_outputs, printable
+
+if TYPE_CHECKING:
+    from planner.plan import Plan
+    from planner.runtime.config import RunConfig
 
 __all__ = [
     "FORMAT",
@@ -38,6 +43,7 @@ __all__ = [
     "StageComparison",
     "StageStats",
     "StepStats",
+    "check_run_outputs",
 ]
 
 FORMAT = "planner.runtime-report/1"
@@ -326,7 +332,38 @@ class RunReport:
         lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
         lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.append(
-            f"{self.schedule}, {self.measured_steps} measured steps: "
+            f"{printable(self.schedule)}, {self.measured_steps} measured steps: "
             f"{self.samples_per_s:.1f} samples/s (per-stage times are per step)"
         )
         return "\n".join(lines)
+
+
+def check_run_outputs(config: RunConfig, plan: Plan) -> Outputs:
+    """Refuse, before any rank starts, a report or checkpoint folder the run could not write.
+
+    The report must not be the plan, its profile or the data, nor sit where no file can be
+    written; ``--checkpoint-dir`` must be a folder (or creatable as one) that takes new files.
+    Only the launching process checks: the ranks write what it checked.
+
+    Raises:
+        RunError: Which option, what is wrong with it, and what to do.
+    """
+    from planner.errors import PlanError
+    from planner.plan import find_profile_file
+    from planner.runtime.config import RunError
+
+    inputs: list[tuple[str, str | os.PathLike[str]]] = [("plan", config.plan_path)]
+    with contextlib.suppress(PlanError):  # without it the run has no predicted-vs-measured table
+        inputs.append(("plan's profile", find_profile_file(plan, config.plan_path)))
+    if config.data != "synthetic":
+        inputs.append(("--data", config.data))
+    option = "--report" if config.report_path is not None else "the report (beside the plan)"
+    outputs = check_outputs([(option, config.report_file)], inputs=inputs, error=RunError)
+    if config.checkpoint_dir is not None:
+        check_output_folder(
+            "--checkpoint-dir",
+            config.checkpoint_dir,
+            inputs=[*inputs, ("report", config.report_file)],
+            error=RunError,
+        )
+    return outputs
