@@ -47,6 +47,7 @@ __all__ = [
     "check_outputs",
     "lists_to_tuples",
     "load_json",
+    "parse_json",
     "printable",
     "read_input_bytes",
     "schema",
@@ -369,29 +370,29 @@ def load_json(path: PathLike, error: type[PlannerError], what: str) -> Any:
         raise error(
             f"{what} {p} is not UTF-8 text (byte {exc.start}); is it the right file?"
         ) from None
+    return parse_json(text, error, f"{what} {p}")
+
+
+def parse_json(text: str, error: type[PlannerError], what: str) -> Any:
+    """Parse JSON text whose numbers are all finite; see :func:`load_json`."""
     try:
         doc = json.loads(
             text, parse_constant=_NonFinite, parse_float=_parse_float, parse_int=_parse_int
         )
     except json.JSONDecodeError as exc:
         raise error(
-            f"{what} {p} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+            f"{what} is not valid JSON (line {exc.lineno}: {exc.msg}); "
             "is it truncated? regenerate it"
         ) from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise error(
-            f"{what} {p} holds a number that cannot be read ({exc}); fix the file"
-        ) from None
+        raise error(f"{what} holds a number that cannot be read ({exc}); fix the file") from None
     except RecursionError:
-        raise error(
-            f"{what} {p} is nested too deeply to be a {what}; is it the right file?"
-        ) from None
+        raise error(f"{what} is nested too deeply; is it the right file?") from None
     found = _find_nonfinite(doc)
     if found is not None:
         where, text_value = found
         raise error(
-            f"{what} {p}: {where} is {text_value}; every number must be finite and "
-            "below 2**63; "
+            f"{what}: {where} is {text_value}; every number must be finite and below 2**63; "
             "fix the value or regenerate the file"
         )
     return doc

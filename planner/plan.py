@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner._io import atomic_write_text, lists_to_tuples, load_json, validate
+from planner._io import (
+    atomic_write_text,
+    lists_to_tuples,
+    load_json,
+    parse_json,
+    printable,
+    validate,
+)
 from planner.errors import PlanError
 from planner.profile.format import Profile
 from planner.schedules import OptimizerKind, Schedule
@@ -274,7 +281,7 @@ class Plan:
         p = self.predicted
         ranks_of = [_ranks_text(stage.ranks) for stage in self.stages]
         header = (
-            f"{self.profile.model}: {len(self.stages)} stages on {sum(s.replicas for s in self.stages)}"
+            f"{printable(self.profile.model)}: {len(self.stages)} stages on {sum(s.replicas for s in self.stages)}"
             f" of {self.topology.describe()}\n"
             f"schedule {self.schedule}, minibatch {self.minibatch_size} = {self.microbatches} x "
             f"{self.microbatch_size}, optimizer {self.optimizer}, solver {self.solver}"
@@ -304,7 +311,7 @@ class Plan:
             rows.append(
                 (
                     f"{s}{mark}",
-                    _clip(span, 44),
+                    _clip(printable(span), 44),
                     str(len(stage.layers)),
                     str(stage.replicas),
                     ranks_of[s],
@@ -346,9 +353,10 @@ class Plan:
             lines.append("baselines (same cost model):")
             for b in self.baselines:
                 rate = self.minibatch_size / b.minibatch_s if b.minibatch_s > 0 else float("inf")
-                fit = "" if b.fits else f"  does not fit: {b.note}" if b.note else "  does not fit"
+                note = printable(b.note, limit=200)
+                fit = "" if b.fits else f"  does not fit: {note}" if note else "  does not fit"
                 lines.append(
-                    f"  {b.name:<16} {b.stages:>3} stages  {b.minibatch_s * 1e3:10.1f} ms/minibatch"
+                    f"  {printable(b.name, limit=40):<16} {b.stages:>3} stages  {b.minibatch_s * 1e3:10.1f} ms/minibatch"
                     f"  {rate:9.1f} samples/s  (this plan: {b.minibatch_s / p.minibatch_s:.2f}x its throughput){fit}"
                 )
         return "\n".join(lines)
@@ -401,11 +409,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, what: str = "plan") -> Plan:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        return cls.from_dict(doc, what)
+        return cls.from_dict(parse_json(text, PlanError, what), what)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan atomically (temporary file, then rename)."""

@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from planner._io import atomic_write_text, lists_to_tuples, load_json, validate
+from planner._io import atomic_write_text, lists_to_tuples, load_json, parse_json, validate
 from planner.errors import ProfileError
 
 if TYPE_CHECKING:
@@ -149,8 +150,13 @@ class Profile:
                         f"layer {index} ({layer.name}) takes input from layer {source}, which does "
                         "not come before it; layers must be in a topological order"
                     )
-            if layer.forward_ms < 0 or layer.backward_ms < 0:
-                raise ProfileError(f"layer {index} ({layer.name}) has a negative time")
+            for key in ("forward_ms", "backward_ms"):
+                value = getattr(layer, key)
+                if not (math.isfinite(value) and value >= 0):
+                    raise ProfileError(
+                        f"layer {index} ({layer.name!r}) has {key} {value!r}; times must be "
+                        "finite and 0 or more; fix the file or profile again"
+                    )
             if layer.parameter_bytes < 0 or any(b < 0 for b in layer.output_bytes):
                 raise ProfileError(f"layer {index} ({layer.name}) has a negative size")
         object.__setattr__(self, "_names", names)
@@ -302,11 +308,7 @@ class Profile:
 
     @classmethod
     def from_json(cls, text: str, what: str = "profile") -> Profile:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        return cls.from_dict(doc, what)
+        return cls.from_dict(parse_json(text, ProfileError, what), what)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the profile atomically (temporary file, then rename)."""

@@ -25,11 +25,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from planner._io import Outputs, atomic_write_text, check_output_folder, check_outputs, printable
+from planner._io import (
+    Outputs,
+    atomic_write_text,
+    check_output_folder,
+    check_outputs,
+    printable,
+    validate,
+)
 
 if TYPE_CHECKING:
     from planner.plan import Plan
@@ -242,7 +250,11 @@ class RunReport:
     comparison: Comparison | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready document; a loss that is not finite (a diverged run) is ``None``."""
         doc = dataclasses.asdict(self)
+        doc["losses"] = [_finite_or_none(x) for x in self.losses]
+        for step in doc["step_stats"]:
+            step["loss"] = _finite_or_none(step["loss"])
         for rank, stats in zip(doc["ranks"], self.ranks, strict=True):
             rank["other_s"] = stats.other_s
             rank["samples_per_s"] = stats.samples_per_s
@@ -257,7 +269,7 @@ class RunReport:
         """Read a report document back (as :meth:`to_dict` wrote it).
 
         Raises:
-            RunError: Not a runtime report, or fields missing.
+            RunError: Not a runtime report, or a field missing, of the wrong type or out of range.
         """
         from planner.runtime.config import RunError
 
@@ -266,6 +278,12 @@ class RunReport:
                 f"{what} is not a runtime report (format {FORMAT!r}); "
                 "pass the .report.json that `plan run` wrote"
             )
+        validate(doc, "runtime-report", RunError, what)
+        doc = {
+            **doc,
+            "losses": [_nan_if_none(x) for x in doc["losses"]],
+            "step_stats": [{**s, "loss": _nan_if_none(s["loss"])} for s in doc["step_stats"]],
+        }
         try:
             fields = {f.name for f in dataclasses.fields(RankStats)}
             comparison = doc.get("comparison")
@@ -336,6 +354,14 @@ class RunReport:
             f"{self.samples_per_s:.1f} samples/s (per-stage times are per step)"
         )
         return "\n".join(lines)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def check_run_outputs(config: RunConfig, plan: Plan) -> Outputs:
