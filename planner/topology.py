@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner._io import atomic_write_text, load_json
+from planner._io import atomic_write_text, load_json, printable
 from planner.errors import TopologyError
 
 __all__ = [
@@ -223,6 +223,13 @@ class Topology:
     def from_dict(cls, doc: Any, what: str = "topology") -> Topology:
         if not isinstance(doc, dict) or not isinstance(doc.get("levels"), list):
             raise TopologyError(f"{what} must be an object with a list 'levels'; see `plan --help`")
+        for index, lv in enumerate(doc["levels"]):
+            devices = lv.get("devices") if isinstance(lv, dict) else None
+            if isinstance(devices, bool) or not isinstance(devices, int):
+                raise TopologyError(
+                    f"{what}: levels/{index}/devices must be a whole number of devices, got "
+                    f"{printable(repr(devices), limit=40)}; fix the file"
+                )
         try:
             levels = tuple(
                 Level(
@@ -233,12 +240,18 @@ class Topology:
                 for lv in doc["levels"]
             )
             memory = float(doc["memory_bytes"])
-        except (KeyError, TypeError, ValueError) as exc:
+            if not math.isfinite(memory) or memory <= 0:
+                raise TopologyError(f"memory_bytes must be positive, got {doc['memory_bytes']!r}")
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TopologyError(
                 f"{what}: each level needs 'devices' and 'bandwidth_bytes_per_s', and the topology "
                 f"'memory_bytes' ({type(exc).__name__}: {exc})"
             ) from None
-        return cls(levels=levels, memory_bytes=memory, name=str(doc.get("name", "")))
+        except TopologyError as exc:
+            raise TopologyError(f"{what}: {exc}") from None
+        return cls(
+            levels=levels, memory_bytes=memory, name=printable(doc.get("name", ""), limit=60)
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
