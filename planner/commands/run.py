@@ -11,12 +11,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
+from planner.models.registry import check_trusted, is_builtin
 from planner.plan import Plan
-from planner.runtime.checkpoint import resume_state
+from planner.runtime.checkpoint import checkpoint_lock, resume_state
 from planner.runtime.comm import Placement
-from planner.runtime.config import RunConfig, add_run_arguments
+from planner.runtime.config import RunConfig, add_run_arguments, resolve_backend
 from planner.runtime.data import data_source
 from planner.runtime.launch import launch_local
 from planner.runtime.report import check_run_outputs
@@ -40,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.load(config.plan_path)
     check_run_outputs(config, plan)  # report and checkpoint folder writable, not inputs
     world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
-    spec = load_spec(plan, seed=config.seed)
+    resolve_backend(config.backend, local_ranks=world)  # nccl without GPUs fails here
+    # a plan's model that is code runs only when trusted (--model REF or --trust-model)
+    check_trusted(plan.profile.model, named=config.model, trust=config.trust_model)
+    spec = load_spec(plan, seed=config.seed, search_cwd=not is_builtin(plan.profile.model))
     prepare(plan, spec, rank=0, world_size=world)
     data_source(
         spec,
@@ -61,13 +67,14 @@ def run(args: argparse.Namespace) -> int:
             f"{plan.microbatch_size}, {config.steps} steps",
             flush=True,
         )
-    result = launch_local(config, world_size=world)
+    with (  # one run per checkpoint folder; released when this process ends, however
+        checkpoint_lock(config.checkpoint_dir)
+        if config.checkpoint_dir is not None
+        else contextlib.nullcontext()
+    ):
+        result = launch_local(config, world_size=world)
     if result.status != 0:
-        print(
-            f"plan run: failed (rank {result.first_failure} first, status "
-            f"{result.returncodes[result.first_failure or 0]})",
-            file=sys.stderr,
-        )
+        print(f"plan run: failed: {result.describe()}", file=sys.stderr, flush=True)
     return result.status
 
 
@@ -87,4 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]  # `python -m` put the current folder first: no code from there unasked
     sys.exit(main())

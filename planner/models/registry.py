@@ -9,6 +9,13 @@ draw the same batches:
 * ``make_batch(batch_size, seed)`` draws from a private CPU :class:`torch.Generator` seeded with
   ``seed`` and then moves the tensors to the spec's device, so data is identical on any device.
 
+Trust: a ``package.module:factory`` reference runs the user's code. A reference read from a file
+(a plan's ``model``) is code from someone else: :func:`check_trusted` refuses it unless it is a
+built-in name (:func:`is_builtin`), the user names the same reference on the command line, or
+passes ``--trust-model`` (the convention of ``trust_remote_code`` in the Hugging Face libraries).
+The current folder is searched for a factory's module only when the caller says the reference is
+trusted (``search_cwd``).
+
 Example:
     >>> spec = load_model("gpt2-tiny", batch_size=2)
     >>> (ids,), targets = spec.make_batch(2, seed=0)
@@ -23,7 +30,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -35,7 +45,16 @@ from torch.nn import functional as F
 from planner.errors import ModelError
 from planner.models.gpt import GPT, GPT_CONFIGS
 
-__all__ = ["DTYPES", "VISION_INPUT_SHAPE", "ModelSpec", "load_model", "model_names", "parse_dtype"]
+__all__ = [
+    "DTYPES",
+    "VISION_INPUT_SHAPE",
+    "ModelSpec",
+    "check_trusted",
+    "is_builtin",
+    "load_model",
+    "model_names",
+    "parse_dtype",
+]
 
 VISION_INPUT_SHAPE = (3, 224, 224)
 """Default per-sample input of torchvision classifiers (channels, height, width)."""
@@ -95,6 +114,53 @@ def model_names() -> tuple[str, ...]:
     return tuple(GPT_CONFIGS) + _vision_names()
 
 
+def is_builtin(reference: str) -> bool:
+    """Whether ``reference`` names a model shipped with planner or torchvision (no user code).
+
+    Example:
+        >>> is_builtin("resnet50"), is_builtin("gpt2-tiny"), is_builtin("mymodels:mlp")
+        (True, True, False)
+    """
+    if ":" in reference:
+        return False
+    return reference in GPT_CONFIGS or reference in _vision_names()
+
+
+def check_trusted(reference: str, *, named: str | None = None, trust: bool = False) -> None:
+    """Refuse a model reference read from a file unless running it is safe or the user trusts it.
+
+    Built-in names (:func:`is_builtin`) are always fine. Anything else imports and calls code, so
+    it is run only when the user names the same reference (``named``, from the command line) or
+    says ``trust`` (``--trust-model``).
+
+    Args:
+        reference: The model the file names (a plan's ``profile.model``).
+        named: The model given on the command line (``--model``), or None.
+        trust: Whether the user passed ``--trust-model``.
+
+    Raises:
+        ModelError: ``named`` differs from ``reference``, or ``reference`` is code not trusted.
+
+    Example:
+        >>> check_trusted("gpt2-tiny")
+        >>> check_trusted("evil:f")
+        Traceback (most recent call last):
+        ...
+        planner.errors.ModelError: the plan's model 'evil:f' is code from a file and runs only if you trust it: pass --model 'evil:f' or --trust-model
+    """
+    if named is not None and named != reference:
+        raise ModelError(
+            f"--model {named!r} is not the plan's model {reference!r}; "
+            "give the plan's own model, or re-plan for the other one"
+        )
+    if trust or named is not None or is_builtin(reference):
+        return
+    raise ModelError(
+        f"the plan's model {reference!r} is code from a file and runs only if you trust it: "
+        f"pass --model {reference!r} or --trust-model"
+    )
+
+
 def load_model(
     spec: str,
     *,
@@ -103,6 +169,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    search_cwd: bool = True,
 ) -> ModelSpec:
     """Build the model named ``spec`` with deterministic weights and check it runs.
 
@@ -122,6 +189,9 @@ def load_model(
         dtype: Floating dtype of parameters and float inputs (token ids stay ``long``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         seed: Seed of the weights.
+        search_cwd: Also look for a factory's module in the current folder (after the import
+            path), for a reference the user gave; pass False for one read from a file that the
+            user has not trusted (see :func:`check_trusted`).
 
     Raises:
         ModelError: unknown name (with the closest names), bad factory, dtype or device, or an input
@@ -142,7 +212,7 @@ def load_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if ":" in spec:
-            model = _from_factory(spec, shape, torch_dtype, dev)
+            model = _from_factory(spec, shape, torch_dtype, dev, search_cwd=search_cwd)
         elif spec in GPT_CONFIGS:
             model = _gpt(spec, shape, torch_dtype, dev)
         elif spec in _vision_names():
@@ -242,27 +312,54 @@ def _gpt(
     )
 
 
+@contextmanager
+def _cwd_on_path(enabled: bool) -> Iterator[None]:
+    """While inside, the current folder is the last place imports look (if ``enabled``)."""
+    cwd = os.getcwd()
+    added = enabled and cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _from_factory(
-    spec: str, shape: tuple[int, ...] | None, dtype: torch.dtype, device: torch.device
+    spec: str,
+    shape: tuple[int, ...] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    search_cwd: bool,
 ) -> ModelSpec:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelError(f"model {spec!r} must look like package.module:factory")
-    try:
-        imported = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the user's module raises on import
-        raise ModelError(
-            f"cannot import {module_name!r} for model {spec!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    factory = getattr(imported, attr, None)
-    if not callable(factory):
-        raise ModelError(
-            f"{module_name} has no callable {attr!r}; model {spec!r} must name a factory function"
-        )
-    try:
-        made = factory()
-    except Exception as exc:
-        raise ModelError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from None
+    with _cwd_on_path(search_cwd):
+        try:
+            imported = importlib.import_module(module_name)
+        except (Exception, SystemExit) as exc:  # ImportError, or whatever the module raises
+            raise ModelError(
+                f"cannot import {module_name!r} for model {spec!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        factory = getattr(imported, attr, None)
+        if not callable(factory) or (
+            isinstance(factory, type) and not issubclass(factory, nn.Module)
+        ):
+            raise ModelError(
+                f"{module_name} has no factory function {attr!r}; model {spec!r} must name a "
+                "function returning an nn.Module or a ModelSpec"
+            )
+        try:
+            made = factory()
+        except (Exception, SystemExit) as exc:  # SystemExit: a factory like sys:exit
+            raise ModelError(
+                f"factory {spec!r} failed: {type(exc).__name__}: {exc}; it must return an "
+                "nn.Module or a ModelSpec"
+            ) from None
     if isinstance(made, ModelSpec):
         if shape is not None and shape != made.input_shape:
             raise ModelError(
@@ -273,7 +370,7 @@ def _from_factory(
         return _checked(made)
     if not isinstance(made, nn.Module):
         raise ModelError(
-            f"factory {spec} returned {type(made).__name__}; return an nn.Module or a ModelSpec"
+            f"factory {spec!r} returned {type(made).__name__}; return an nn.Module or a ModelSpec"
         )
     if shape is None:
         raise ModelError(

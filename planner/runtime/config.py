@@ -18,7 +18,7 @@ from pathlib import Path
 
 from planner.errors import PlannerError
 
-__all__ = ["Backend", "RunConfig", "RunError", "add_run_arguments"]
+__all__ = ["Backend", "RunConfig", "RunError", "add_run_arguments", "resolve_backend"]
 
 
 class RunError(PlannerError):
@@ -55,6 +55,10 @@ class RunConfig:
         checkpoint_dir: Folder of checkpoints (None: no checkpoints).
         checkpoint_every: Save a checkpoint every this many steps (0: never).
         resume: Start from the newest complete checkpoint in ``checkpoint_dir``.
+        model: The model the user names on the command line (``--model``); the plan's model
+            must be this one, and then its code is trusted (see
+            :func:`planner.models.registry.check_trusted`).
+        trust_model: Run the plan's model even if it is code from a file (``--trust-model``).
     """
 
     plan_path: str
@@ -72,6 +76,8 @@ class RunConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    model: str | None = None
+    trust_model: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -136,6 +142,10 @@ class RunConfig:
             ]
         if self.resume:
             argv.append("--resume")
+        if self.model is not None:
+            argv += ["--model", self.model]
+        if self.trust_model:
+            argv.append("--trust-model")
         return argv
 
     @classmethod
@@ -156,6 +166,8 @@ class RunConfig:
             checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            model=args.model,
+            trust_model=args.trust_model,
         )
 
     @classmethod
@@ -233,3 +245,38 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the newest complete checkpoint in --checkpoint-dir",
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="REF",
+        help="the plan's model, package.module:factory: naming it here trusts its code "
+        "(a plan's own model that is not built in runs only so, or with --trust-model)",
+    )
+    parser.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="run the plan's model even if it is code from a file (like trust_remote_code)",
+    )
+
+
+def resolve_backend(choice: Backend, *, local_ranks: int) -> str:
+    """The backend to use for ``local_ranks`` processes on this machine; checked before starting.
+
+    ``auto`` is nccl when CUDA has a GPU for every local rank, else gloo.
+
+    Raises:
+        RunError: nccl without CUDA, or with fewer GPUs than local ranks.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if choice is Backend.AUTO:
+        return "nccl" if gpus >= local_ranks > 0 else "gloo"
+    if choice is Backend.NCCL and gpus == 0:
+        raise RunError("--backend nccl needs CUDA, which this machine lacks; use --backend gloo")
+    if choice is Backend.NCCL and gpus < local_ranks:
+        raise RunError(
+            f"--backend nccl needs one GPU per local rank: {local_ranks} ranks but {gpus} GPUs "
+            "here; use --backend gloo or re-plan for fewer devices"
+        )
+    return str(choice)

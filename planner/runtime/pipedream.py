@@ -51,12 +51,13 @@ class WeightStash:
     Args:
         module: The stage's module (its parameters are the live weights).
         limit: Most versions allowed at once (``S - s``); more raises RuntimeError.
+        version: Updates applied before this run (a resumed checkpoint's ``stash_version``).
     """
 
-    def __init__(self, module: torch.nn.Module, *, limit: int) -> None:
+    def __init__(self, module: torch.nn.Module, *, limit: int, version: int = 0) -> None:
         self.live = dict(module.named_parameters())
         self.limit = limit
-        self.version = 0  # updates applied so far: the version the next forward uses
+        self.version = version  # updates applied so far: the version the next forward uses
         self.max_versions = 0
         self._versions: dict[int, dict[str, torch.Tensor]] = {}
         self._users: dict[int, int] = {}  # version -> microbatches in flight on it

@@ -23,7 +23,6 @@ environment)::
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +43,10 @@ from planner.runtime.comm import (
     make_groups,
 )
 from planner.runtime.compare import compare_run
-from planner.runtime.config import Backend, RunConfig, RunError
+from planner.runtime.config import Backend, RunConfig, RunError, resolve_backend
 from planner.runtime.data import DataSource, ModelLike, data_source, microbatch
 from planner.runtime.loops import SCHEDULE_LOOPS, StageContext, merge_losses
+from planner.runtime.rendezvous import join_process_group
 from planner.runtime.report import Comparison, RankStats, RunReport, StageStats, StepStats
 from planner.runtime.stage import (
     SharedParameter,
@@ -148,8 +148,12 @@ class RankResult:
     report: RunReport | None
 
 
-def load_spec(plan: Plan, *, seed: int = 0) -> ModelLike:
+def load_spec(plan: Plan, *, seed: int = 0, search_cwd: bool = False) -> ModelLike:
     """Rebuild the plan's model as the profiler built it (``planner.models.load_model``).
+
+    The plan's ``model`` is imported as given: entry points check it first with
+    :func:`planner.models.registry.check_trusted`, and pass ``search_cwd=True`` only for a
+    reference the user trusts.
 
     Raises:
         ModelError: The model cannot be built.
@@ -164,6 +168,7 @@ def load_spec(plan: Plan, *, seed: int = 0) -> ModelLike:
         dtype=plan.profile.dtype,
         device="cpu",
         seed=seed,
+        search_cwd=search_cwd,
     )
 
 
@@ -253,18 +258,13 @@ def train(
         )
     backend = _backend(config.backend)
     device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
-    # under torchrun the agent's store is already there (env://); else rendezvous over TCP
-    init = (
-        "env://"
-        if "TORCHELASTIC_RUN_ID" in os.environ
-        else f"tcp://{env.master_addr}:{env.master_port}"
-    )
-    dist.init_process_group(
+    join_process_group(  # under torchrun its agent's store; a local run's store on loopback
         backend,
-        init_method=init,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=config.timeout_s),
+        master_addr=env.master_addr,
+        master_port=env.master_port,
+        timeout_s=config.timeout_s,
     )
     try:
         check_agreement(prep.metas, rank=env.rank)
@@ -385,11 +385,8 @@ def _compare(report: RunReport, plan: Plan, config: RunConfig) -> Comparison | N
 
 
 def _backend(choice: Backend) -> str:
-    if choice is Backend.AUTO:
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if choice is Backend.NCCL and not torch.cuda.is_available():
-        raise RunError("--backend nccl needs CUDA, which this machine lacks; use --backend gloo")
-    return str(choice)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return resolve_backend(choice, local_ranks=local)
 
 
 def _report(

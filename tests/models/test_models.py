@@ -227,8 +227,8 @@ def test_factory_returning_a_model_spec_is_used_as_is():
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
-        ("user_models:broken", "factory user_models:broken failed: RuntimeError: no weights here"),
-        ("user_models:nothing", "no callable 'nothing'"),
+        ("user_models:broken", "factory 'user_models:broken' failed: RuntimeError: no weights here"),
+        ("user_models:nothing", "no factory function 'nothing'"),
         ("no_such_package.mod:make", "cannot import 'no_such_package.mod'"),
         (":make", "package.module:factory"),
     ],
