@@ -13,9 +13,21 @@ round of R microbatches, one on each replica, as PipeDream does; see
 level the replicas span, plus 2(m-1) latencies. ``1f1b`` and ``gpipe`` flush after every
 minibatch, ``pipedream`` runs minibatches back to back.
 
+Today's schedules (:class:`planner.schedules.SimulatedSchedule`) run on virtual stages:
+``interleaved-1f1b`` and ``zbv`` put several stages (chunks) on one rank, as
+:func:`planner.schedules.stage_ranks` lays them out, and walk
+:func:`planner.schedules.rank_orders` (torch's orders); a transfer between two stages of one
+rank is free. ``zb-h1`` and ``zbv`` split each backward into B (input gradient: it sends the
+gradient upstream and frees the activations) and W (weight gradient,
+:attr:`SimStage.backward_weight_s`), which needs only its own B. On equal stages the simulated
+bubbles are the closed forms: 1F1B ``(p - 1)(F + B)``, interleaved ``(p - 1)/(v M)`` of the
+compute, ZB-H1 ``(p - 1)(F + B - W)``, ZBV none in the steady state for ``F = B = W`` and
+``M >= 2p - 1`` (tests/test_simulate.py).
+
 What is not modelled: compute and communication overlap perfectly (sends use no compute time),
 the all-reduce does not share links with activation transfers, the optimizer step takes no time,
-and data loading is free. Links are full duplex, as the topology's per-direction bandwidths say;
+and data loading is free; under ``zb-h1``/``zbv`` the tensors W still needs after B (the layer
+inputs of weight gradients) are not counted, as the ZB paper's "1F1B memory" does not. Links are full duplex, as the topology's per-direction bandwidths say;
 the optimizer's cost model charges activations and their gradients to one link, so a plan bound
 by its transfers can simulate faster than predicted.
 
@@ -43,10 +55,23 @@ import pandas as pd
 from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
-from planner.schedules import OptimizerKind, Schedule, replica_order, sync_points, sync_unit
+from planner.schedules import (
+    AnySchedule,
+    OptimizerKind,
+    Schedule,
+    SimulatedSchedule,
+    check_schedule,
+    rank_orders,
+    replica_order,
+    splits_backward,
+    stage_ranks,
+    sync_points,
+    sync_unit,
+)
 from planner.topology import Topology
 
 __all__ = [
+    "COMPUTE_KINDS",
     "EVENT_COLUMNS",
     "EVENT_KINDS",
     "DeviceStats",
@@ -60,7 +85,16 @@ __all__ = [
     "steady_window",
 ]
 
-EVENT_KINDS = ("forward", "backward", "send", "recv", "allreduce")
+EVENT_KINDS = (
+    "forward",
+    "backward",
+    "send",
+    "recv",
+    "allreduce",
+    "backward_input",
+    "backward_weight",
+)
+COMPUTE_KINDS = ("forward", "backward", "backward_input", "backward_weight")
 EVENT_COLUMNS = (
     "rank",
     "stage",
@@ -73,7 +107,8 @@ EVENT_COLUMNS = (
     "peer",
     "bytes",
 )
-_F, _B, _SEND, _RECV, _AR = range(5)
+_F, _B, _SEND, _RECV, _AR, _BI, _W = range(7)
+_COMPUTE = (_F, _B, _BI, _W)
 _STATE_COPIES = {OptimizerKind.SGD: 0, OptimizerKind.MOMENTUM: 1, OptimizerKind.ADAM: 2}
 
 
@@ -95,6 +130,9 @@ class SimStage:
         backward_extra_bytes: Memory held only during a backward (recomputed activations).
         stash_bytes: Memory per in-flight microbatch beyond the first (PipeDream's stashed
             weight versions).
+        backward_weight_s: The weight-gradient part (W) of ``backward_s``, seconds; schedules
+            that split the backward (``zb-h1``, ``zbv``) run ``backward_s - backward_weight_s``
+            as B and this as W; the others ignore it.
     """
 
     forward_s: float
@@ -106,6 +144,7 @@ class SimStage:
     activation_bytes: float = 0.0
     backward_extra_bytes: float = 0.0
     stash_bytes: float = 0.0
+    backward_weight_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.ranks:
@@ -119,10 +158,16 @@ class SimStage:
             "activation_bytes",
             "backward_extra_bytes",
             "stash_bytes",
+            "backward_weight_s",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise PlanError(f"stage {name} must be finite and >= 0, got {value!r}")
+        if self.backward_weight_s > self.backward_s:
+            raise PlanError(
+                f"stage backward_weight_s {self.backward_weight_s!r} exceeds backward_s "
+                f"{self.backward_s!r}; W is part of the backward"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +182,8 @@ class DeviceStats:
         allreduce_fraction: Share spent in the gradient all-reduce.
         idle_fraction: The rest: the bubble (waiting for inputs, gradients or the flush).
         peak_memory_bytes: Highest memory over the whole run.
+        stages: Every (virtual) stage it runs, ``(stage,)`` but under ``interleaved-1f1b`` and
+            ``zbv`` (where ``stage`` is the first).
     """
 
     rank: int
@@ -146,6 +193,7 @@ class DeviceStats:
     allreduce_fraction: float
     idle_fraction: float
     peak_memory_bytes: float
+    stages: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +212,7 @@ class SimulationResult:
 
     Attributes:
         schedule: The schedule simulated.
+        chunks: (Virtual) stages per rank: ``v`` under ``interleaved-1f1b`` and ``zbv``, else 1.
         microbatches: Microbatches per minibatch (M).
         minibatches: Minibatches simulated.
         samples_per_minibatch: Samples per minibatch.
@@ -184,7 +233,7 @@ class SimulationResult:
             ``time_s``, ``bytes`` (the value holds from ``time_s`` until the device's next row).
     """
 
-    schedule: Schedule
+    schedule: AnySchedule
     microbatches: int
     minibatches: int
     samples_per_minibatch: int
@@ -199,6 +248,7 @@ class SimulationResult:
     memory_limit_bytes: float | None
     events: pd.DataFrame = field(repr=False, compare=False)
     memory: pd.DataFrame = field(repr=False, compare=False)
+    chunks: int = 1
 
     @property
     def num_stages(self) -> int:
@@ -233,7 +283,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}es"
 
 
-def default_minibatches(schedule: Schedule, *, devices: int, microbatches: int) -> int:
+def default_minibatches(schedule: AnySchedule, *, devices: int, microbatches: int) -> int:
     """Enough minibatches to see the steady state.
 
     3 for the flushed schedules (every minibatch after the first is alike); for ``pipedream``
@@ -247,7 +297,7 @@ def default_minibatches(schedule: Schedule, *, devices: int, microbatches: int) 
 
 
 def steady_window(
-    schedule: Schedule, *, devices: int, microbatches: int, minibatches: int
+    schedule: AnySchedule, *, devices: int, microbatches: int, minibatches: int
 ) -> tuple[int, int]:
     """The minibatches ``(lo, hi)`` whose end times bound the steady-state window.
 
@@ -403,13 +453,20 @@ def ring_allreduce_s(topology: Topology, ranks: Sequence[int], nbytes: float) ->
 def simulate_stages(
     stages: Sequence[SimStage],
     *,
-    schedule: Schedule,
+    schedule: AnySchedule,
     microbatches: int,
     minibatches: int | None = None,
     topology: Topology | None = None,
     microbatch_size: int = 1,
+    chunks: int = 1,
 ) -> SimulationResult:
     """Simulate a pipeline given as plain per-stage costs; see the module docstring.
+
+    Under ``interleaved-1f1b``, ``zb-h1`` and ``zbv`` (:class:`SimulatedSchedule`) the
+    ``stages`` are the ``p x chunks`` virtual stages in pipeline order, one rank each, placed as
+    :func:`planner.schedules.stage_ranks` says (stage ``s`` on the rank of stage ``s % p`` for
+    interleaved, the V for ``zbv``): stages that share a device name the same rank. Transfers
+    between two stages of one rank are free.
 
     Example:
         >>> r = simulate_stages([SimStage(forward_s=1, backward_s=2, ranks=(0, 1))],
@@ -424,16 +481,26 @@ def simulate_stages(
         minibatches: Minibatches to run; default :func:`default_minibatches`.
         topology: Links and memory; None makes every transfer free.
         microbatch_size: Samples per microbatch (for the throughput).
+        chunks: Virtual stages per rank (``interleaved-1f1b``: ``v >= 2``; ``zbv``: 2).
 
     Raises:
-        PlanError: No stages, a rank used twice, a rank outside the topology, or fewer than one
-            microbatch or minibatch.
+        PlanError: No stages, a rank used twice, a rank outside the topology, fewer than one
+            microbatch or minibatch, or a shape the schedule does not allow
+            (:func:`planner.schedules.check_schedule`).
     """
     num = len(stages)
     if num == 0:
         raise PlanError("nothing to simulate: give at least one stage")
     if microbatches < 1:
         raise PlanError(f"need at least one microbatch per minibatch, got {microbatches}")
+    if chunks < 1 or num % chunks:
+        raise PlanError(
+            f"{num} stages are not {chunks} chunks on each of a whole number of ranks; "
+            "give ranks x chunks stages"
+        )
+    check_schedule(schedule, ranks=num // chunks, microbatches=microbatches, chunks=chunks)
+    if isinstance(schedule, SimulatedSchedule):
+        _check_layout(stages, schedule, chunks)
     if minibatches is None:
         minibatches = default_minibatches(
             schedule, devices=sum(len(st.ranks) for st in stages), microbatches=microbatches
@@ -443,13 +510,38 @@ def simulate_stages(
             f"need at least one minibatch to simulate, got {minibatches}; use --minibatches 4"
         )
     ranks = [r for st in stages for r in st.ranks]
-    if len(set(ranks)) != len(ranks):
+    if isinstance(schedule, Schedule) and len(set(ranks)) != len(ranks):
         raise PlanError(f"ranks {ranks} repeat; give each replica its own rank")
     if topology is not None and max(ranks) >= topology.num_devices:
         raise PlanError(
             f"rank {max(ranks)} is outside the topology's {topology.num_devices} devices"
         )
-    return _Engine(stages, schedule, microbatches, minibatches, topology, microbatch_size).run()
+    engine = _Engine(stages, schedule, microbatches, minibatches, topology, microbatch_size, chunks)
+    return engine.run()
+
+
+def _check_layout(stages: Sequence[SimStage], schedule: SimulatedSchedule, chunks: int) -> None:
+    """One rank per virtual stage, and the same rank exactly where the schedule's layout says."""
+    layout = stage_ranks(schedule, ranks=len(stages) // chunks, chunks=chunks)
+    device_rank: dict[int, int] = {}
+    for s, (st, device) in enumerate(zip(stages, layout, strict=True)):
+        if len(st.ranks) != 1:
+            raise PlanError(
+                f"stage {s} has {len(st.ranks)} replicas; schedule {schedule} is simulated "
+                "without replication; use 1f1b, gpipe or pipedream for replicated stages"
+            )
+        expected = device_rank.setdefault(device, st.ranks[0])
+        if st.ranks[0] != expected:
+            raise PlanError(
+                f"stage {s} runs on rank {st.ranks[0]}, but schedule {schedule} puts it with "
+                f"stage {layout.index(device)} on rank {expected}; give stages "
+                f"{[i for i, d in enumerate(layout) if d == device]} the same rank"
+            )
+    if len(set(device_rank.values())) != len(device_rank):
+        raise PlanError(
+            f"ranks {[st.ranks[0] for st in stages]} put two devices' stages on one rank; "
+            f"schedule {schedule} places them as {list(layout)}"
+        )
 
 
 class _Engine:
@@ -458,29 +550,51 @@ class _Engine:
     def __init__(
         self,
         stages: Sequence[SimStage],
-        schedule: Schedule,
+        schedule: AnySchedule,
         microbatches: int,
         minibatches: int,
         topology: Topology | None,
         microbatch_size: int,
+        chunks: int,
     ) -> None:
         self.stages, self.schedule, self.topology = list(stages), schedule, topology
         self.M, self.N, self.mb_size = microbatches, minibatches, microbatch_size
+        self.chunks = chunks
         self.total = microbatches * minibatches
         replicas = [len(st.ranks) for st in stages]
-        self.devices: list[tuple[int, int, int]] = []  # (rank, stage, replica)
-        self.ops: list[list[tuple[int, int]]] = []  # per device: (kind, microbatch or minibatch)
+        self.devices: list[tuple[int, int, int]] = []  # (rank, first stage, replica)
+        # per device: (kind, stage, microbatch over the run; for _AR the last one it covers)
+        self.ops: list[list[tuple[int, int, int]]] = []
         num = len(stages)
         self.dev_of = [[0] * self.total for _ in range(num)]
-        for s, st in enumerate(stages):
-            for r, rank in enumerate(st.ranks):
-                d = len(self.devices)
-                self.devices.append((rank, s, r))
-                ops = self._device_ops(replicas, s, r, len(st.ranks) > 1)
-                self.ops.append(ops)
-                for kind, g in ops:
-                    if kind == _F:
-                        self.dev_of[s][g] = d
+        if isinstance(schedule, SimulatedSchedule):
+            split = splits_backward(schedule)
+            kinds = {"F": _F, "B": _BI if split else _B, "W": _W}
+            orders = rank_orders(
+                schedule, ranks=num // chunks, microbatches=microbatches, chunks=chunks
+            )
+            for r, order in enumerate(orders):
+                self.devices.append((stages[r].ranks[0], r, 0))
+                self.ops.append(
+                    [
+                        (kinds[op.kind], op.stage or 0, k * self.M + op.microbatch)
+                        for k in range(self.N)
+                        for op in order
+                    ]
+                )
+        else:
+            for s, st in enumerate(stages):
+                for r, rank in enumerate(st.ranks):
+                    self.devices.append((rank, s, r))
+                    self.ops.append(self._device_ops(replicas, s, r, len(st.ranks) > 1))
+        self.stages_of: list[tuple[int, ...]] = []
+        for d, ops in enumerate(self.ops):
+            mine = set()
+            for kind, s, g in ops:
+                if kind == _F:
+                    self.dev_of[s][g] = d
+                    mine.add(s)
+            self.stages_of.append(tuple(sorted(mine)) or (self.devices[d][1],))
         nan = math.nan
         self.fwd_in = [[0.0 if s == 0 else nan] * self.total for s in range(num)]
         self.grad_in = [[0.0 if s == num - 1 else nan] * self.total for s in range(num)]
@@ -497,44 +611,49 @@ class _Engine:
         for _, s, _ in self.devices:
             self.mem_t.append([0.0])
             self.mem_v.append([stages[s].static_bytes])
-        self.ev: list[tuple[int, int, int, int, float, float, int, float]] = []
+        # (device, kind, microbatch, minibatch, start, end, peer, bytes, stage)
+        self.ev: list[tuple[int, int, int, int, float, float, int, float, int]] = []
         self.queue: deque[int] = deque(range(len(self.devices)))
 
     def _device_ops(
         self, replicas: list[int], s: int, r: int, reduce: bool
-    ) -> list[tuple[int, int]]:
+    ) -> list[tuple[int, int, int]]:
         """The device's op list from planner.schedules, with an all-reduce per minibatch."""
         kinds = {"F": _F, "B": _B}
-        if self.schedule is Schedule.PIPEDREAM:
+        schedule = self.schedule
+        assert isinstance(schedule, Schedule)
+        if schedule is Schedule.PIPEDREAM:
             ops = [
-                (kinds[op.kind], op.microbatch)
+                (kinds[op.kind], s, op.microbatch)
                 for op in replica_order(
-                    self.schedule, replicas=replicas, stage=s, replica=r, microbatches=self.total
+                    schedule, replicas=replicas, stage=s, replica=r, microbatches=self.total
                 )
             ]
         else:
             base = replica_order(
-                self.schedule, replicas=replicas, stage=s, replica=r, microbatches=self.M
+                schedule, replicas=replicas, stage=s, replica=r, microbatches=self.M
             )
             ops = [
-                (kinds[op.kind], k * self.M + op.microbatch) for k in range(self.N) for op in base
+                (kinds[op.kind], s, k * self.M + op.microbatch)
+                for k in range(self.N)
+                for op in base
             ]
         if not reduce:
             return ops
         points = sync_points(
-            self.schedule,
+            schedule,
             replicas=replicas,
             stage=s,
             replica=r,
             microbatches=self.M,
             minibatches=self.N,
         )
-        unit = sync_unit(self.schedule, replicas=replicas[s], microbatches=self.M)
-        out: list[tuple[int, int]] = []
+        unit = sync_unit(schedule, replicas=replicas[s], microbatches=self.M)
+        out: list[tuple[int, int, int]] = []
         start = 0
         for j, point in enumerate(points):  # an all-reduce names the last microbatch it covers
             out.extend(ops[start:point])
-            out.append((_AR, min((j + 1) * unit, self.total) - 1))
+            out.append((_AR, s, min((j + 1) * unit, self.total) - 1))
             start = point
         out.extend(ops[start:])
         return out
@@ -550,14 +669,14 @@ class _Engine:
 
     def _advance(self, d: int) -> None:
         """Run device ``d``'s ops until one needs an input that has not been produced yet."""
-        rank, s, _ = self.devices[d]
-        st = self.stages[s]
+        rank = self.devices[d][0]
         ops, ev = self.ops[d], self.ev
         mem_t, mem_v = self.mem_t[d], self.mem_v[d]
         i, t = self.ptr[d], self.free[d]
         last = len(self.stages) - 1
         while i < len(ops):
-            kind, g = ops[i]
+            kind, s, g = ops[i]
+            st = self.stages[s]
             if kind == _AR:
                 key = (s, g)
                 arrived = self.groups.setdefault(key, [])
@@ -570,16 +689,22 @@ class _Engine:
                 end = start + st.allreduce_s
                 for m in arrived:
                     if end > start:
-                        ev.append((m, _AR, -1, g // self.M, start, end, -1, 0.0))
+                        ev.append((m, _AR, -1, g // self.M, start, end, -1, 0.0, s))
                     self.free[m] = end
                     self.ptr[m] += 1
                     if m != d:
                         self.queue.append(m)
                 i, t = self.ptr[d], end
                 continue
+            if kind == _W:  # the weight gradient follows this device's own B: no input
+                start, end = t, t + st.backward_weight_s
+                ev.append((d, kind, g, g // self.M, start, end, -1, 0.0, s))
+                t = end
+                i += 1
+                continue
             ready = (self.fwd_in if kind == _F else self.grad_in)[s][g]
             if ready != ready:  # nan: the input has not been produced yet
-                self.waiting[(kind, s, g)] = d
+                self.waiting[(_F if kind == _F else _B, s, g)] = d
                 break
             start = t if t > ready else ready
             if kind == _F:
@@ -591,7 +716,7 @@ class _Engine:
                 if s < last:
                     self._send(d, rank, s + 1, g, end, st.send_bytes, _F)
             else:
-                end = start + st.backward_s
+                end = start + st.backward_s - (st.backward_weight_s if kind == _BI else 0.0)
                 n = self.in_flight[d] - 1
                 if st.backward_extra_bytes:
                     mem_t.append(start)
@@ -603,7 +728,7 @@ class _Engine:
                 self.in_flight[d] = n
                 if s > 0:
                     self._send(d, rank, s - 1, g, end, self.stages[s - 1].send_bytes, _B)
-            ev.append((d, kind, g, g // self.M, start, end, -1, 0.0))
+            ev.append((d, kind, g, g // self.M, start, end, -1, 0.0, s))
             t = end
             i += 1
         self.ptr[d], self.free[d] = i, t
@@ -615,15 +740,16 @@ class _Engine:
         dd = self.dev_of[stage][g]
         dst = self.devices[dd][0]
         arrive = ready
-        if self.topology is not None and nbytes > 0:
+        if self.topology is not None and nbytes > 0 and dst != src:
             key = (src, dst)
             level = self.topology.link_level(src, dst)
             start = max(ready, self.link_free.get(key, 0.0))
             arrive = start + self.topology.transfer_s(nbytes, level)
             self.link_free[key] = arrive
             self.link_busy.setdefault(key, []).append((start, arrive))
-            self.ev.append((d, _SEND, g, g // self.M, start, arrive, dst, nbytes))
-            self.ev.append((dd, _RECV, g, g // self.M, start, arrive, src, nbytes))
+            here = stage - 1 if kind == _F else stage + 1
+            self.ev.append((d, _SEND, g, g // self.M, start, arrive, dst, nbytes, here))
+            self.ev.append((dd, _RECV, g, g // self.M, start, arrive, src, nbytes, stage))
         (self.fwd_in if kind == _F else self.grad_in)[stage][g] = arrive
         waiter = self.waiting.pop((kind, stage, g), None)
         if waiter is not None:
@@ -650,7 +776,8 @@ class _Engine:
         span = max(w1 - w0, 1e-300)
         clipped = np.clip(end, w0, w1) - np.clip(start, w0, w1)
         ndev = len(self.devices)
-        compute = np.bincount(dev[kind <= _B], clipped[kind <= _B], minlength=ndev) / span
+        busy = np.isin(kind, _COMPUTE)
+        compute = np.bincount(dev[busy], clipped[busy], minlength=ndev) / span
         reduce = np.bincount(dev[kind == _AR], clipped[kind == _AR], minlength=ndev) / span
         peaks = [max(v) for v in self.mem_v]
         devices = tuple(
@@ -662,6 +789,7 @@ class _Engine:
                 allreduce_fraction=float(reduce[d]),
                 idle_fraction=float(max(0.0, 1.0 - compute[d] - reduce[d])),
                 peak_memory_bytes=float(peaks[d]),
+                stages=self.stages_of[d],
             )
             for d, (rank, s, r) in enumerate(self.devices)
         )
@@ -690,7 +818,7 @@ class _Engine:
         events = pd.DataFrame(
             {
                 "rank": ranks[dev],
-                "stage": stage[dev],
+                "stage": np.asarray(cols[8], dtype=np.int64),
                 "replica": replica[dev],
                 "kind": pd.Categorical.from_codes(kind, categories=list(EVENT_KINDS)),
                 "microbatch": np.asarray(cols[2], dtype=np.int64),
@@ -727,6 +855,7 @@ class _Engine:
             memory_limit_bytes=None if self.topology is None else self.topology.memory_bytes,
             events=events,
             memory=memory,
+            chunks=self.chunks,
         )
 
     def _stage_time(self, s: int) -> float:

@@ -17,8 +17,17 @@ from planner.commands import simulate as simulate_command
 from planner.errors import PlanError, PlannerError, ProfileError
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.format import LayerProfile, Profile
-from planner.schedules import OptimizerKind, Schedule, format_ops, replica_order
+from planner.schedules import (
+    OptimizerKind,
+    Schedule,
+    SimulatedSchedule,
+    format_ops,
+    rank_in_flight,
+    replica_order,
+    stage_ranks,
+)
 from planner.simulate import (
+    COMPUTE_KINDS,
     EVENT_COLUMNS,
     EVENT_KINDS,
     SimStage,
@@ -657,3 +666,174 @@ def test_simulation_agrees_with_the_objective_on_shipped_profiles(
         pytest.skip("no shipped profiles in profiles/ yet")
     topology = Topology.from_args(gpus=gpus, gpus_per_node=8 if gpus > 8 else None)
     _check_agreement(Profile.load(path), tmp_path, topology, schedule)
+
+
+# --- interleaved 1F1B, ZB-H1, ZBV: the issue's analytic facts, exactly -------------------------
+
+
+def chunked(
+    schedule: Schedule | SimulatedSchedule,
+    ranks: int,
+    chunks: int,
+    f: float,
+    b: float,
+    w: float = 0.0,
+    **kw: float,
+) -> list[SimStage]:
+    """``ranks x chunks`` equal virtual stages placed as the schedule says; B and W per chunk."""
+    layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
+    return [
+        SimStage(forward_s=f, backward_s=b + w, backward_weight_s=w, ranks=(layout[s],), **kw)
+        for s in range(ranks * chunks)
+    ]
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 6), (4, 4), (4, 8), (4, 12), (8, 16)])
+@pytest.mark.parametrize("v", [2, 3, 4])
+def test_interleaved_bubble_is_p_minus_1_over_v_m(p: int, m: int, v: int) -> None:
+    # chunk times 1 and 2: a rank's compute per minibatch is 3 v m; bubble (p - 1) / (v m) of it
+    r = simulate_stages(
+        chunked(SimulatedSchedule.INTERLEAVED_1F1B, p, v, 1.0, 2.0),
+        schedule=SimulatedSchedule.INTERLEAVED_1F1B,
+        microbatches=m,
+        minibatches=1,
+        chunks=v,
+    )
+    compute = 3.0 * v * m
+    assert (r.minibatch_s - compute) / compute == (p - 1) / (v * m)
+    plain = simulate_stages(
+        equal_stages(p, 1.0 * v, 2.0 * v), schedule=Schedule.ONE_F_ONE_B, microbatches=m
+    )  # the same layers on one chunk per rank: 1F1B's (p - 1) / m
+    assert (plain.minibatch_s - compute) / compute == (p - 1) / m
+    assert r.chunks == v and r.devices[0].stages == tuple(range(0, p * v, p))
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 6), (4, 4), (4, 8), (4, 12), (8, 16)])
+@pytest.mark.parametrize(("f", "b", "w"), [(1, 1, 1), (2, 2, 1), (1, 2, 1), (2, 1, 1), (3, 2, 2)])
+def test_zb_h1_bubble_is_p_minus_1_times_f_plus_b_minus_w(
+    p: int, m: int, f: float, b: float, w: float
+) -> None:
+    # exact for M >= p and W <= min(F, B), the ZB-H1 paper's setting; 1F1B pays (p-1)(F+B+W)
+    for schedule, bubble in (
+        (SimulatedSchedule.ZB_H1, (p - 1) * (f + b - w)),
+        (Schedule.ONE_F_ONE_B, (p - 1) * (f + b + w)),
+    ):
+        for n in (1, 3):  # alone, and back to back
+            r = simulate_stages(
+                chunked(schedule, p, 1, f, b, w),
+                schedule=schedule,
+                microbatches=m,
+                minibatches=n,
+                topology=None,
+            )
+            assert r.minibatch_s - m * (f + b + w) == bubble
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_zbv_has_no_bubble_in_the_steady_state_when_m_is_at_least_2p_minus_1(p: int) -> None:
+    # torch's ZBV promise: zero bubble for F = B = W and M >= 2p - 1; one minibatch alone pays
+    # only the ramp, (p - 1) chunk forwards; with fewer microbatches a bubble remains
+    for m in (2 * p - 1, 2 * p, 4 * p):
+        stages = chunked(SimulatedSchedule.ZBV, p, 2, 1.0, 1.0, 1.0)
+        alone = simulate_stages(
+            stages, schedule=SimulatedSchedule.ZBV, microbatches=m, minibatches=1, chunks=2
+        )
+        steady = simulate_stages(
+            stages, schedule=SimulatedSchedule.ZBV, microbatches=m, minibatches=4, chunks=2
+        )
+        compute = 2 * 3.0 * m
+        assert alone.minibatch_s - compute == p - 1
+        assert steady.minibatch_s == compute
+    few = simulate_stages(
+        chunked(SimulatedSchedule.ZBV, p, 2, 1.0, 1.0, 1.0),
+        schedule=SimulatedSchedule.ZBV,
+        microbatches=p,
+        minibatches=4,
+        chunks=2,
+    )
+    assert few.minibatch_s > 6.0 * p
+
+
+@pytest.mark.parametrize(
+    ("schedule", "chunks", "m", "held"),
+    [
+        (Schedule.ONE_F_ONE_B, 1, 8, [4, 3, 2, 1]),  # stage i: min(M, p - i)
+        (Schedule.ONE_F_ONE_B, 1, 2, [2, 2, 2, 1]),
+        (SimulatedSchedule.ZB_H1, 1, 8, [4, 3, 2, 1]),  # 1F1B's memory
+        (SimulatedSchedule.INTERLEAVED_1F1B, 2, 8, [11, 9, 7, 5]),  # rank 0: v p + p - 1
+        (SimulatedSchedule.INTERLEAVED_1F1B, 4, 16, [19, 17, 15, 13]),
+        (SimulatedSchedule.ZBV, 2, 8, [8, 8, 8, 8]),  # 2p half-stage chunks: 1F1B's rank 0
+    ],
+    ids=str,
+)
+def test_peak_activations_per_rank(
+    schedule: Schedule | SimulatedSchedule, chunks: int, m: int, held: list[int]
+) -> None:
+    r = simulate_stages(
+        chunked(schedule, 4, chunks, 1.0, 2.0, 0.5, activation_bytes=1.0),
+        schedule=schedule,
+        microbatches=m,
+        chunks=chunks,
+    )
+    assert [d.peak_memory_bytes for d in r.devices] == held
+    assert held == list(rank_in_flight(schedule, ranks=4, microbatches=m, chunks=chunks))
+    if schedule is SimulatedSchedule.INTERLEAVED_1F1B and m >= 4 * 4:
+        p, v = 4, chunks  # rank 0 holds p (1 + (p - 1) / (p v)) microbatches' worth of layers
+        assert held[0] / v == p * (1 + (p - 1) / (p * v))
+
+
+def test_split_backward_events_and_free_transfers_inside_a_rank() -> None:
+    topo = Topology(
+        levels=(Level(devices=2, bandwidth_bytes_per_s=1.0, latency_s=0.0),), memory_bytes=GB
+    )
+    stages = chunked(SimulatedSchedule.ZBV, 2, 2, 1.0, 1.0, 1.0, send_bytes=0.5)
+    r = simulate_stages(
+        stages,
+        schedule=SimulatedSchedule.ZBV,
+        microbatches=3,
+        minibatches=1,
+        topology=topo,
+        chunks=2,
+    )
+    ev = r.events
+    assert set(ev["kind"]) == {"forward", "backward_input", "backward_weight", "send", "recv"}
+    # stages 1 -> 2 share rank 1 in the V: no transfer; 0 -> 1 and 2 -> 3 cross, both ways
+    sends = ev[ev["kind"] == "send"]
+    assert sorted(set(zip(sends["rank"], sends["peer"], strict=True))) == [(0, 1), (1, 0)]
+    assert len(sends) == 4 * 3
+    for (stage, g), rows in ev[ev["kind"].isin(COMPUTE_KINDS)].groupby(["stage", "microbatch"]):
+        order = rows.sort_values("start_s")["kind"].tolist()
+        assert order == ["forward", "backward_input", "backward_weight"], (stage, g)
+    w = ev[ev["kind"] == "backward_weight"]
+    assert ((w["end_s"] - w["start_s"]) == 1.0).all()
+
+
+def test_chunked_layouts_and_shapes_are_checked() -> None:
+    good = chunked(SimulatedSchedule.INTERLEAVED_1F1B, 2, 2, 1.0, 2.0)
+    with pytest.raises(PlanError, match="multiple of its 2 rounds"):
+        simulate_stages(
+            good * 1, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=5, chunks=2
+        )
+    with pytest.raises(PlanError, match="not 3 chunks"):
+        simulate_stages(good, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=3)
+    swapped = [
+        dataclasses.replace(st, ranks=(1 - st.ranks[0],)) if s >= 2 else st
+        for s, st in enumerate(good)
+    ]
+    with pytest.raises(PlanError, match=r"give stages \[0, 2\] the same rank"):
+        simulate_stages(
+            swapped, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
+        )
+    replicated = [dataclasses.replace(good[0], ranks=(0, 5)), *good[1:]]
+    with pytest.raises(PlanError, match="without replication"):
+        simulate_stages(
+            replicated, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
+        )
+    with pytest.raises(PlanError, match="exceeds backward_s"):
+        SimStage(forward_s=1, backward_s=1, backward_weight_s=2, ranks=(0,))
+    # ranks may be any ids, as long as the layout's devices stay apart
+    renamed = [dataclasses.replace(st, ranks=(7 + st.ranks[0],)) for st in good]
+    r = simulate_stages(
+        renamed, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
+    )
+    assert [d.rank for d in r.devices] == [7, 8]
