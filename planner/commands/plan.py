@@ -316,16 +316,15 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
 def run(args: argparse.Namespace) -> int:
     run_ = None
     if args.calibrate:
-        output = Path(
-            args.output
-            or Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json"
-        )
+        default = Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json"
+        output = Path(default if args.output is None else args.output)
         run_ = _run_of(args.calibrate)
     else:
         topology = _topology(args)
         name = args.model or Path(args.profile).stem
         safe = name.replace(":", "_").replace("/", "_")
-        output = Path(args.output or f"plan-{safe}-{topology.num_devices}gpus.json")
+        default = f"plan-{safe}-{topology.num_devices}gpus.json"
+        output = Path(default if args.output is None else args.output)
     profile_out = (
         output.with_name(output.stem + ".profile.json")
         if run_ is not None or _will_profile(args)
