@@ -16,6 +16,7 @@ import os
 import sys
 
 from planner.models.registry import check_trusted, is_builtin
+from planner._io import printable
 from planner.plan import Plan
 from planner.runtime.checkpoint import checkpoint_lock, resume_state
 from planner.runtime.comm import Placement
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if config.log_every:
         print(
-            f"plan run: {plan.profile.model}, {len(plan.stages)} stages on {world} processes, "
+            f"plan run: {printable(plan.profile.model)}, {len(plan.stages)} stages on {world} processes, "
             f"schedule {plan.schedule}, minibatch {plan.minibatch_size} = {plan.microbatches} x "
             f"{plan.microbatch_size}, {config.steps} steps",
             flush=True,
