@@ -32,7 +32,7 @@ from planner._io import atomic_write_bytes
 from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.schedules import Schedule
-from planner.simulate import SimulationResult
+from planner.simulate import COMPUTE_KINDS, DeviceStats, SimulationResult
 
 __all__ = [
     "COLORS",
@@ -49,6 +49,8 @@ __all__ = [
 COLORS = {
     "forward": "#5B9BD5",
     "backward": "#ED7D31",
+    "backward_input": "#C55A11",
+    "backward_weight": "#FFC000",
     "communication": "#70AD47",
     "allreduce": "#8E6BB8",
     "idle": "#F2F2F2",
@@ -66,6 +68,13 @@ _STAGE_COLORS = (
     "#9C755F",
     "#BAB0AC",
 )
+_HATCH = {"backward_weight": "////"}
+_LEGEND = {
+    "forward": "forward",
+    "backward": "backward",
+    "backward_input": "backward, input gradient (B)",
+    "backward_weight": "backward, weight gradient (W)",
+}
 _GIB = 1024**3
 _DPI = 100
 
@@ -100,9 +109,13 @@ def gantt_figure(
     """The timeline of a simulated run: one row per device, time in ms.
 
     Forwards and backwards are full-height bars numbered by microbatch (counted within each
-    minibatch for ``1f1b``/``gpipe``, over the run for ``pipedream``), incoming transfers a thin
-    strip under them, all-reduces their own colour; white is idle (the bubble, whose share in the
-    steady state is printed at the right). Dashed lines mark the ends of minibatches.
+    minibatch for the flushed schedules, over the run for ``pipedream``), incoming transfers a
+    thin strip under them, all-reduces their own colour; white is idle (the bubble, whose share in
+    the steady state is printed at the right). Dashed lines mark the ends of minibatches. Under
+    ``zb-h1``/``zbv`` the backward is two bars, B (input gradient, dark orange) and W (weight
+    gradient, hatched gold); with several chunks per rank (``interleaved-1f1b``, ``zbv``) a
+    letter names the chunk (``a3``: microbatch 3 of the rank's first chunk, ``b3`` of its
+    second; later chunks are drawn lighter) and the row names the rank's stages.
 
     Example:
         >>> fig = gantt_figure(result)                      # doctest: +SKIP
@@ -130,29 +143,37 @@ def gantt_figure(
     width_px = fig.get_figwidth() * _DPI * 0.8
     ms_per_px = x_max / width_px
     font = 7 if n <= 24 else 5
-    compute = events[events["kind"].isin(["forward", "backward"])]
-    for kind in ("forward", "backward"):
-        rows = compute[compute["kind"] == kind]
+    kinds = [k for k in COMPUTE_KINDS if (events["kind"] == k).any()]
+    chunk_of = {(d.rank, s): c for d in devices for c, s in enumerate(d.stages or (d.stage,))}
+    for kind in kinds:
+        rows = events[events["kind"] == kind]
         y = rows["rank"].map(row_of).to_numpy()
         start = rows["start_s"].to_numpy() * to_ms
         dur = (rows["end_s"].to_numpy() - rows["start_s"].to_numpy()) * to_ms
-        ax.barh(
-            y - 0.05,
-            dur,
-            left=start,
-            height=0.6,
-            color=COLORS[kind],
-            edgecolor="white",
-            linewidth=0.4,
-            zorder=2,
+        chunks = np.asarray(
+            [chunk_of[(r, s)] for r, s in zip(rows["rank"], rows["stage"], strict=True)],
+            dtype=np.int64,
         )
+        for c in np.unique(chunks):
+            mine = chunks == c
+            ax.barh(
+                y[mine] - 0.05,
+                dur[mine],
+                left=start[mine],
+                height=0.6,
+                color=_lighter(COLORS[kind], c / result.chunks),
+                edgecolor="white",
+                hatch=_HATCH.get(kind),
+                linewidth=0.4,
+                zorder=2,
+            )
         numbers = rows["microbatch"].to_numpy()
         if result.schedule is not Schedule.PIPEDREAM:
             numbers = (
                 numbers % result.microbatches
             )  # within the minibatch; the flush separates them
-        for yy, s0, d, m in zip(y, start, dur, numbers, strict=True):
-            label = str(m)
+        for yy, s0, d, m, c in zip(y, start, dur, numbers, chunks, strict=True):
+            label = f"{'abcdefghijklmnopqrstuvwxyz'[c % 26]}{m}" if result.chunks > 1 else str(m)
             if d / ms_per_px >= 5.5 * len(label) + 3 and s0 + d / 2 < x_max:
                 ax.text(
                     s0 + d / 2,
@@ -161,7 +182,7 @@ def gantt_figure(
                     ha="center",
                     va="center",
                     fontsize=font,
-                    color="white" if kind == "backward" else "black",
+                    color="white" if kind in ("backward", "backward_input") else "black",
                     zorder=3,
                     clip_on=True,
                 )
@@ -192,11 +213,7 @@ def gantt_figure(
         ends = events.groupby("minibatch", observed=True)["end_s"].max().to_numpy() * to_ms
         for end in ends[ends <= x_max * 1.0001]:
             ax.axvline(end, color="#404040", lw=0.8, ls="--", zorder=1)
-    ax.set_yticks(
-        range(n),
-        [f"rank {d.rank} / stage {d.stage}" for d in devices],
-        fontsize=8 if n <= 24 else 6,
-    )
+    ax.set_yticks(range(n), [_device_label(d) for d in devices], fontsize=8 if n <= 24 else 6)
     right = ax.secondary_yaxis("right")
     right.set_yticks(
         range(n), [f"idle {d.idle_fraction:.0%}" for d in devices], fontsize=8 if n <= 24 else 6
@@ -209,9 +226,21 @@ def gantt_figure(
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     handles: list[Artist] = [
-        Patch(color=COLORS["forward"], label="forward"),
-        Patch(color=COLORS["backward"], label="backward"),
+        Patch(
+            facecolor=COLORS[k],
+            edgecolor="white" if k in _HATCH else COLORS[k],
+            hatch=_HATCH.get(k),
+            label=_LEGEND[k],
+        )
+        for k in kinds
     ]
+    if result.chunks > 1:
+        handles.append(
+            Patch(
+                color=_lighter(COLORS["forward"], 1 / result.chunks),
+                label="lighter: a later chunk (a, b, ...)",
+            )
+        )
     if len(recv):
         handles.append(
             Patch(color=COLORS["communication"], label="transfer in (activations / gradients)")
@@ -227,8 +256,9 @@ def gantt_figure(
         handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False
     )
     if title is None:
+        per_rank = f" x {result.chunks} chunks" if result.chunks > 1 else ""
         title = (
-            f"{result.schedule} schedule, {len(result.devices)} devices, "
+            f"{result.schedule} schedule, {len(result.devices)} devices{per_rank}, "
             f"{result.microbatches} microbatches per minibatch: "
             f"{result.samples_per_s:,.1f} samples/s simulated "
             f"({result.minibatch_s * 1e3:,.1f} ms per minibatch)"
@@ -444,6 +474,19 @@ def draw_memory(
         >>> draw_memory(simulate(plan, profile), "memory.png")   # doctest: +SKIP
     """
     save_png(memory_figure(result, title=title, until_s=until_s), path)
+
+
+def _lighter(color: str, amount: float) -> str:
+    """``color`` blended ``amount`` (0..1) of the way to white, at most 60%."""
+    rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
+    mix = min(max(amount, 0.0), 1.0) * 0.6
+    return "#" + "".join(f"{round(v + (255 - v) * mix):02X}" for v in rgb)
+
+
+def _device_label(d: DeviceStats) -> str:
+    if len(d.stages) > 1:
+        return f"rank {d.rank} / stages {','.join(str(s) for s in d.stages)}"
+    return f"rank {d.rank} / stage {d.stage}"
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:

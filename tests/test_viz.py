@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef
 from planner.profile.format import LayerProfile, Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule, stage_ranks
 from planner.simulate import SimStage, SimulationResult, simulate, simulate_stages
 from planner.topology import Topology
 from planner.viz import (
@@ -162,3 +162,58 @@ def test_partition_png(tmp_path: Path) -> None:
     path2 = tmp_path / "gantt.png"
     draw_gantt(simulate(plan, profile), path2)
     assert path2.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("schedule", "chunks"),
+    [
+        (SimulatedSchedule.INTERLEAVED_1F1B, 2),
+        (SimulatedSchedule.ZB_H1, 1),
+        (SimulatedSchedule.ZBV, 2),
+    ],
+    ids=str,
+)
+def test_gantt_shows_chunks_and_split_backward(
+    tmp_path: Path, schedule: SimulatedSchedule, chunks: int
+) -> None:
+    layout = stage_ranks(schedule, ranks=3, chunks=chunks)
+    stages = [
+        SimStage(
+            forward_s=2e-3,
+            backward_s=4e-3,
+            backward_weight_s=2e-3,
+            ranks=(layout[s],),
+            send_bytes=1e7,
+            activation_bytes=1e8,
+        )
+        for s in range(3 * chunks)
+    ]
+    r = simulate_stages(
+        stages,
+        schedule=schedule,
+        microbatches=6,
+        chunks=chunks,
+        topology=Topology.from_args(gpus=3, bandwidth_gbps=10),
+    )
+    path = tmp_path / "gantt.png"
+    draw_gantt(r, path)
+    seen = colours(path)
+    split = schedule is not SimulatedSchedule.INTERLEAVED_1F1B
+    kinds = ("forward", "backward_input", "backward_weight") if split else ("forward", "backward")
+    for kind in kinds:
+        assert hex_rgb(COLORS[kind]) in seen, kind
+    assert (hex_rgb(COLORS["backward"]) in seen) is not split
+    axes = gantt_figure(r, until_s=r.first_minibatch_s).axes[0]  # wide enough for labels
+    labels = [t.get_text() for t in axes.get_yticklabels()]
+    texts = {t.get_text() for t in axes.texts}
+    legend = {t.get_text() for t in axes.figure.legends[0].get_texts()}
+    if chunks == 2:
+        assert labels[0] == (
+            "rank 0 / stages 0,5" if schedule is SimulatedSchedule.ZBV else "rank 0 / stages 0,3"
+        )
+        assert {"a0", "b0"} <= texts
+        assert "lighter: a later chunk (a, b, ...)" in legend
+    else:
+        assert labels[0] == "rank 0 / stage 0" and "0" in texts
+    if split:
+        assert "backward, weight gradient (W)" in legend
