@@ -242,6 +242,9 @@ class Topology:
             memory = float(doc["memory_bytes"])
             if not math.isfinite(memory) or memory <= 0:
                 raise TopologyError(f"memory_bytes must be positive, got {doc['memory_bytes']!r}")
+            return cls(
+                levels=levels, memory_bytes=memory, name=printable(doc.get("name", ""), limit=60)
+            )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TopologyError(
                 f"{what}: each level needs 'devices' and 'bandwidth_bytes_per_s', and the topology "
@@ -249,9 +252,6 @@ class Topology:
             ) from None
         except TopologyError as exc:
             raise TopologyError(f"{what}: {exc}") from None
-        return cls(
-            levels=levels, memory_bytes=memory, name=printable(doc.get("name", ""), limit=60)
-        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")

@@ -232,3 +232,65 @@ def test_run_then_calibrate_replans_from_the_report(tmp_path):
     plan = Plan.load(tmp_path / "again.json")
     assert plan.minibatch_size == 8 and plan.microbatches == 4
     assert "calibrated" in json.loads((tmp_path / "again.profile.json").read_text())["calibration"]
+    # the issue's loss: -o onto the run's plan replaced the plan and its measured profile, and
+    # calibrating again compounded the scaling; now refused before anything is written
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    onto = plan_cmd("--calibrate", "tiny.report.json", "-o", "tiny.json", cwd=tmp_path)
+    assert onto.returncode == 2 and "is the run's plan" in onto.stderr, onto.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
+    twice = plan_cmd("--calibrate", "tiny.report.json", "-o", "again.json", cwd=tmp_path)
+    assert twice.returncode == 0, twice.stderr
+    assert "replaced again.profile.json" in twice.stderr and "replaced again.json" in twice.stdout
+    assert json.loads((tmp_path / "again.profile.json").read_text()) == json.loads(
+        kept["again.profile.json"]
+    )  # the same run calibrates the same raw profile to the same result: nothing compounds
+
+
+def test_written_and_replaced_files_are_named(tmp_path, monkeypatch, capsys):
+    """In process: the first plan says "wrote", the second "replaced"; --json says it on stderr."""
+    from planner.cli import main
+    from planner.profile.format import LayerProfile, Profile
+
+    monkeypatch.chdir(tmp_path)
+    layers = tuple(
+        LayerProfile(
+            name=f"l{i}",
+            op="Linear",
+            forward_ms=1.0,
+            backward_ms=2.0,
+            output_bytes=(4096,),
+            parameter_bytes=4096,
+            inputs=(i - 1,) if i else (),
+        )
+        for i in range(4)
+    )
+    Profile(model="mlp", batch_size=32, layers=layers).save(tmp_path / "m.json")
+    profile = "m.json"
+    assert main(["--profile", profile, "--gpus", "2", "-o", "p.json"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("wrote p.json")
+    assert main(["--profile", profile, "--gpus", "2", "-o", "p.json"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("replaced p.json")
+    assert main(["--profile", profile, "--gpus", "2", "-o", "p.json", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["format"] == "planner.plan/1"
+    assert err.strip() == "replaced p.json"
+    assert main(["export-pipedream", profile, "-o", "g.txt"]) == 0
+    assert capsys.readouterr().out.strip().endswith("wrote g.txt")
+    assert main(["import-pipedream", "g.txt", "--batch-size", "32", "-o", "g.json"]) == 0
+    assert capsys.readouterr().out.strip().endswith("wrote g.json")
+    assert main(["import-pipedream", "g.txt", "--batch-size", "32", "-o", "g.json"]) == 0
+    assert capsys.readouterr().out.strip().endswith("replaced g.json")
+    assert main(["simulate", "p.json", "--csv", "e.csv"]) == 0
+    assert "wrote e.csv (" in capsys.readouterr().out
+    assert main(["export", "p.json", "--format", "pipedream", "-o", "x.txt"]) == 0
+    assert main(["export", "p.json", "--format", "pipedream", "-o", "x.txt"]) == 0
+    assert capsys.readouterr().out.strip().endswith("replaced x.txt, x.conf.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "e.csv",
+        "g.json",
+        "g.txt",
+        "m.json",
+        "p.json",
+        "x.conf.json",
+        "x.txt",
+    ]  # no temporary or probe file left

@@ -84,3 +84,48 @@ def test_parse_bandwidth(text, value):
 def test_parse_bandwidth_rejects(text):
     with pytest.raises(TopologyError):
         parse_bandwidth(text)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"memory_bytes": "NaN"}, "memory_bytes is NaN; every number must be finite"),
+        ({"memory_bytes": "0"}, "memory_bytes must be positive"),
+        ({"memory_bytes": "-1e999"}, "memory_bytes is -1e999"),
+        ({"levels": '[{"devices": true, "bandwidth_bytes_per_s": 1e9}]'}, "levels/0/devices"),
+        ({"levels": '[{"devices": 2.5, "bandwidth_bytes_per_s": 1e9}]'}, "levels/0/devices"),
+        ({"levels": '[{"devices": 2, "bandwidth_bytes_per_s": Infinity}]'}, "levels/0/bandwidth"),
+        ({"levels": '[{"devices": 2, "bandwidth_bytes_per_s": 0}]'}, "bandwidth must be positive"),
+        ({"levels": '[{"devices": 2, "bandwidth_bytes_per_s": 1, "latency_s": -1}]'}, "latency"),
+        ({"levels": "[]"}, "at least one level"),
+    ],
+)
+def test_topology_file_values_are_checked_with_the_field(tmp_path, change, needle):
+    doc = {"memory_bytes": "1e9", "levels": '[{"devices": 2, "bandwidth_bytes_per_s": 1e9}]'}
+    doc.update(change)
+    path = tmp_path / "t.json"
+    path.write_text("{" + ", ".join(f'"{k}": {v}' for k, v in doc.items()) + "}")
+    with pytest.raises(TopologyError, match=needle) as caught:
+        Topology.load(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_topology_file_name_is_printable(tmp_path):
+    path = tmp_path / "t.json"
+    doc = Topology.from_args(gpus=2).to_dict()
+    doc["name"] = "rack\x1b[2J\n7"
+    path.write_text(json.dumps(doc))
+    topology = Topology.load(path)
+    assert topology.name == "rack?[2J?7"
+    assert "\x1b" not in topology.describe()
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "folder"])
+def test_topology_file_must_be_a_regular_file(tmp_path, special):
+    import os
+
+    path = {"/dev/zero": "/dev/zero", "fifo": tmp_path / "f", "folder": tmp_path}[special]
+    if special == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(TopologyError, match=r"not a regular file|is a folder"):
+        Topology.load(path)
