@@ -314,6 +314,10 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model:
+        from planner.models.hf import with_model_config
+
+        args.model = with_model_config(args.model, args.model_config)
     run_ = None
     if args.calibrate:
         default = Path(args.calibrate).name.replace(".report.json", "") + ".calibrated.json"
@@ -322,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         topology = _topology(args)
         name = args.model or Path(args.profile).stem
-        safe = name.replace(":", "_").replace("/", "_")
+        safe = name.split("{")[0].replace(":", "_").replace("/", "_")
         default = f"plan-{safe}-{topology.num_devices}gpus.json"
         output = Path(default if args.output is None else args.output)
     profile_out = (

@@ -15,6 +15,11 @@ __all__ = ["add_arguments", "run"]
 def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options that say how to measure (shared with ``plan`` when it must profile)."""
     parser.add_argument(
+        "--model-config",
+        metavar="JSON",
+        help="fields of a Hugging Face model's config, e.g. '{\"n_layer\": 12}' (hf: models only)",
+    )
+    parser.add_argument(
         "--input-shape",
         type=shape,
         metavar="C,H,W",
@@ -71,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         help="torchvision model name (resnet50), gpt2-small/gpt2-medium/gpt2-tiny, "
+        "hf:<model_type> (hf:gpt2, hf:llama, hf:bert), "
         "or package.module:factory for your own model",
     )
     parser.add_argument(
@@ -102,8 +108,10 @@ def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyp
                 "--clock cpu does not time GPU work; use --clock wall with --device cuda"
             )
         kwargs["clock"] = time.process_time
+    from planner.models.hf import with_model_config
+
     return profile_model(
-        args.model,
+        with_model_config(args.model, args.model_config),
         batch_size=batch_size,
         input_shape=args.input_shape,
         device=args.device,

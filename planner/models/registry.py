@@ -121,6 +121,8 @@ def is_builtin(reference: str) -> bool:
         >>> is_builtin("resnet50"), is_builtin("gpt2-tiny"), is_builtin("mymodels:mlp")
         (True, True, False)
     """
+    if reference.startswith("hf:"):  # a transformers config class: no code from the user
+        return True
     if ":" in reference:
         return False
     return reference in GPT_CONFIGS or reference in _vision_names()
@@ -211,7 +213,13 @@ def load_model(
     dev = _parse_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if ":" in spec:
+        if spec.startswith("hf:"):
+            from planner.models.hf import load_hf
+
+            model = load_hf(
+                spec, batch_size=batch_size, input_shape=shape, dtype=torch_dtype, device=dev
+            )
+        elif ":" in spec:
             model = _from_factory(spec, shape, torch_dtype, dev, search_cwd=search_cwd)
         elif spec in GPT_CONFIGS:
             model = _gpt(spec, shape, torch_dtype, dev)
@@ -372,6 +380,12 @@ def _from_factory(
         raise ModelError(
             f"factory {spec!r} returned {type(made).__name__}; return an nn.Module or a ModelSpec"
         )
+    if _is_transformers_model(made):
+        from planner.models.hf import spec_from_transformers
+
+        return spec_from_transformers(
+            spec, made, output=None, input_shape=shape, dtype=dtype, device=device
+        )
     if shape is None:
         raise ModelError(
             f"model {spec} is your own module; give its per-sample input shape, e.g. --input-shape 3,224,224"
@@ -396,6 +410,12 @@ def _from_factory(
         ),
         loss_fn=_classification_loss if classes else _regression_loss,
     )
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (fx cannot trace these; they are exported instead)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
 
 
 def _num_classes(module: nn.Module) -> int:

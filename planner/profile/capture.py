@@ -87,6 +87,8 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if type(m).__name__ in self._leaf or module_qualified_name in self._leaf:
             return True
+        if getattr(m, "_planner_layer", False):  # one layer of a torch.export capture
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
