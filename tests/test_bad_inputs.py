@@ -930,3 +930,57 @@ def test_control_characters_in_names_are_not_printed(
         assert "\x1b" not in out + err and "\x07" not in out + err, argv
         if argv[0] != "export-pipedream":
             assert "tiny?]0;owned??[2J" in out
+
+
+# --- the folder itself is valid: every case fails for its own reason -------------------------
+
+
+def test_the_valid_folder_is_accepted_by_every_command(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (
+        ("--profile", PROFILE, "--gpus", "2", "--topology", TOPOLOGY, "-o", "x.json"),
+        ("show", PLAN),
+        ("simulate", PLAN, "--csv", "e.csv"),
+        ("export", PLAN, "--format", "pipedream", "-o", "x.txt"),
+        ("export-pipedream", PROFILE, "-o", "g.txt"),
+        ("import-pipedream", GRAPH, "--batch-size", "4", "-o", "g.json"),
+        ("--calibrate", REPORT, "-o", "cal.json"),
+    ):
+        assert _call(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "calibrated from tiny.json: compute" in err
+    assert (folder / "cal.profile.json").is_file() and (folder / "cal.json").is_file()
+
+
+def test_calibrating_a_calibrated_run_records_both_scalings(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run of a calibrated plan scales relative to it; the profile records both, in order."""
+    assert _call(("--calibrate", REPORT, "-o", "cal.json")) == 0
+    first = json.loads((folder / "cal.profile.json").read_text())
+    report = _doc(REPORT)
+    report["plan"] = "cal.json"
+    plan = json.loads((folder / "cal.json").read_text())
+    report.update(
+        schedule=plan["schedule"],
+        minibatch_size=plan["minibatch_size"],
+        microbatches=plan["microbatches"],
+        world_size=1 + max(max(s["ranks"]) for s in plan["stages"]),
+    )
+    ranks = [r for s in plan["stages"] for r in s["ranks"]]
+    report["ranks"] = [{**report["ranks"][0], "rank": r, "stage": 0} for r in ranks]
+    report["stages"] = [{**report["stages"][0], "stage": 0, "ranks": ranks}]
+    report["comparison"]["stages"] = report["comparison"]["stages"][:1]
+    assert len(plan["stages"]) == 1  # the links' fitted latency makes data parallelism best
+    (folder / "cal.report.json").write_text(json.dumps(report))
+    assert _call(("--calibrate", "cal.report.json", "-o", "cal2.json")) == 0, (
+        capsys.readouterr().err
+    )
+    second = json.loads((folder / "cal2.profile.json").read_text())
+    assert second["calibration"].startswith("calibrated from cal.json: ")
+    assert second["calibration"].endswith("; before that, " + first["calibration"])
+    scale = (250.0 + 50.0) / 200.0  # (measured compute + the optimizer's 50 ms) / predicted
+    assert second["layers"][0]["forward_ms"] == pytest.approx(
+        first["layers"][0]["forward_ms"] * scale
+    )
