@@ -1,4 +1,4 @@
-"""The profile: per-layer costs and the layer DAG, and its JSON file ``planner.profile/1``.
+"""The profile: per-layer costs and the layer DAG, and its JSON file ``planner.profile/2``.
 
 A profile is what every later part reads. Layers are stored in a topological order; each names
 the layers it takes input from by index, so skip connections are explicit.
@@ -36,9 +36,12 @@ if TYPE_CHECKING:
     import networkx as nx
     import pandas as pd
 
-__all__ = ["FORMAT", "LayerProfile", "Profile", "graph_hash"]
+__all__ = ["FORMAT", "FORMAT_V1", "LayerProfile", "Profile", "graph_hash"]
 
-FORMAT = "planner.profile/1"
+FORMAT = "planner.profile/2"
+FORMAT_V1 = "planner.profile/1"
+"""The previous format: no backward split; it loads with B and W estimated (see
+:meth:`LayerProfile.estimated_split_ms`) and ``Profile.backward_split == "estimated"``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,9 @@ class LayerProfile:
         target: The fx target: a module's qualified name or a function's name; "" if unknown.
         forward_samples_ms: The raw forward measurements behind ``forward_ms``.
         backward_samples_ms: The raw backward measurements behind ``backward_ms``.
+        backward_input_ms: The input-gradient part of the backward (B of the zero-bubble
+            schedules), milliseconds; None where unknown (:meth:`split_backward_ms` estimates).
+        backward_weight_ms: The weight-gradient part (W), milliseconds; None where unknown.
     """
 
     name: str
@@ -72,6 +78,34 @@ class LayerProfile:
     target: str = ""
     forward_samples_ms: tuple[float, ...] = ()
     backward_samples_ms: tuple[float, ...] = ()
+    backward_input_ms: float | None = None
+    backward_weight_ms: float | None = None
+
+    def estimated_split_ms(self) -> tuple[float, float]:
+        """``(B, W)`` guessed from ``backward_ms``: half each for a layer with parameters (a
+        dense layer's two gradients are matrix products of the same size), all B for one without.
+        """
+        if self.parameter_bytes > 0:
+            return self.backward_ms / 2, self.backward_ms / 2
+        return self.backward_ms, 0.0
+
+    def split_backward_ms(self) -> tuple[float, float]:
+        """``(B, W)``: the measured input- and weight-gradient times scaled to sum to
+        ``backward_ms`` (measured apart, they need not add up exactly), else the estimate.
+
+        Example:
+            >>> LayerProfile(name="fc", op="", forward_ms=1, backward_ms=3, output_bytes=(),
+            ...              parameter_bytes=8, backward_input_ms=1.0, backward_weight_ms=1.0,
+            ...              ).split_backward_ms()
+            (1.5, 1.5)
+        """
+        b, w = self.backward_input_ms, self.backward_weight_ms
+        if b is None or w is None:
+            return self.estimated_split_ms()
+        if b + w <= 0:
+            return (self.backward_ms, 0.0) if w == 0 else (0.0, self.backward_ms)
+        scale = self.backward_ms / (b + w)
+        return b * scale, w * scale
 
     @property
     def activation_bytes(self) -> int:
@@ -106,6 +140,9 @@ class Profile:
         timer: The clock the times come from: ``"wall"`` (``time.perf_counter``, CUDA-synchronised
             on GPUs) or ``"cpu"`` (process CPU time); None when unknown (imports, older files).
         rescaled_from_batch_size: The measured batch size if this profile was rescaled.
+        backward_split: Where the layers' ``backward_input_ms``/``backward_weight_ms`` come from:
+            ``"measured"``, ``"estimated"`` (from ``backward_ms``: a ``planner.profile/1``
+            file or an import), or None when the layers carry none.
         leaf_modules: Modules kept whole while tracing.
         machine: Free text naming the machine that measured it.
         created: ISO date of measuring or importing.
@@ -127,6 +164,7 @@ class Profile:
     calibration: str | None = None
     timer: str | None = None
     rescaled_from_batch_size: int | None = None
+    backward_split: str | None = None
     leaf_modules: tuple[str, ...] = ()
     machine: str | None = None
     created: str | None = None
@@ -153,6 +191,13 @@ class Profile:
             for key in ("forward_ms", "backward_ms"):
                 value = getattr(layer, key)
                 if not (math.isfinite(value) and value >= 0):
+                    raise ProfileError(
+                        f"layer {index} ({layer.name!r}) has {key} {value!r}; times must be "
+                        "finite and 0 or more; fix the file or profile again"
+                    )
+            for key in ("backward_input_ms", "backward_weight_ms"):  # the split, where known
+                value = getattr(layer, key)
+                if value is not None and not (math.isfinite(value) and value >= 0):
                     raise ProfileError(
                         f"layer {index} ({layer.name!r}) has {key} {value!r}; times must be "
                         "finite and 0 or more; fix the file or profile again"
@@ -255,6 +300,8 @@ class Profile:
                 layer,
                 forward_ms=layer.forward_ms * factor,
                 backward_ms=layer.backward_ms * factor,
+                backward_input_ms=_times(layer.backward_input_ms, factor),
+                backward_weight_ms=_times(layer.backward_weight_ms, factor),
                 output_bytes=tuple(scale_bytes(b) for b in layer.output_bytes),
                 saved_bytes=None if layer.saved_bytes is None else scale_bytes(layer.saved_bytes),
                 forward_samples_ms=(),
@@ -273,7 +320,7 @@ class Profile:
     # --- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready document, ``{"format": "planner.profile/1", ...}``."""
+        """The JSON-ready document, ``{"format": "planner.profile/2", ...}``."""
         doc: dict[str, Any] = {"format": FORMAT}
         for f in dataclasses.fields(self):
             if f.name in ("layers", "_names"):
@@ -294,16 +341,23 @@ class Profile:
 
     @classmethod
     def from_dict(cls, doc: Any, what: str = "profile") -> Profile:
-        """Build a profile from a parsed document, validating it against the shipped schema."""
-        if isinstance(doc, dict) and doc.get("format") != FORMAT:
+        """Build a profile from a parsed document, validating it against the shipped schema.
+
+        A ``planner.profile/1`` document loads with every layer's B and W estimated
+        (:meth:`LayerProfile.estimated_split_ms`) and ``backward_split="estimated"``.
+        """
+        if isinstance(doc, dict) and doc.get("format") not in (FORMAT, FORMAT_V1):
             raise ProfileError(
-                f"{what} has format {doc.get('format')!r}, expected {FORMAT!r}; "
+                f"{what} has format {doc.get('format')!r}, expected {FORMAT_V1!r} or {FORMAT!r}; "
                 "re-create it with `plan profile` or `plan import-pipedream`"
             )
         validate(doc, "profile", ProfileError, what)
         fields = {f.name for f in dataclasses.fields(cls)} - {"layers", "_names"}
         kwargs = lists_to_tuples({k: v for k, v in doc.items() if k in fields})
         layers = tuple(LayerProfile(**lists_to_tuples(layer)) for layer in doc["layers"])
+        if doc["format"] == FORMAT_V1:  # no split measured then: estimate it, and say so
+            layers = tuple(_with_estimated_split(layer) for layer in layers)
+            kwargs["backward_split"] = "estimated"
         return cls(layers=layers, **kwargs)
 
     @classmethod
@@ -319,6 +373,15 @@ class Profile:
         """Read and validate a profile file; a bad file raises :class:`ProfileError`."""
         doc = load_json(path, ProfileError, "profile")
         return cls.from_dict(doc, f"profile {os.fspath(path)}")
+
+
+def _times(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def _with_estimated_split(layer: LayerProfile) -> LayerProfile:
+    b, w = layer.estimated_split_ms()
+    return dataclasses.replace(layer, backward_input_ms=b, backward_weight_ms=w)
 
 
 def graph_hash(layers: Iterable[tuple[str, str, Sequence[int]]]) -> str:
