@@ -19,10 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
+import re
+import socket
 import stat
 import tempfile
 import unicodedata
@@ -50,6 +53,7 @@ __all__ = [
     "parse_json",
     "printable",
     "read_input_bytes",
+    "remove_stale_temporaries",
     "schema",
     "validate",
 ]
@@ -66,11 +70,14 @@ PathLike = str | os.PathLike[str]
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
 
-    A crash or error leaves either the old file or none, never a half-written one.
+    A crash or error leaves either the old file or none, never a half-written one. The temporary
+    name (``.NAME.HOST-PID.XXXX.tmp``) says which process made it, so the next write of ``path``
+    removes one left by a process that was killed (:func:`remove_stale_temporaries`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -81,6 +88,53 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}.{_host_tag()}-{os.getpid()}."
+
+
+def remove_stale_temporaries(target: PathLike) -> list[Path]:
+    """Remove the temporary files of writes of ``target`` whose process has died on this host.
+
+    Only names made by :func:`atomic_write_bytes` or :func:`check_outputs` on this host are
+    considered, and only when their process no longer exists (a SIGKILL between creating and
+    renaming leaves them). Files of live processes and of other hosts are left alone.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(target)
+    pattern = re.compile(re.escape(f".{path.name}.{_host_tag()}-") + r"(\d+)\.[^/]*\.(tmp|probe)$")
+    removed: list[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.parent / name)
+            removed.append(path.parent / name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -236,7 +290,7 @@ def _check_folder(path: Path, where: str, error: type[PlannerError]) -> None:
     # Permission bits do not bind root, and read-only mounts or /proc refuse anyway: the only
     # sure test is to create (and remove) a file there, as the real write will.
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".probe", dir=folder)
     except OSError as exc:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
         raise error(

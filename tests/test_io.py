@@ -176,3 +176,32 @@ def test_printable_strips_control_and_format_characters() -> None:
     assert printable("x\u202ey\u200bz") == "x?y?z"  # bidi override, zero-width space
     assert printable("é ü 模型") == "é ü 模型"
     assert printable("x" * 10, limit=5) == "xxxx…"
+
+
+def test_temporaries_of_killed_writers_are_removed_on_the_next_write(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from planner._io import _temporary_prefix, atomic_write_text
+
+    target = tmp_path / "plan.json"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    live_prefix = _temporary_prefix(target)  # this process: alive
+    dead_prefix = live_prefix.replace(f"-{os.getpid()}.", f"-{dead_pid}.")
+    stale = tmp_path / f"{dead_prefix}abc123.tmp"
+    stale_probe = tmp_path / f"{dead_prefix}xyz.probe"
+    mine = tmp_path / f"{live_prefix}def456.tmp"
+    other_host = tmp_path / f".plan.json.otherhost-{dead_pid}.ghi789.tmp"
+    other_file = tmp_path / f".other.json.{dead_prefix[len('.plan.json.') :]}jkl.tmp"
+    for path in (stale, stale_probe, mine, other_host, other_file):
+        path.write_text("partial")
+    atomic_write_text(target, "{}\n")
+    assert target.read_text() == "{}\n"
+    assert not stale.exists() and not stale_probe.exists()
+    assert mine.exists() and other_host.exists() and other_file.exists()
