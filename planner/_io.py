@@ -216,9 +216,13 @@ def check_outputs(
             existing.add(path)
         for what, source in inputs:
             if _same_file(path, Path(source)):
+                fix = (
+                    f"give {option.split()[0]} another file"
+                    if option.startswith("-")
+                    else "choose another file name"
+                )
                 raise error(
-                    f"{where} is the {what} {source}: writing it would destroy the input; "
-                    f"choose another {option.split()[0]} file"
+                    f"{where} is the {what} {source}: writing it would destroy the input; {fix}"
                 )
         for other_option, other in seen:
             if _same_file(path, other):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from planner._io import printable
 from planner.errors import PlannerError
 
 __all__ = ["BROKEN_PIPE_STATUS", "main"]
@@ -126,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return status
     except PlannerError as exc:
-        print(f"plan: error: {exc}", file=sys.stderr)
+        # one line, whatever a file's names hold (newlines, terminal escapes)
+        print(f"plan: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("plan: interrupted", file=sys.stderr)

@@ -660,6 +660,15 @@ CASES: list[Case] = [
         "cannot find the plan's profile",
         raw_value(PLAN, "p.json", ("profile", "path"), '"gone.json"'),
     ),
+    case(
+        "simulate-layer-name-with-escapes",
+        "simulate p.json",
+        r"plan names layers the profile lacks \(evil\?\[2J\?name",
+        write(
+            "p.json",
+            GOLDEN[PLAN].decode().replace('"layer0"', json.dumps("evil\x1b[2J\nname"), 1),
+        ),
+    ),
     # plan run: the checks before any rank starts
     case("run-report-plan", f"run {PLAN} --report {PLAN}", f"--report {PLAN} is the plan"),
     case("run-report-profile", f"run {PLAN} --report {PROFILE}", "is the plan's profile"),
@@ -670,7 +679,7 @@ CASES: list[Case] = [
     case(
         "run-default-report-folder",
         f"run {PLAN}",
-        "the report \\(beside the plan\\) tiny.report.json is a folder",
+        r"the report \(beside the plan; or --report\) tiny.report.json is a folder",
         chain(lambda f: (f / REPORT).unlink(), folder_(REPORT)),
     ),
     case(

@@ -383,7 +383,11 @@ def check_run_outputs(config: RunConfig, plan: Plan) -> Outputs:
         inputs.append(("plan's profile", find_profile_file(plan, config.plan_path)))
     if config.data != "synthetic":
         inputs.append(("--data", config.data))
-    option = "--report" if config.report_path is not None else "the report (beside the plan)"
+    option = (
+        "--report"
+        if config.report_path is not None
+        else "the report (beside the plan; or --report)"
+    )
     outputs = check_outputs([(option, config.report_file)], inputs=inputs, error=RunError)
     if config.checkpoint_dir is not None:
         check_output_folder(
