@@ -11,6 +11,7 @@ import torch
 
 from planner.errors import ModelError
 from planner.models import GPT, GPT_CONFIGS, Block, ModelSpec, load_model
+from planner.models.registry import check_trusted, is_builtin
 from planner.profile.capture import capture
 from planner.profile.record import record
 
@@ -227,7 +228,10 @@ def test_factory_returning_a_model_spec_is_used_as_is():
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
-        ("user_models:broken", "factory 'user_models:broken' failed: RuntimeError: no weights here"),
+        (
+            "user_models:broken",
+            "factory 'user_models:broken' failed: RuntimeError: no weights here",
+        ),
         ("user_models:nothing", "no factory function 'nothing'"),
         ("no_such_package.mod:make", "cannot import 'no_such_package.mod'"),
         (":make", "package.module:factory"),
@@ -236,3 +240,85 @@ def test_factory_returning_a_model_spec_is_used_as_is():
 def test_bad_factories_raise_model_error(spec, reason):
     with pytest.raises(ModelError, match=reason):
         load_model(spec, batch_size=1, input_shape=(4,))
+
+
+# --- trust: code named by a file runs only when the user says so ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reference", "builtin"),
+    [
+        ("resnet50", True),
+        ("gpt2-tiny", True),
+        ("mymodels:mlp", False),
+        ("sys:exit", False),
+        ("resnet50:x", False),
+        ("os", False),
+        ("", False),
+    ],
+)
+def test_is_builtin(reference, builtin):
+    assert is_builtin(reference) is builtin
+
+
+def test_check_trusted_refuses_code_unless_named_or_trusted():
+    check_trusted("resnet18")
+    check_trusted("evil:f", trust=True)
+    check_trusted("evil:f", named="evil:f")
+    with pytest.raises(ModelError, match=r"'evil:f' is code from a file .* --trust-model"):
+        check_trusted("evil:f")
+    with pytest.raises(ModelError, match="is not the plan's model"):
+        check_trusted("evil:f", named="good:f")
+    with pytest.raises(ModelError, match="is not the plan's model"):
+        check_trusted("resnet18", named="resnet50", trust=True)
+    with pytest.raises(ModelError) as info:  # a terminal escape is shown escaped
+        check_trusted("evil\x1b[2J:f")
+    assert "\x1b" not in str(info.value)
+
+
+@pytest.fixture
+def cwd_model(tmp_path, monkeypatch):
+    """``cwd_models.py`` in the current folder (not on the import path), marking its import."""
+    (tmp_path / "cwd_models.py").write_text(
+        textwrap.dedent(
+            """
+            import pathlib
+            import torch
+
+            pathlib.Path(__file__).with_name("imported").write_text("yes")
+
+            def mlp():
+                return torch.nn.Linear(4, 2)
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield tmp_path
+    sys.modules.pop("cwd_models", None)
+
+
+def test_a_model_named_by_the_user_is_found_in_the_current_folder(cwd_model):
+    spec = load_model("cwd_models:mlp", batch_size=2, input_shape=(4,))
+    assert spec.name == "cwd_models:mlp" and (cwd_model / "imported").exists()
+    assert str(cwd_model) not in sys.path  # only while importing
+
+
+def test_without_search_cwd_the_current_folder_is_not_searched(cwd_model):
+    with pytest.raises(ModelError, match="cannot import 'cwd_models'"):
+        load_model("cwd_models:mlp", batch_size=2, input_shape=(4,), search_cwd=False)
+    assert not (cwd_model / "imported").exists()
+
+
+@pytest.mark.parametrize(
+    ("reference", "reason"),
+    [
+        ("sys:exit", "factory 'sys:exit' failed: SystemExit"),
+        ("os:getcwd", "returned str"),
+        ("builtins:object", "no factory function 'object'"),
+        ("math:pi", "no factory function 'pi'"),
+    ],
+)
+def test_a_factory_must_return_a_module(reference, reason):
+    with pytest.raises(ModelError, match=reason):
+        load_model(reference, batch_size=1, input_shape=(4,))

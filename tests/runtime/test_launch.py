@@ -157,3 +157,113 @@ def test_missing_data_folder_is_refused_before_starting(tmp_path: Path) -> None:
         command.run(
             _args(str(tmp_path / "plan.json"), "--data", str(tmp_path / "none"), "--model", MLP)
         )
+
+
+# --- trust: a plan's model that is code runs only when the user says so -----------------------
+
+USER_MODEL = """
+import os
+import pathlib
+
+pathlib.Path(os.environ["MARKER_FILE"]).write_text("imported")
+
+from runtime_models import mlp  # noqa: E402,F401
+"""
+
+
+@pytest.fixture
+def user_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A plan whose model is ``usermodel:mlp``, from ``usermodel.py`` in the plan's folder,
+    which writes ``$MARKER_FILE`` when imported."""
+    doc = make_plan(MLP, cuts=["_3"], replicas=[1, 1]).to_dict()
+    doc["profile"]["model"] = "usermodel:mlp"
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    (tmp_path / "usermodel.py").write_text(USER_MODEL)
+    return tmp_path / "plan.json"
+
+
+def _command(
+    plan: Path, entry: str, *argv: str, env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """``python -m ENTRY PLAN ARGV`` in the plan's folder (where usermodel.py is)."""
+    return subprocess.run(
+        [sys.executable, "-m", entry, str(plan.name), *argv],
+        cwd=plan.parent,
+        env={**env, "MARKER_FILE": str(plan.parent / "marker"), "RANK": "0", "WORLD_SIZE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("entry", ["planner.commands.run", "planner.runtime"])
+def test_a_plans_model_in_the_current_folder_does_not_run_without_trust(
+    user_plan: Path, env_path: dict, entry: str
+) -> None:
+    done = _command(user_plan, entry, "--steps", "1", env=env_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "'usermodel:mlp'" in lines[0] and "--trust-model" in lines[0]
+    assert not (user_plan.parent / "marker").exists()  # usermodel.py never ran
+    assert not (user_plan.parent / "plan.report.json").exists()
+
+
+def test_a_plans_model_runs_with_trust_model(user_plan: Path, env_path: dict) -> None:
+    # trusted: the model is imported (from the current folder) and checked; a missing data
+    # folder then stops the run before any rank starts, so this stays fast
+    done = _command(
+        user_plan, "planner.commands.run", "--trust-model", "--data", "none", env=env_path
+    )
+    assert (user_plan.parent / "marker").read_text() == "imported"
+    assert done.returncode == 2 and "not a folder" in done.stderr, done.stderr
+
+
+@pytest.mark.distributed
+def test_a_plans_model_runs_when_named_on_the_command_line(user_plan: Path, env_path: dict) -> None:
+    done = _command(
+        user_plan,
+        "planner.commands.run",
+        "--model",
+        "usermodel:mlp",
+        "--steps",
+        "2",
+        "--timeout",
+        "60",
+        env=env_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "step 2/2  loss" in done.stdout
+    assert (user_plan.parent / "marker").read_text() == "imported"
+    assert (user_plan.parent / "plan.report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "argv", "message"),
+    [
+        ("sys:exit", [], "'sys:exit' is code from a file"),
+        ("sys:exit", ["--trust-model"], "factory 'sys:exit' failed: SystemExit"),
+        ("os:getcwd", ["--model", "os:getcwd"], "returned str"),
+        (MLP, ["--model", "other:model"], "is not the plan's model"),
+        ("gpt2-tiny", ["--model", MLP], "is not the plan's model"),
+    ],
+)
+def test_a_plans_model_is_checked_before_starting(
+    tmp_path: Path, model: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = make_plan(MLP, cuts=["_3"], replicas=[1, 1]).to_dict()
+    doc["profile"]["model"] = model
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    assert command.main([str(tmp_path / "plan.json"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_nccl_without_gpus_is_refused_before_starting(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make_plan(MLP, cuts=["_3"], replicas=[1, 1]).save(tmp_path / "plan.json")
+    with pytest.raises(PlannerError, match="--backend nccl needs CUDA"):
+        command.run(_args(str(tmp_path / "plan.json"), "--backend", "nccl", "--model", MLP))
