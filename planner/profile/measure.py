@@ -88,6 +88,7 @@ __all__ = [
     "SUM_TOLERANCE",
     "keep_freed_memory",
     "machine_description",
+    "measure_backward_split",
     "profile_model",
     "profile_module",
 ]
@@ -152,7 +153,7 @@ def profile_model(
         spec, batch_size=batch_size, input_shape=input_shape, dtype=dtype, device=device, seed=seed
     )
     inputs, _ = model.make_batch(batch_size, seed)
-    return profile_module(
+    profile = profile_module(
         model.module,
         inputs,
         model_name=model.name,
@@ -164,6 +165,7 @@ def profile_model(
         calibrate=calibrate,
         clock=clock,
     )
+    return measure_backward_split(profile, model.module, inputs, reps=min(reps, 3), clock=clock)
 
 
 def profile_module(
@@ -356,6 +358,113 @@ def _measure(
         for i, layer in enumerate(graph.layers)
     )
     return layers, whole_ms, calibration
+
+
+def measure_backward_split(
+    profile: Profile,
+    module: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    reps: int = 2,
+    clock: Clock = time.perf_counter,
+) -> Profile:
+    """``profile`` (of ``module`` on ``inputs``) with each layer's backward measured as input
+    gradient (B) and weight gradient (W), the split the zero-bubble schedules run.
+
+    Per layer, on fresh copies of its recorded inputs (as in step 3 of the module docstring):
+    the forward, then ``torch.autograd.grad`` w.r.t. the inputs that need a gradient only
+    (keeping the graph), then w.r.t. the layer's parameters only; medians of ``reps``. B is 0
+    for a layer none of whose inputs needs a gradient, W for one without parameters. Measured
+    apart the two add up to a little more than the joint backward (shared work runs twice);
+    :meth:`LayerProfile.split_backward_ms` keeps only their ratio. One more recording step
+    (capture, forward and backward) is paid; the module's mode, buffers and threads are restored.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+        >>> x = (torch.randn(2, 4),)
+        >>> p = measure_backward_split(profile_module(net, x, reps=1), net, x, reps=1)
+        >>> p.backward_split, p.layers[0].backward_input_ms, p.layers[1].backward_weight_ms
+        ('measured', 0.0, 0.0)
+
+    Raises:
+        ProfileError: ``module`` does not trace to the graph of ``profile``, or ``reps < 1``.
+    """
+    import dataclasses
+    import functools
+
+    from torch.fx.node import Argument, map_aggregate, map_arg
+
+    from planner.profile.record import flatten_tensors
+
+    if reps < 1:
+        raise ProfileError(f"need reps >= 1 to measure the backward split, got {reps}")
+    inputs = tuple(inputs)
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    timer = Timer(clock, device)
+    old_threads, was_training = torch.get_num_threads(), module.training
+    buffers = {key: b.detach().clone() for key, b in module.named_buffers()}
+    memory = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+    splits: list[tuple[float, float]] = []
+    try:
+        torch.set_num_threads(profile.threads or old_threads)
+        module.train()
+        graph = capture(module, profile.leaf_modules)
+        if profile.graph_hash is not None and graph.graph_hash != profile.graph_hash:
+            raise ProfileError(
+                f"the module traces to graph {graph.graph_hash}, the profile is of "
+                f"{profile.graph_hash}; measure the split on the profiled model"
+            )
+
+        def fresh(runner: LayerRunner, leaves: list[torch.Tensor], n: torch.fx.Node) -> Argument:
+            return map_aggregate(runner.rec.values[n], lambda x: runner._fresh(x, leaves))
+
+        with memory:
+            recording = record(graph, inputs, backward=True)
+            ones = GradOnes()
+            for layer in graph.layers:
+                runner = LayerRunner(graph.module, layer, recording, ones)
+                b_ms: list[float] = []
+                w_ms: list[float] = []
+                for _ in range(reps):
+                    leaves: list[torch.Tensor] = []
+                    get = functools.partial(fresh, runner, leaves)
+                    args, kwargs = map_arg(runner.node.args, get), map_arg(runner.node.kwargs, get)
+                    out = runner.call(args, kwargs)
+                    outs = [t for t in flatten_tensors(out) if t.requires_grad]
+                    grads = [ones(t) for t in outs]
+                    b = w = 0.0
+                    if outs and leaves:
+                        t0 = timer()
+                        torch.autograd.grad(
+                            outs, leaves, grads, retain_graph=True, allow_unused=True
+                        )
+                        b = (timer() - t0) * 1e3
+                    if outs and runner.params:
+                        t0 = timer()
+                        torch.autograd.grad(outs, runner.params, grads, allow_unused=True)
+                        w = (timer() - t0) * 1e3
+                    b_ms.append(b)
+                    w_ms.append(w)
+                splits.append((statistics.median(b_ms), statistics.median(w_ms)))
+            recording.values.clear()
+    finally:
+        torch.set_num_threads(old_threads)
+        module.train(was_training)
+        with torch.no_grad():
+            for key, buf in module.named_buffers():
+                if key in buffers:
+                    buf.copy_(buffers[key])
+    if len(splits) != len(profile.layers):
+        raise ProfileError(
+            f"the module traces to {len(splits)} layers, the profile has {len(profile.layers)}; "
+            "measure the split on the profiled model"
+        )
+    layers = tuple(
+        dataclasses.replace(layer, backward_input_ms=b, backward_weight_ms=w)
+        for layer, (b, w) in zip(profile.layers, splits, strict=True)
+    )
+    return dataclasses.replace(profile, layers=layers, backward_split="measured")
 
 
 def _disagree(layer_sum_ms: float, whole_ms: float) -> bool:

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from planner.errors import ProfileError
 from planner.profile.format import FORMAT, FORMAT_V1, LayerProfile, Profile
+from planner.profile.measure import measure_backward_split, profile_model, profile_module
 
 
 def two_layers(**split: float | None) -> Profile:
@@ -90,3 +92,41 @@ def test_bad_split_times_are_refused(bad: float) -> None:
     doc["backward_split"] = "guessed"
     with pytest.raises(ProfileError):
         Profile.from_dict(doc)
+
+
+def test_profiling_measures_the_split() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.BatchNorm1d(256),
+    )
+    x = (torch.randn(32, 64),)
+    plain = profile_module(net, x, warmup=1, reps=2)
+    assert plain.backward_split is None  # profile_module alone leaves the split unmeasured
+    stats = net[3].running_mean.clone()
+    p = measure_backward_split(plain, net, x, reps=2)
+    assert torch.equal(net[3].running_mean, stats) and net.training  # the module is unchanged
+    assert p.backward_split == "measured"
+    first, relu, second, norm = p.layers
+    # the model's input needs no gradient: the first layer's B is nothing; ReLU has no W
+    assert first.backward_input_ms == 0.0 and first.backward_weight_ms > 0
+    assert relu.backward_weight_ms == 0.0 and relu.backward_input_ms > 0
+    assert second.backward_input_ms > 0 and second.backward_weight_ms > 0
+    assert norm.backward_input_ms > 0 and norm.backward_weight_ms > 0
+    assert [(a.forward_ms, a.backward_ms) for a in p.layers] == [
+        (a.forward_ms, a.backward_ms) for a in plain.layers
+    ]
+    assert Profile.from_json(p.to_json()) == p
+    other = torch.nn.Sequential(torch.nn.Linear(64, 4))
+    with pytest.raises(ProfileError, match="measure the split on the profiled model"):
+        measure_backward_split(plain, other, x)
+
+
+def test_plan_profile_measures_the_split() -> None:
+    p = profile_model("gpt2-tiny", batch_size=2, leaf_modules=["Block"], progress=False, reps=1)
+    assert p.backward_split == "measured"
+    blocks = [layer for layer in p.layers if layer.name.startswith("blocks_")]
+    assert blocks and all(b.backward_input_ms > 0 and b.backward_weight_ms > 0 for b in blocks)
