@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan, profile = load_plan_and_profile(args.plan, args.profile)
+    inputs = [
+        ("plan", args.plan),
+        ("plan's profile", find_profile_file(plan, args.plan, args.profile)),
+    ]
+    check_outputs([("-o", args.output)], inputs=inputs, error=PlanError)  # before any work
     exported = export_plan(plan, profile, ExportFormat(args.format))  # in memory only
     out = Path(args.output)
     files = {out: exported.text} | {
@@ -43,12 +48,9 @@ def run(args: argparse.Namespace) -> int:
     }
     outputs = check_outputs(
         [("-o", path) if path == out else ("-o (its companion)", path) for path in files],
-        inputs=[
-            ("plan", args.plan),
-            ("plan's profile", find_profile_file(plan, args.plan, args.profile)),
-        ],
+        inputs=inputs,
         error=PlanError,
-    )
+    )  # the companions too, now that their names are known, before anything is written
     for path, text in files.items():
         atomic_write_text(path, text)
     for note in exported.notes:
