@@ -170,6 +170,8 @@ class Plan:
         optimal: Whether the solver proved optimality.
         cost_model: ``planner`` or ``pipedream``.
         recompute: Whether activations are recomputed in backward.
+        weight_decay: Weight decay the run trains with (``plan run --weight-decay`` overrides).
+        clip_grad_norm: Clip the whole model's gradient to this norm in the run; None: no clipping.
         baselines: Other partitioners' plans scored by the same cost model.
         planner_version: The version that wrote the plan.
     """
@@ -187,6 +189,8 @@ class Plan:
     optimal: bool = True
     cost_model: str = "planner"
     recompute: bool = False
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
     baselines: tuple[BaselineScore, ...] = ()
     planner_version: str = ""
 
@@ -399,6 +403,8 @@ class Plan:
                         "optimal",
                         "cost_model",
                         "recompute",
+                        "weight_decay",
+                        "clip_grad_norm",
                         "planner_version",
                     )
                     if k in doc

@@ -60,14 +60,16 @@ def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._Argument
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads while measuring (default: all cores); recorded",
+        help="CPU threads while measuring (default: the cores one rank gets when the "
+        "ranks share this machine: cores // 2 for plan profile, cores // devices for plan; "
+        "plan run uses the same rule); recorded",
     )
     parser.add_argument(
         "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="wall clock (default), or process CPU time: with --threads 1 it "
-        "leaves out time other jobs hold the cores (recorded as timer)",
+        choices=("auto", "wall", "cpu"),
+        default="auto",
+        help="auto (default): process CPU time with one CPU thread (leaves out the time other "
+        "jobs hold the core), else wall clock; recorded as timer",
     )
 
 
@@ -88,8 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyped-def]
-    """Profile ``args.model`` as the options say; returns the Profile."""
+def measure(args: argparse.Namespace, batch_size: int, *, ranks_on_host: int | None = None):  # type: ignore[no-untyped-def]
+    """Profile ``args.model`` as the options say; returns the Profile.
+
+    Threads default to what one of ``ranks_on_host`` ranks sharing this machine gets
+    (:func:`planner.profile.conditions.rank_threads`; default: a 2-rank local run's).
+    """
+    from planner.profile.conditions import DEFAULT_PROFILE_RANKS, default_clock, rank_threads
     from planner.profile.measure import profile_model
 
     if args.device == "cuda":
@@ -99,10 +106,11 @@ def measure(args: argparse.Namespace, batch_size: int):  # type: ignore[no-untyp
             raise ModelError("--device cuda but CUDA is not available here; use --device cpu")
     import time
 
-    kwargs = {
-        k: getattr(args, k) for k in ("warmup", "reps", "threads") if getattr(args, k) is not None
-    }
-    if args.clock == "cpu":
+    kwargs = {k: getattr(args, k) for k in ("warmup", "reps") if getattr(args, k) is not None}
+    threads = args.threads or rank_threads(ranks_on_host=ranks_on_host or DEFAULT_PROFILE_RANKS)
+    kwargs["threads"] = threads
+    clock = default_clock(args.device, threads) if args.clock == "auto" else args.clock
+    if clock == "cpu":
         if args.device == "cuda":
             raise ModelError(
                 "--clock cpu does not time GPU work; use --clock wall with --device cuda"

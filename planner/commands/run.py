@@ -15,14 +15,15 @@ import contextlib
 import os
 import sys
 
-from planner.models.registry import check_trusted, is_builtin
 from planner._io import printable
+from planner.models.registry import check_trusted, is_builtin
 from planner.plan import Plan
 from planner.runtime.checkpoint import checkpoint_lock, resume_state
 from planner.runtime.comm import Placement
 from planner.runtime.config import RunConfig, add_run_arguments, resolve_backend
 from planner.runtime.data import data_source
 from planner.runtime.launch import launch_local
+from planner.runtime.loops import condition_notes, training_notes
 from planner.runtime.report import check_run_outputs
 from planner.runtime.worker import load_spec, prepare
 
@@ -44,11 +45,14 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.load(config.plan_path)
     check_run_outputs(config, plan)  # report and checkpoint folder writable, not inputs
     world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
-    resolve_backend(config.backend, local_ranks=world)  # nccl without GPUs fails here
+    backend = resolve_backend(config.backend, local_ranks=world)  # nccl without GPUs fails here
+    config = config.with_threads(world)  # every rank of a local run shares this machine
     # a plan's model that is code runs only when trusted (--model REF or --trust-model)
     check_trusted(plan.profile.model, named=config.model, trust=config.trust_model)
     spec = load_spec(plan, seed=config.seed, search_cwd=not is_builtin(plan.profile.model))
     prepare(plan, spec, rank=0, world_size=world)
+    notes = training_notes(plan, config)  # bad optimizer options fail here
+    notes += condition_notes(plan, config, backend=backend)
     data_source(
         spec,
         data=config.data,
@@ -68,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             f"{plan.microbatch_size}, {config.steps} steps",
             flush=True,
         )
+    for note in notes:
+        print(f"plan run: {note}", flush=True)
     with (  # one run per checkpoint folder; released when this process ends, however
         checkpoint_lock(config.checkpoint_dir)
         if config.checkpoint_dir is not None

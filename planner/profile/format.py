@@ -144,6 +144,10 @@ class Profile:
             ``"measured"``, ``"estimated"`` (from ``backward_ms``: a ``planner.profile/1``
             file or an import), or None when the layers carry none.
         leaf_modules: Modules kept whole while tracing.
+        allocator: CPU allocator setting while measuring: ``"keep-freed"`` (glibc malloc keeps
+            freed memory, :func:`planner.profile.timing.keep_freed_memory`) or ``"default"``;
+            None when unknown or not on the CPU.
+        device_name: The GPU's name when measured on CUDA (``torch.cuda.get_device_name``).
         machine: Free text naming the machine that measured it.
         created: ISO date of measuring or importing.
     """
@@ -166,6 +170,8 @@ class Profile:
     rescaled_from_batch_size: int | None = None
     backward_split: str | None = None
     leaf_modules: tuple[str, ...] = ()
+    allocator: str | None = None
+    device_name: str | None = None
     machine: str | None = None
     created: str | None = None
     _names: dict[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)

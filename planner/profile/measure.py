@@ -213,7 +213,7 @@ def profile_module(
         torch.set_num_threads(n_threads)
         module.train()
         graph = capture(module, leaf_modules)
-        with memory:
+        with memory as kept:
             layers, whole_ms, calibration = _measure(
                 graph, inputs, warmup, reps, Timer(clock, first.device), progress, name, calibrate
             )
@@ -242,6 +242,10 @@ def profile_module(
         calibration=calibration,
         timer={time.perf_counter: "wall", time.process_time: "cpu"}.get(clock),
         leaf_modules=tuple(leaf_modules),
+        allocator=None if first.device.type != "cpu" else "keep-freed" if kept else "default",
+        device_name=(
+            torch.cuda.get_device_name(first.device) if first.device.type == "cuda" else None
+        ),
         machine=machine_description(first.device),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -40,6 +40,7 @@ __all__ = [
     "GradOnes",
     "LayerRunner",
     "Timer",
+    "glibc_available",
     "keep_freed_memory",
     "whole_step",
 ]
@@ -90,6 +91,11 @@ def keep_freed_memory() -> Iterator[bool]:
             for param, value in _GLIBC_DEFAULTS.items():
                 libc.mallopt(param, value)
             libc.malloc_trim(0)
+
+
+def glibc_available() -> bool:
+    """Whether :func:`keep_freed_memory` applies here (Linux with glibc)."""
+    return _glibc() is not None
 
 
 def _glibc() -> Any:

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,6 +20,8 @@ from pathlib import Path
 from planner.errors import PlannerError
 
 __all__ = ["Backend", "RunConfig", "RunError", "add_run_arguments", "resolve_backend"]
+
+_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 
 class RunError(PlannerError):
@@ -40,11 +43,18 @@ class RunConfig:
     Attributes:
         plan_path: The plan file.
         steps: Optimizer steps (minibatches) to run.
-        lr: SGD learning rate.
-        momentum: SGD momentum (0 for plain SGD).
+        lr: Learning rate.
+        momentum: SGD momentum; None: the optimizer kind's (0.9 for ``momentum``, else 0).
+        optimizer: Train with this optimizer instead of the plan's (``sgd``, ``momentum``,
+            ``adam``, ``adamw``); None: the plan's.
+        weight_decay: Weight decay; None: the plan's (0 when it says nothing).
+        clip_grad: Clip the whole model's gradient norm to this; None: the plan's (no clipping
+            when it says nothing).
         data: ``synthetic`` (the model's ``make_batch``) or a torchvision image-folder path.
         timeout_s: torch.distributed timeout; a lost peer fails the run after at most this long.
-        threads: CPU threads per process (torch.set_num_threads).
+        threads: CPU threads per process (torch.set_num_threads); 0: the cores one rank gets
+            when the local ranks share the machine (``cores // local ranks``, at least 1), as
+            the profiler assumes (:mod:`planner.profile.conditions`).
         seed: Seed of the model's initial weights and of the data.
         backend: torch.distributed backend.
         report_path: Where to write the JSON report; None means beside the plan
@@ -64,10 +74,13 @@ class RunConfig:
     plan_path: str
     steps: int = 10
     lr: float = 0.01
-    momentum: float = 0.0
+    momentum: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    clip_grad: float | None = None
     data: str = "synthetic"
     timeout_s: float = 60.0
-    threads: int = 1
+    threads: int = 0
     seed: int = 0
     backend: Backend = Backend.AUTO
     report_path: str | None = None
@@ -84,12 +97,24 @@ class RunConfig:
             raise RunError(f"--steps must be at least 1, got {self.steps}")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise RunError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
+        if self.momentum is not None and not 0 <= self.momentum < 1:
             raise RunError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer is not None and self.optimizer not in _OPTIMIZERS:
+            raise RunError(
+                f"--optimizer {self.optimizer!r} is not one of {', '.join(_OPTIMIZERS)}; pick one"
+            )
+        if self.weight_decay is not None and not (
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0
+        ):
+            raise RunError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.clip_grad is not None and not (
+            math.isfinite(self.clip_grad) and self.clip_grad > 0
+        ):
+            raise RunError(f"--clip-grad must be a positive norm, got {self.clip_grad}")
         if not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
             raise RunError(f"--timeout must be positive seconds, got {self.timeout_s}")
-        if self.threads < 1:
-            raise RunError(f"--threads must be at least 1, got {self.threads}")
+        if self.threads < 0:
+            raise RunError(f"--threads must be at least 1 (0: automatic), got {self.threads}")
         if self.update_interval < 1:
             raise RunError(f"--update-interval must be at least 1, got {self.update_interval}")
         if self.checkpoint_every < 0:
@@ -106,6 +131,14 @@ class RunConfig:
         plan = Path(self.plan_path)
         return plan.with_name(f"{plan.stem}.report.json")
 
+    def with_threads(self, local_ranks: int) -> RunConfig:
+        """This config with ``threads`` fixed: given, or the cores one of ``local_ranks`` gets."""
+        if self.threads:
+            return self
+        from planner.profile.conditions import rank_threads
+
+        return dataclasses.replace(self, threads=rank_threads(ranks_on_host=local_ranks))
+
     def to_argv(self) -> list[str]:
         """Command-line arguments that :meth:`from_argv` reads back into this config."""
         argv = [
@@ -114,14 +147,10 @@ class RunConfig:
             str(self.steps),
             "--lr",
             repr(self.lr),
-            "--momentum",
-            repr(self.momentum),
             "--data",
             self.data,
             "--timeout",
             repr(self.timeout_s),
-            "--threads",
-            str(self.threads),
             "--seed",
             str(self.seed),
             "--backend",
@@ -131,6 +160,15 @@ class RunConfig:
             "--update-interval",
             str(self.update_interval),
         ]
+        for flag, value in (
+            ("--momentum", self.momentum),
+            ("--optimizer", self.optimizer),
+            ("--weight-decay", self.weight_decay),
+            ("--clip-grad", self.clip_grad),
+            ("--threads", self.threads or None),
+        ):
+            if value is not None:
+                argv += [flag, value if isinstance(value, str) else repr(value)]
         if self.report_path is not None:
             argv += ["--report", self.report_path]
         if self.checkpoint_dir is not None:
@@ -155,9 +193,12 @@ class RunConfig:
             steps=args.steps,
             lr=args.lr,
             momentum=args.momentum,
+            optimizer=args.optimizer,
+            weight_decay=args.weight_decay,
+            clip_grad=args.clip_grad,
             data=args.data,
             timeout_s=args.timeout,
-            threads=args.threads,
+            threads=args.threads or 0,
             seed=args.seed,
             backend=Backend(args.backend),
             report_path=args.report,
@@ -182,8 +223,35 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     d = RunConfig(plan_path="")
     parser.add_argument("plan", help="the plan JSON file to run")
     parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (minibatches)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    parser.add_argument(
+        "--lr", type=float, default=d.lr, help="learning rate (default %(default)s)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=_OPTIMIZERS,
+        default=None,
+        help="train with this optimizer instead of the plan's (the run says how that changes "
+        "memory)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="SGD momentum (default: 0.9 for a 'momentum' plan, else 0)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="weight decay (default: the plan's, else 0; decoupled for adamw)",
+    )
+    parser.add_argument(
+        "--clip-grad",
+        type=float,
+        default=None,
+        metavar="NORM",
+        help="clip the whole model's gradient norm (default: the plan's, else no clipping)",
+    )
     parser.add_argument(
         "--data", default=d.data, help="'synthetic' (default) or a torchvision image-folder path"
     )
@@ -198,7 +266,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=d.threads,
-        help="CPU threads per process (default %(default)s)",
+        help="CPU threads per process (default: cores // local ranks, at least 1: what the "
+        "profiler assumes)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data")
     parser.add_argument(

@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 import torch
 
+from planner.runtime.buffers import BufferSync, frozen_buffers
 from planner.runtime.comm import BoundaryMeta, GradientSync, PendingRecv, Placement, PointToPoint
+from planner.runtime.optim import GradientClipper
 from planner.schedules import Op, Schedule, in_flight, replica_order
 
 __all__ = ["FlushSchedule", "StageExecutor", "WeightSource"]
@@ -84,6 +86,8 @@ class StageExecutor:
             (default ``M``: the flushed schedules' mean over the minibatch).
         weights: Where forwards and backwards take the weights from (weight stashing); None
             runs the module's own parameters.
+        buffers: Collects BatchNorm statistics of a replicated stage (told each forward's
+            microbatch); recomputation never updates running statistics a second time.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class StageExecutor:
         recompute: bool = False,
         loss_divisor: int | None = None,
         weights: WeightSource | None = None,
+        buffers: BufferSync | None = None,
     ) -> None:
         self.module = module
         self.stage = stage
@@ -112,6 +117,7 @@ class StageExecutor:
         self.recompute = recompute
         self.loss_divisor = microbatches if loss_divisor is None else loss_divisor
         self.weights = weights
+        self.buffers = buffers
         self.compute_s = 0.0
         self.losses: list[tuple[int, torch.Tensor]] = []  # (microbatch, unscaled loss), last stage
         self._saved: dict[int, _Saved] = {}
@@ -187,6 +193,8 @@ class StageExecutor:
         start = time.perf_counter()
         rng = torch.get_rng_state() if self.recompute else None
         weights = None if self.weights is None else self.weights.forward_weights(microbatch)
+        if self.buffers is not None:
+            self.buffers.microbatch = microbatch % self.microbatches
         with torch.set_grad_enabled(not self.recompute):
             outputs, sent = self._compute(microbatch, values, target, weights)
         self.compute_s += time.perf_counter() - start
@@ -237,7 +245,7 @@ class StageExecutor:
                 weights = (
                     None if self.weights is None else self.weights.backward_weights(microbatch)
                 )
-                with torch.enable_grad():
+                with torch.enable_grad(), frozen_buffers(self.module, self.buffers):
                     outputs, _ = self._compute(
                         microbatch, saved.values, saved.targets, weights, record=False
                     )
@@ -289,6 +297,8 @@ class FlushSchedule:
         replica: Which replica of its stage this rank is.
         sync: Gradient all-reduce among the ranks holding each parameter.
         optimizer: The stage's optimizer (None for a stage without parameters).
+        clipper: Clips the whole model's gradient after the all-reduce (None: no clipping).
+        buffers: Combines a replicated stage's BatchNorm statistics at the flush.
     """
 
     executor: StageExecutor
@@ -296,6 +306,8 @@ class FlushSchedule:
     replica: int
     sync: GradientSync
     optimizer: torch.optim.Optimizer | None
+    clipper: GradientClipper | None = None
+    buffers: BufferSync | None = None
     step_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -337,7 +349,11 @@ class FlushSchedule:
         ex.run_ops(ops, inputs=inputs, targets=targets)
         ex.p2p.flush()
         self.sync.all_reduce()
+        if self.buffers is not None:
+            self.buffers.finish()
         start = time.perf_counter()
+        if self.clipper is not None:
+            self.clipper.clip()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -19,23 +19,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from planner.errors import PlannerError
 from planner.plan import Plan
+from planner.runtime.buffers import BufferSync
 from planner.runtime.checkpoint import Checkpointer
 from planner.runtime.comm import BoundaryMeta, CommTimers, GradientSync, Placement, PointToPoint
-from planner.runtime.config import RunConfig
+from planner.runtime.config import RunConfig, RunError
 from planner.runtime.data import Batch, DataSource, microbatch
 from planner.runtime.executors import FlushSchedule, StageExecutor
+from planner.runtime.optim import GradientClipper, OptimizerSettings
 from planner.runtime.pipedream import PipeDreamSchedule, WeightStash
 from planner.runtime.report import RankStats, StepStats
+from planner.runtime.stage import SharedParameter
 from planner.schedules import Schedule
 
 __all__ = [
     "SCHEDULE_LOOPS",
     "LoopResult",
     "StageContext",
+    "condition_notes",
     "merge_losses",
+    "optimizer_settings",
     "run_flush",
     "run_pipedream",
+    "training_notes",
 ]
 
 
@@ -61,6 +68,8 @@ class StageContext:
         start_step: The first step to run (after a resumed checkpoint).
         saved: This rank's state from the checkpoint resumed, or None.
         checkpointer: Saves checkpoints when due.
+        active_group: The group of every rank running a stage (gradient clipping's norm).
+        shared: Parameters held by several stages (counted once in the gradient norm).
     """
 
     plan: Plan
@@ -80,10 +89,17 @@ class StageContext:
     start_step: int = 0
     saved: dict[str, Any] | None = None
     checkpointer: Checkpointer | None = None
+    active_group: Any = None
+    shared: tuple[SharedParameter, ...] = ()
 
     @property
     def is_last(self) -> bool:
         return self.stage == self.placement.num_stages - 1
+
+    @property
+    def settings(self) -> OptimizerSettings:
+        """The optimizer this run trains with: the plan's, with the run's options on top."""
+        return optimizer_settings(self.plan, self.config)
 
     def executor(self, **kwargs: Any) -> StageExecutor:
         max_tensors = max([len(m.tensors) for m in self.metas] + [1])
@@ -102,16 +118,39 @@ class StageContext:
         )
 
     def optimizer(self) -> torch.optim.Optimizer | None:
-        """The stage's SGD; restored with the module from a resumed checkpoint."""
+        """The stage's optimizer (:attr:`settings`); restored from a resumed checkpoint."""
         params = list(dict.fromkeys(p for p in self.module.parameters() if p.requires_grad))
-        optimizer = (
-            torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
-            if params
-            else None
-        )
+        optimizer = self.settings.build(params)
         if self.saved is not None:
             Checkpointer.restore(self.saved, module=self.module, optimizer=optimizer)
         return optimizer
+
+    def clipper(self) -> GradientClipper | None:
+        """Global-norm gradient clipping, when asked for (see :mod:`planner.runtime.optim`)."""
+        max_norm = self.settings.clip_grad_norm
+        if max_norm is None:
+            return None
+        params = list(dict.fromkeys(p for p in self.module.parameters() if p.requires_grad))
+        not_mine = {
+            id(self.module.get_parameter(sp.name_in(self.stage)))
+            for sp in self.shared
+            if self.stage in sp.stages and sp.stages[0] != self.stage
+        }
+        counted = [p for p in params if id(p) not in not_mine] if self.replica == 0 else []
+        return GradientClipper(
+            max_norm=max_norm,
+            counted=counted,
+            scaled=params,
+            group=self.active_group,
+            device=self.device,
+        )
+
+    def buffer_sync(self) -> BufferSync | None:
+        """Single-process BatchNorm statistics for a replicated stage (flushed schedules)."""
+        if self.stage_group is None:
+            return None
+        sync = BufferSync(self.module, microbatches=self.plan.microbatches, group=self.stage_group)
+        return sync if sync.norms else None
 
     def maybe_checkpoint(
         self, steps_done: int, optimizer: torch.optim.Optimizer | None, **extra: Any
@@ -155,13 +194,16 @@ class LoopResult:
 def run_flush(ctx: StageContext) -> LoopResult:
     """``gpipe`` or ``1f1b``: one minibatch per step, flushed; the first step is warm-up."""
     plan, timers = ctx.plan, ctx.timers
-    executor = ctx.executor()
+    buffers = ctx.buffer_sync()
+    executor = ctx.executor(buffers=buffers)
     runner = FlushSchedule(
         executor=executor,
         schedule=plan.schedule,
         replica=ctx.replica,
         sync=ctx.sync,
         optimizer=ctx.optimizer(),
+        clipper=ctx.clipper(),
+        buffers=buffers,
     )
     logs = ctx.replica == 0 and ctx.is_last
     mine = sum(1 for op in runner.ops if op.kind == "F")
@@ -272,6 +314,76 @@ def run_pipedream(ctx: StageContext) -> LoopResult:
         ctx, executor, runner.step_s, mine / run, run, time.perf_counter() - started, stash
     )
     return LoopResult(steps=steps, stats=stats, losses=runner.loss_times)
+
+
+def optimizer_settings(plan: Plan, config: RunConfig) -> OptimizerSettings:
+    """The optimizer a run of ``plan`` trains with (the plan's, the run's options on top).
+
+    Raises:
+        RunError: Bad values, momentum for Adam, or clipping under ``pipedream``.
+    """
+    settings = OptimizerSettings.resolve(
+        plan_kind=str(plan.optimizer),
+        plan_weight_decay=plan.weight_decay,
+        plan_clip=plan.clip_grad_norm,
+        kind=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_grad_norm=config.clip_grad,
+    )
+    if settings.clip_grad_norm is not None and plan.schedule is Schedule.PIPEDREAM:
+        raise RunError(
+            "gradient clipping needs a global step, which 'pipedream' lacks (every stage "
+            "updates on its own cadence); drop --clip-grad or re-plan with --schedule 1f1b"
+        )
+    return settings
+
+
+def training_notes(plan: Plan, config: RunConfig) -> list[str]:
+    """One line per way the run trains differently from what the plan assumed (empty if none).
+
+    Raises:
+        RunError: The optimizer options are invalid for this plan.
+    """
+    settings = optimizer_settings(plan, config)
+    plan_kind = str(plan.optimizer)
+    plan_factor = OptimizerSettings.resolve(plan_kind=plan_kind, lr=config.lr).state_factor
+    return settings.differences(
+        plan_kind=plan_kind, plan_factor=plan_factor, plan_weight_decay=plan.weight_decay
+    )
+
+
+def condition_notes(plan: Plan, config: RunConfig, *, backend: str) -> list[str]:
+    """One line per way a local run's ranks compute differently from the plan's profile.
+
+    ``config.threads`` must be resolved (:meth:`RunConfig.with_threads`). Compares threads, the
+    clock, the allocator setting and the device (:func:`planner.profile.conditions.differences`).
+    """
+    from planner.plan import find_profile_file
+    from planner.profile.conditions import RunConditions, cuda_device_name, differences
+    from planner.profile.format import Profile
+    from planner.profile.timing import glibc_available
+
+    try:
+        profile = Profile.load(find_profile_file(plan, config.plan_path))
+    except PlannerError as exc:
+        return [f"cannot compare the run's conditions with the profile's ({exc})"]
+    cuda = backend == "nccl"
+    run = RunConditions(
+        device="cuda" if cuda else "cpu",
+        threads=config.threads or 1,
+        allocator=None if cuda else "keep-freed" if glibc_available() else "default",
+        device_name=cuda_device_name(0) if cuda else None,
+    )
+    return differences(
+        device=profile.device,
+        threads=profile.threads,
+        timer=profile.timer,
+        allocator=profile.allocator,
+        device_name=profile.device_name,
+        run=run,
+    )
 
 
 def merge_losses(

@@ -263,8 +263,19 @@ def propagate(captured: CapturedGraph, inputs: Sequence[Any]) -> dict[str, Any]:
 
     Runs the whole graph under torch's fake tensor mode (shapes, dtypes and ``requires_grad``
     only, no memory); falls back to a real forward for models with ops fake mode cannot run.
-    Gradient mode is on, so ``requires_grad`` says which values carry gradients.
+    Gradient mode is on, so ``requires_grad`` says which values carry gradients. The model's
+    buffers (BatchNorm statistics) are left as they were.
     """
+    buffers = [(b, b.detach().clone()) for b in captured.module.buffers()]
+    try:
+        return _propagate(captured, inputs)
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+
+
+def _propagate(captured: CapturedGraph, inputs: Sequence[Any]) -> dict[str, Any]:
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -22,6 +22,7 @@ environment)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from planner.plan import Plan
+from planner.profile.timing import keep_freed_memory
 from planner.runtime.checkpoint import Checkpointer, plan_digest, resume_state
 from planner.runtime.comm import (
     BoundaryMeta,
@@ -232,6 +234,8 @@ def train(
         env: This process's rank and the rendezvous address.
         return_state: Put the stage's final parameters in the result (tests compare them).
     """
+    # threads as the profiler assumed: the cores one of this machine's ranks gets
+    config = config.with_threads(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
@@ -278,9 +282,12 @@ def train(
             leader=env.rank == min(prep.placement.ranks[0]),
         )
         resume = _Resume(start_step=start, saved=saved, checkpointer=checkpointer)
-        result = _run(
-            plan, prep, config, env, groups, device, backend, source, resume, return_state
-        )
+        # on the CPU, the allocator setting the profiler measured under (keep freed memory)
+        memory = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+        with memory:
+            result = _run(
+                plan, prep, config, env, groups, device, backend, source, resume, return_state
+            )
     finally:
         dist.destroy_process_group()
     return result
@@ -327,11 +334,14 @@ def _run(
             start_step=resume.start_step,
             saved=resume.saved,
             checkpointer=resume.checkpointer,
+            active_group=groups.active,
+            shared=prep.shared,
         )
         loop = SCHEDULE_LOOPS[plan.schedule](ctx)
         steps, stats, losses = loop.steps, loop.stats, loop.losses
-        if return_state:
+        if return_state:  # parameters and buffers (BatchNorm statistics)
             state = {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
+            state |= {k: v.detach().cpu().clone() for k, v in module.named_buffers()}
     gathered: list[Any] = [None] * env.world_size if env.rank == 0 else []
     dist.gather_object((stats, steps, losses), gathered if env.rank == 0 else None, dst=0)
     report = None

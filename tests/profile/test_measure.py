@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import statistics
 from typing import ClassVar
 
 import pytest
@@ -17,6 +18,7 @@ from planner.profile import Profile
 from planner.profile.capture import capture
 from planner.profile.measure import keep_freed_memory, profile_model, profile_module
 from planner.profile.record import layer_sizes, record
+from planner.profile.timing import glibc_available
 
 
 @pytest.fixture(autouse=True)
@@ -277,11 +279,30 @@ def test_gpt_tiny_profile_metadata_and_json_round_trip(tmp_path):
     assert p.graph_hash == capture(GPT(GPT_CONFIGS["gpt2-tiny"]), ["Block"]).graph_hash
     assert p.machine and datetime.datetime.fromisoformat(p.created)
     assert p.whole_step_ms is not None and p.whole_step_ms > 0
-    if p.calibration is None:  # raw per-layer times add up to the whole step
-        assert abs(p.total_compute_ms / p.whole_step_ms - 1) <= 0.10
+    assert_layers_add_up(p)
+    assert p.allocator == ("keep-freed" if glibc_available() else "default")
+    assert p.device_name is None
     assert Profile.from_json(p.to_json()) == p
     p.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == p
+
+
+def assert_layers_add_up(p: Profile) -> None:
+    """Per-layer times add up to the whole step within 10%, calibrated or not; a calibrated
+    profile's times are its raw medians scaled to the whole step, and it says by how much."""
+    assert p.whole_step_ms is not None and p.whole_step_ms > 0
+    assert abs(p.total_compute_ms / p.whole_step_ms - 1) <= 0.10
+    raw = sum(
+        statistics.median(layer.forward_samples_ms) + statistics.median(layer.backward_samples_ms)
+        for layer in p.layers
+    )
+    if p.calibration is None:
+        assert raw == pytest.approx(p.total_compute_ms)
+    else:
+        assert p.total_compute_ms == pytest.approx(p.whole_step_ms, rel=1e-9)
+        assert f"summed to {raw:.3f} ms against a whole step of {p.whole_step_ms:.3f} ms" in (
+            p.calibration
+        )
 
 
 def test_rescale_keeps_parameters_and_scales_times_and_activations():
@@ -340,7 +361,7 @@ def test_resnet50_profile_at_batch_8():
     assert all(len(layer.inputs) == 2 for layer in p.layers if layer.op == "add")
     assert all(i < index for index, layer in enumerate(p.layers) for i in layer.inputs)
     assert p.whole_step_ms is not None
-    assert p.calibration is not None or abs(p.total_compute_ms / p.whole_step_ms - 1) <= 0.10
+    assert_layers_add_up(p)
     assert Profile.from_json(p.to_json()) == p
 
 

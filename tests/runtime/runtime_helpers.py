@@ -41,6 +41,9 @@ def make_plan(
     microbatches: int = 4,
     microbatch_size: int = 2,
     recompute: bool = False,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+    clip_grad_norm: float | None = None,
 ) -> Plan:
     """A plan for ``model`` whose stages start at the layers named in ``cuts``."""
     spec = load_model(model, batch_size=microbatch_size)
@@ -73,7 +76,9 @@ def make_plan(
         ),
         topology=Topology.from_args(gpus=rank),
         schedule=Schedule(schedule),
-        optimizer=OptimizerKind.SGD,
+        optimizer=OptimizerKind(optimizer),
+        weight_decay=weight_decay,
+        clip_grad_norm=clip_grad_norm,
         minibatch_size=microbatches * microbatch_size,
         microbatch_size=microbatch_size,
         microbatches=microbatches,
@@ -209,15 +214,45 @@ def run_cases(
     return results
 
 
+def torch_optimizer(
+    params: list[torch.nn.Parameter],
+    *,
+    kind: str = "sgd",
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """The reference's optimizer, built from torch directly (not through the runtime's code)."""
+    if kind in ("sgd", "momentum"):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    assert kind == "adamw", kind
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def reference(
-    model: str, plan: Plan, *, steps: int = 3, lr: float = 0.1, momentum: float = 0.0, seed: int = 0
+    model: str,
+    plan: Plan,
+    *,
+    steps: int = 3,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    seed: int = 0,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+    clip: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Single-process training on the same data; parameters by every name, and the losses."""
+    """Single-process training on the same data, microbatch after microbatch (gradients
+    accumulated, one optimizer step per minibatch, ``clip_grad_norm_`` before it); parameters
+    and buffers by every name, and the losses."""
     torch.manual_seed(seed)
     spec = load_model(model, batch_size=plan.microbatch_size, seed=seed)
-    module = spec.module
+    module = spec.module.train()
     params = list(dict.fromkeys(module.parameters()))
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    opt = torch_optimizer(
+        params, kind=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     losses = []
     for step in range(steps):
         batch = spec.make_batch(plan.minibatch_size, minibatch_seed(seed, step))
@@ -228,11 +263,13 @@ def reference(
             (loss / plan.microbatches).backward()
             total += loss.item()
         losses.append(total / plan.microbatches)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad()
-    return {
-        k: v.detach().clone() for k, v in module.named_parameters(remove_duplicate=False)
-    }, losses
+    state = {k: v.detach().clone() for k, v in module.named_parameters(remove_duplicate=False)}
+    state |= {k: v.detach().clone() for k, v in module.named_buffers(remove_duplicate=False)}
+    return state, losses
 
 
 def _aliases(model: str) -> list[set[str]]:

@@ -1,7 +1,8 @@
 """Small models for the runtime tests, importable as ``runtime_models:NAME``.
 
-No BatchNorm and no dropout: replicated stages then compute exactly what one process computes
-(BatchNorm would keep per-replica statistics), so parameters can be compared after training.
+No dropout, so every run is deterministic. ``cnn_bn`` has BatchNorm: its batch statistics are
+per microbatch (as single-process training with the same microbatches), and the runtime keeps
+the running statistics of single-process training even on replicated stages.
 """
 
 from __future__ import annotations
@@ -105,4 +106,38 @@ def gpt_tied() -> ModelSpec:
         input_dtype=torch.long,
         make_batch=partial(_tokens, seq_len=8, vocab=cfg.vocab_size),
         loss_fn=_token_ce,
+    )
+
+
+class _BNNet(nn.Module):
+    """Conv-BatchNorm-ReLU stem, a residual block with BatchNorm, BatchNorm1d before the head.
+
+    Convolutions before BatchNorm have no bias (as in ResNets): its gradient would be rounding
+    noise, which Adam's normalisation turns into steps of size ``lr`` in random directions.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6, momentum=0.3)
+        self.bn2 = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn1(self.conv(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(self.bn2(x))
+
+
+def cnn_bn() -> ModelSpec:
+    return ModelSpec(
+        name="runtime_models:cnn_bn",
+        module=_BNNet(),
+        input_shape=(3, 6, 6),
+        input_dtype=torch.float32,
+        make_batch=partial(_batch, shape=(3, 6, 6), classes=3),
+        loss_fn=_ce,
     )
