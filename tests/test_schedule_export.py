@@ -1,0 +1,94 @@
+"""Exporting schedules to torch.distributed.pipelining: classes, layouts and the schedule CSV
+that torch's own runtime loads, validates and lowers to sends and receives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch.distributed.pipelining import schedules as torch_schedules
+from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+from planner.errors import PlanError
+from planner.schedule_export import (
+    TORCH_SCHEDULE_CLASSES,
+    schedule_actions,
+    schedule_csv,
+    torch_schedule,
+    write_schedule_csv,
+)
+from planner.schedules import AnySchedule, Schedule, SimulatedSchedule
+
+CASES = [
+    (Schedule.ONE_F_ONE_B, 1),
+    (Schedule.GPIPE, 1),
+    (SimulatedSchedule.INTERLEAVED_1F1B, 2),
+    (SimulatedSchedule.INTERLEAVED_1F1B, 3),
+    (SimulatedSchedule.ZB_H1, 1),
+    (SimulatedSchedule.ZBV, 2),
+]
+
+
+def torch_runtime_loads(path: Path, ranks: int, stages: int, microbatches: int):
+    """torch's ``_PipelineScheduleRuntime._load_csv`` on ``path``, without processes: the same
+    validation (every stage on one rank, F before B/I before W, M of each) and lowering to
+    SEND/RECV actions (which fails on an order that cannot make progress) a real rank runs."""
+    runtime = object.__new__(torch_schedules._PipelineScheduleRuntime)
+    runtime.pipeline_order = {}
+    runtime.pp_group_size, runtime._num_stages = ranks, stages
+    runtime._n_microbatches, runtime._stages, runtime._defer_pp_recv = microbatches, [], False
+    runtime._load_csv(str(path))
+    return runtime
+
+
+@pytest.mark.parametrize(("schedule", "chunks"), CASES, ids=str)
+@pytest.mark.parametrize(("ranks", "m"), [(2, 4), (4, 8), (3, 6)])
+def test_torch_loads_and_lowers_the_csv(
+    tmp_path: Path, schedule: AnySchedule, chunks: int, ranks: int, m: int
+) -> None:
+    path = tmp_path / "schedule.csv"
+    write_schedule_csv(path, schedule, ranks=ranks, microbatches=m, chunks=chunks)
+    runtime = torch_runtime_loads(path, ranks, ranks * chunks, m)
+    actions = schedule_actions(schedule, ranks=ranks, microbatches=m, chunks=chunks)
+    assert {r: [str(a) for a in row] for r, row in runtime.pipeline_order.items()} == {
+        r: list(row) for r, row in enumerate(actions)
+    }
+    spec = torch_schedule(schedule, ranks=ranks, microbatches=m, chunks=chunks)
+    assert runtime.stage_index_to_group_rank == dict(enumerate(spec.stage_to_rank))
+    assert dict(enumerate(spec.stage_to_rank)) == generate_stage_to_rank_mapping(
+        ranks, ranks * chunks, style=spec.style
+    )
+    lowered = {str(a) for row in runtime.pipeline_order_with_comms.values() for a in row}
+    if ranks * chunks > 1:
+        assert any("SEND_F" in a for a in lowered) and any("RECV_B" in a for a in lowered)
+    assert hasattr(torch_schedules, spec.class_name)
+    assert [spec.stages_of(r) for r in range(ranks)] == [
+        tuple(s for s, owner in enumerate(spec.stage_to_rank) if owner == r) for r in range(ranks)
+    ]
+
+
+def test_csv_text_and_split_backward_names() -> None:
+    text = schedule_csv(SimulatedSchedule.ZB_H1, ranks=2, microbatches=2)
+    assert text == "0F0,0F1,0I0,0W0,0I1,0W1\n1F0,1I0,1F1,1I1,1W0,1W1\n"
+    assert schedule_csv(Schedule.ONE_F_ONE_B, ranks=2, microbatches=2) == (
+        "0F0,0F1,0B0,0B1\n1F0,1B0,1F1,1B1\n"
+    )
+    assert set(TORCH_SCHEDULE_CLASSES) == set(Schedule) - {Schedule.PIPEDREAM} | set(
+        SimulatedSchedule
+    )
+
+
+def test_what_torch_cannot_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"pipedream .* has no torch.distributed.pipelining class"):
+        torch_schedule(Schedule.PIPEDREAM, ranks=2, microbatches=4)
+    with pytest.raises(PlanError, match="exactly 2 chunks"):
+        schedule_csv(SimulatedSchedule.ZBV, ranks=2, microbatches=4, chunks=1)
+    with pytest.raises(PlanError, match="use 8 or 10 microbatches"):
+        write_schedule_csv(
+            tmp_path / "x.csv",
+            SimulatedSchedule.INTERLEAVED_1F1B,
+            ranks=4,
+            microbatches=9,
+            chunks=2,
+        )
+    assert not (tmp_path / "x.csv").exists()
