@@ -417,6 +417,15 @@ CASES: list[Case] = [
     case("plan-memory-nan", f"{PLAN_CMD} --memory-gb nan -o x.json", "must be a positive number"),
     case("plan-memory-inf", f"{PLAN_CMD} --memory-gb inf -o x.json", "must be a positive number"),
     case("plan-bandwidth-nan", f"{PLAN_CMD} --bandwidth nan -o x.json", "bandwidth"),
+    case("plan-bandwidth-inf", f"{PLAN_CMD} --bandwidth inf -o x.json", "bandwidth"),
+    case(
+        "plan-inter-node-bandwidth-nan",
+        f"--profile {PROFILE} --gpus 4 --gpus-per-node 2 --inter-node-bandwidth nan -o x.json",
+        "bandwidth",
+    ),
+    case("plan-time-limit-nan", f"{PLAN_CMD} --time-limit nan -o x.json", "positive number"),
+    case("plan-batch-size-0", f"{PLAN_CMD} --batch-size 0 -o x.json", "at least 1"),
+    case("plan-microbatches-x", f"{PLAN_CMD} --microbatches x -o x.json", "not a whole number"),
     # plan --calibrate
     case("calibrate-o-run-plan", f"--calibrate {REPORT} -o {PLAN}", f"-o {PLAN} is the run's plan"),
     case(
@@ -707,6 +716,11 @@ CASES: list[Case] = [
     case("run-folder", "run d", IS_FOLDER, folder_("d")),
     case("run-missing", "run nope.json", "does not exist"),
     case("run-steps-0", f"run {PLAN} --steps 0", "--steps must be at least 1"),
+    case("run-lr-nan", f"run {PLAN} --lr nan", "--lr must be positive"),
+    case("run-lr-inf", f"run {PLAN} --lr inf", "--lr must be positive"),
+    case("run-momentum-nan", f"run {PLAN} --momentum nan", "--momentum must be in"),
+    case("run-timeout-inf", f"run {PLAN} --timeout inf", "--timeout must be positive"),
+    case("run-resume-without-dir", f"run {PLAN} --resume", "need --checkpoint-dir"),
     case(
         "run-minibatch-s-0",
         "run p.json",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from planner._io import Outputs, check_outputs
+from planner._io import Outputs, check_outputs, printable
 from planner.commands._args import positive_float, positive_int
 from planner.commands.profile import add_profiling_arguments, measure
 from planner.errors import PlannerError, ProfileError
@@ -293,8 +293,11 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
         assert shipped is not None
         profile = Profile.load(shipped)
         print(
-            f"using the shipped profile {shipped} ({profile.model}, batch {profile.batch_size}, "
-            f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})",
+            printable(
+                f"using the shipped profile {shipped} ({profile.model}, batch "
+                f"{profile.batch_size}, measured on {profile.device}"
+                f"{', ' + profile.machine if profile.machine else ''})"
+            ),
             file=sys.stderr,
         )
         return profile, shipped
