@@ -37,6 +37,7 @@ from planner.simulate import (
     simulate,
     simulate_stages,
     steady_window,
+    virtual_stages,
 )
 from planner.topology import GB, Level, Topology
 
@@ -837,3 +838,45 @@ def test_chunked_layouts_and_shapes_are_checked() -> None:
         renamed, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
     )
     assert [d.rank for d in r.devices] == [7, 8]
+
+
+def test_virtual_stages_cost_a_cut_as_a_plan_does() -> None:
+    profile = chain_profile([(1.0, 2.0), (2.0, 3.0), (1.0, 1.0), (3.0, 5.0)], skips=[(0, 3)])
+    topo = Topology.from_args(gpus=2, bandwidth_gbps=1)
+    for schedule in (Schedule.ONE_F_ONE_B, Schedule.GPIPE):
+        plan = make_plan(profile, [0, 2], [1, 1], schedule=schedule, topology=topo)
+        ours = virtual_stages(
+            profile, schedule=schedule, ranks=2, microbatch_size=4, starts=[2], topology=topo
+        )
+        assert [dataclasses.replace(st, backward_weight_s=0.0) for st in ours] == plan_stages(
+            plan, profile
+        )
+        a = simulate(plan, profile)
+        b = simulate_stages(
+            ours, schedule=schedule, microbatches=4, topology=topo, microbatch_size=4
+        )
+        assert a.minibatch_s == b.minibatch_s
+    # W is the layers' weight-gradient share: half of each backward when unmeasured
+    assert [st.backward_weight_s for st in ours] == [2.5e-3, 3e-3]
+
+
+def test_virtual_stages_split_the_compute_evenly_and_feed_the_new_schedules() -> None:
+    profile = chain_profile([(1.0, 2.0)] * 16)  # 3 ms a layer at batch 4
+    stages = virtual_stages(profile, schedule=SimulatedSchedule.ZBV, ranks=4, chunks=2)
+    assert [st.forward_s for st in stages] == [2e-3] * 8
+    assert [st.ranks for st in stages] == [(0,), (1,), (2,), (3,), (3,), (2,), (1,), (0,)]
+    looped = virtual_stages(profile, schedule=SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, chunks=2)
+    assert [st.ranks[0] for st in looped] == [0, 1, 2, 3, 0, 1, 2, 3]
+    p, v, m = 4, 2, 8
+    r = simulate_stages(
+        looped, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=m, minibatches=1, chunks=v
+    )
+    compute = 16 * 3e-3 / p * m
+    assert (r.minibatch_s - compute) / compute == pytest.approx((p - 1) / (v * m), rel=1e-12)
+    uneven = chain_profile([(1.0, 2.0)] * 3 + [(10.0, 20.0)] + [(1.0, 2.0)] * 4)
+    cut = virtual_stages(uneven, schedule=Schedule.ONE_F_ONE_B, ranks=2)
+    assert [st.forward_s for st in cut] == [13e-3, 4e-3]  # the heavy layer ends the first half
+    with pytest.raises(PlanError, match="cannot fill 16 stages"):
+        virtual_stages(uneven, schedule=SimulatedSchedule.ZBV, ranks=8, chunks=2)
+    with pytest.raises(PlanError, match="increasing layer indices"):
+        virtual_stages(uneven, schedule=Schedule.ONE_F_ONE_B, ranks=3, starts=[4, 4])
