@@ -70,7 +70,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def rank_environment(
-    rank: int, world_size: int, *, port: int, threads: int, base: Mapping[str, str] | None = None
+    rank: int,
+    world_size: int,
+    *,
+    port: int,
+    threads: int | None,
+    base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of one local rank: torchrun's variables, the thread count, the launcher."""
     env = dict(os.environ if base is None else base)
@@ -83,11 +88,11 @@ def rank_environment(
             "LOCAL_WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
             LAUNCHER_ENV: str(os.getpid()),
         }
     )
+    if threads and threads > 0:  # else (0: automatic) each rank sets torch's thread count itself
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     return env
 
 

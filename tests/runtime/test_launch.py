@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -163,6 +165,7 @@ def test_missing_data_folder_is_refused_before_starting(tmp_path: Path) -> None:
 
 USER_MODEL = """
 import os
+import signal
 import pathlib
 
 pathlib.Path(os.environ["MARKER_FILE"]).write_text("imported")
@@ -267,3 +270,67 @@ def test_nccl_without_gpus_is_refused_before_starting(tmp_path: Path) -> None:
     make_plan(MLP, cuts=["_3"], replicas=[1, 1]).save(tmp_path / "plan.json")
     with pytest.raises(PlannerError, match="--backend nccl needs CUDA"):
         command.run(_args(str(tmp_path / "plan.json"), "--backend", "nccl", "--model", MLP))
+
+
+# --- a rank ends with its launcher -------------------------------------------------------------
+
+_RANK = (
+    "import time\n"
+    "from planner.runtime.launch import follow_launcher\n"
+    "follow_launcher()\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(600)\n"
+)
+_LAUNCHER = (
+    "import os, subprocess, sys, time\n"
+    "env = dict(os.environ, PLANNER_LAUNCHER_PID=str(os.getpid()))\n"
+    "rank = subprocess.Popen([sys.executable, '-c', sys.argv[1]], env=env, process_group=0)\n"
+    "print(rank.pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _gone(pid: int, timeout: float = 20.0) -> bool:
+    """Whether ``pid`` has ended (or is a zombie nobody reaped) within ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_rank_ends_when_its_launcher_is_killed() -> None:
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, _RANK], stdout=subprocess.PIPE, text=True
+    )
+    rank = None
+    try:
+        assert launcher.stdout is not None
+        rank = int(launcher.stdout.readline())
+        assert launcher.stdout.readline().strip() == "ready"
+        launcher.kill()
+        launcher.wait(timeout=60)
+        assert _gone(rank), "the rank outlived its launcher"
+    finally:
+        launcher.kill()
+        if rank is not None and not _gone(rank, timeout=0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank, signal.SIGKILL)
+
+
+def test_a_rank_whose_launcher_is_already_gone_exits_at_once() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _RANK],
+        env={**os.environ, "PLANNER_LAUNCHER_PID": "1"},  # not its parent: the launcher died
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "ready" not in done.stdout
