@@ -17,11 +17,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.schedules import Schedule
+
+if TYPE_CHECKING:
+    from planner.models.registry import ModelSpec
+    from planner.profile.capture import CapturedGraph
 
 __all__ = ["ExportFormat", "ExportedPlan", "export_plan"]
 
@@ -41,14 +47,20 @@ class ExportedPlan:
     notes: tuple[str, ...]
 
 
-def export_plan(plan: Plan, profile: Profile, fmt: ExportFormat) -> ExportedPlan:
-    """Translate ``plan`` (checked against ``profile``) into ``fmt``."""
+def export_plan(
+    plan: Plan, profile: Profile, fmt: ExportFormat, *, model: ModelSpec | None = None
+) -> ExportedPlan:
+    """Translate ``plan`` (checked against ``profile``) into ``fmt``.
+
+    ``model`` is the plan's model (``planner.models.load_model(profile.model, ...)``); the
+    torch-pipelining and DeepSpeed exports name its modules, so they need it.
+    """
     plan.check_profile(profile)
     stages = plan.stage_layer_indices(profile)
     notes: list[str] = []
     contiguous = _contiguous(stages)
     if fmt is ExportFormat.TORCH_PIPELINING:
-        return _torch_pipelining(plan, profile, stages, contiguous, notes)
+        return _torch_pipelining(plan, profile, model, notes)
     if fmt is ExportFormat.DEEPSPEED:
         return _deepspeed(plan, profile, stages, contiguous, notes)
     return _pipedream(plan, profile, stages)
@@ -75,23 +87,28 @@ def _replication_note(plan: Plan, system: str) -> str | None:
 
 
 def _torch_pipelining(
-    plan: Plan, profile: Profile, stages: list[list[int]], contiguous: bool, notes: list[str]
+    plan: Plan, profile: Profile, model: ModelSpec | None, notes: list[str]
 ) -> ExportedPlan:
-    split_spec: dict[str, str] = {}
-    for s, stage in enumerate(stages[1:], start=1):
-        first = profile.layers[min(stage)]
-        if _is_module(first.op) and first.target:
-            split_spec[first.target] = "BEGINNING"
-        else:
+    from planner.export_torch import (
+        module_stages,
+        policy_source,
+        split_points,
+        split_spec,
+        torchtitan_parts,
+    )
+
+    captured, fqns = _captured(plan, profile, model, "torch-pipelining")
+    stage_layers = [stage.layers for stage in plan.stages]
+    try:
+        spec = split_spec(split_points(captured, stage_layers, fqns))
+        if spec is None:
             notes.append(
-                f"stage {s} begins at {first.name} ({first.op}), not a submodule: put "
-                "torch.distributed.pipelining.pipe_split() before it in forward()"
+                "a module at a stage boundary is called more than once, and split_spec splits "
+                "at every call: use split_policy from the companion .py"
             )
-    if not contiguous:
-        notes.append(
-            "some stages are not contiguous in program order; torch.distributed."
-            "pipelining splits the traced program in order, so it cannot express them"
-        )
+    except PlanError as exc:
+        spec = None
+        notes.append(f"no split_spec: {exc}".split(": run it with")[0] + "; use split_policy")
     if plan.schedule is Schedule.PIPEDREAM:
         notes.append(
             "torch.distributed.pipelining has no asynchronous PipeDream schedule; "
@@ -100,18 +117,70 @@ def _torch_pipelining(
     note = _replication_note(plan, "torch.distributed.pipelining")
     if note:
         notes.append(note)
-    schedule = {"gpipe": "ScheduleGPipe"}.get(str(plan.schedule), "Schedule1F1B")
-    doc = {
+    schedule = "GPipe" if plan.schedule is Schedule.GPIPE else "1F1B"
+    hf = bool(fqns)
+    doc: dict[str, object] = {
         "format": "torch-pipelining",
-        "split_spec": split_spec,
-        "num_stages": len(stages),
+        "model": profile.model,
+        "num_stages": len(plan.stages),
+        "split_spec": spec,
         "microbatches": plan.microbatches,
-        "schedule": schedule,
-        "usage": "pipeline(model, mb_args=..., split_spec={name: SplitPoint.BEGINNING for name in "
-        "split_spec}); then " + schedule + "(stage, n_microbatches=microbatches, loss_fn=...)",
-        "notes": notes,
+        "microbatch_size": plan.microbatch_size,
+        "schedule": f"Schedule{schedule}",
+        "mb_kwargs": {"use_cache": False} if hf else None,
+        "usage": "pipe = pipeline(model, mb_args=(microbatch,), split_policy=split_policy) with "
+        "split_policy from the companion .py (or split_spec={fqn: SplitPoint[v]} when split_spec "
+        f"is not null); stage = pipe.build_stage(rank, device); Schedule{schedule}(stage, "
+        "n_microbatches=microbatches, loss_fn=...)",
     }
-    return ExportedPlan(text=json.dumps(doc, indent=1) + "\n", companions={}, notes=tuple(notes))
+    parts = torchtitan_parts(captured, stage_layers, fqns)
+    if parts is not None:
+        doc["torchtitan"] = {
+            "parallelism": {
+                "pipeline_parallel_degree": len(plan.stages),
+                "pipeline_parallel_schedule": schedule,
+                "pipeline_parallel_microbatch_size": plan.microbatch_size,
+                "module_fqns_per_model_part": parts,
+            }
+        }
+    doc["notes"] = notes
+    source = policy_source(
+        module_stages(captured, stage_layers, fqns),
+        num_stages=len(plan.stages),
+        model=profile.model,
+        plan_path=f"a plan from {Path(plan.profile.path).name}",
+    )
+    return ExportedPlan(
+        text=json.dumps(doc, indent=1) + "\n",
+        companions={".py": source},
+        notes=tuple(notes),
+    )
+
+
+def _captured(
+    plan: Plan, profile: Profile, model: ModelSpec | None, fmt: str
+) -> tuple[CapturedGraph, dict[str, str]]:
+    """The plan's model captured as the profiler did, checked against the profile."""
+    from planner.profile.capture import capture
+    from planner.profile.export_capture import layer_fqns
+
+    if model is None:
+        if profile.source == "pipedream":
+            raise PlanError(
+                f"the {fmt} export names the model's modules, but this plan's profile was "
+                f"imported from PipeDream and has no model; profile the real model "
+                f"(plan profile --model {profile.model.split('/')[-1] or 'NAME'} --batch-size "
+                f"{profile.batch_size} -o profile.json), re-plan, then export"
+            )
+        raise PlanError(f"the {fmt} export needs the plan's model; build it and pass it")
+    captured = capture(model.module, profile.leaf_modules)
+    if profile.graph_hash is not None and captured.graph_hash != profile.graph_hash:
+        raise PlanError(
+            f"model {profile.model!r} captures to graph hash {captured.graph_hash} but the "
+            f"plan's profile has {profile.graph_hash}; the model or its configuration changed "
+            "since profiling: re-profile and re-plan"
+        )
+    return captured, layer_fqns(model.module)
 
 
 def _deepspeed(

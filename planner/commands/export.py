@@ -30,7 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         required=True,
         metavar="FILE",
-        help="file to write (pipedream also writes FILE's stem + .conf.json)",
+        help="file to write (pipedream also writes FILE's stem + .conf.json, torch-pipelining "
+        "FILE's stem + .py with the split policy)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="REF",
+        help="the plan's model reference, to confirm you trust it when it is your code "
+        "(torch-pipelining and deepspeed rebuild the model to name its modules)",
+    )
+    parser.add_argument(
+        "--trust-model", action="store_true", help="run the plan's model code without --model"
     )
 
 
@@ -41,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         ("plan's profile", find_profile_file(plan, args.plan, args.profile)),
     ]
     check_outputs([("-o", args.output)], inputs=inputs, error=PlanError)  # before any work
-    exported = export_plan(plan, profile, ExportFormat(args.format))  # in memory only
+    fmt = ExportFormat(args.format)
+    exported = export_plan(plan, profile, fmt, model=_model(plan, profile, fmt, args))
     out = Path(args.output)
     files = {out: exported.text} | {
         out.with_name(out.stem + suffix): text for suffix, text in exported.companions.items()
@@ -57,3 +69,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {printable(note)}", file=sys.stderr)
     print(outputs.announce(*files))
     return 0
+
+
+def _model(plan, profile, fmt: ExportFormat, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The plan's model, rebuilt for the exports that name its modules (None otherwise)."""
+    if fmt is ExportFormat.PIPEDREAM or profile.source == "pipedream":
+        return None
+    from planner.models import load_model
+    from planner.models.registry import check_trusted, is_builtin
+
+    check_trusted(profile.model, named=args.model, trust=args.trust_model)
+    return load_model(
+        profile.model,
+        batch_size=plan.microbatch_size,
+        input_shape=profile.input_shape or None,
+        dtype=profile.dtype,
+        search_cwd=not is_builtin(profile.model),
+    )
