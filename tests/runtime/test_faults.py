@@ -216,3 +216,38 @@ def test_sigkill_to_the_launcher_ends_every_rank(plan2: Path) -> None:
         run.cleanup()
     assert sorted(ranks) == [0, 1]
     assert not left, f"processes left: {left}"
+
+
+def test_a_rank_refusing_its_input_ends_the_run_and_is_named(plan2: Path) -> None:
+    """Rank 1's checkpoint file is missing: rank 1 fails (status 2), not rank 0 waiting for it."""
+    folder = plan2.parent / "ckpt"
+    first = _Run(
+        plan2, "--steps", "2", "--checkpoint-dir", str(folder), "--checkpoint-every", "1", world=2
+    )
+    try:
+        status, err = first.finish(timeout=300)
+    finally:
+        first.cleanup()
+    assert status == 0, err
+    (folder / "step-000002" / "rank-1.pt").unlink()
+    run = _Run(
+        plan2,
+        "--steps",
+        "4",
+        "--checkpoint-dir",
+        str(folder),
+        "--resume",
+        "--timeout",
+        "60",
+        world=2,
+    )
+    try:
+        status, err = run.finish(timeout=300)
+        left = _left_after(run.marker, time.monotonic())
+    finally:
+        run.cleanup()
+    assert status == 2, err
+    assert "rank 1 exited with status 2" in err and "rank 1 failed first" in err, err
+    assert "rank-1.pt is missing" in err, err
+    assert not left, f"processes left: {left}"
+    assert not (folder / "lock").exists()  # released
