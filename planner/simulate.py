@@ -44,13 +44,10 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from planner.errors import PlanError
@@ -58,17 +55,12 @@ from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.schedules import (
     AnySchedule,
-    OptimizerKind,
     Schedule,
     SimulatedSchedule,
     check_schedule,
-    rank_orders,
-    replica_order,
-    splits_backward,
     stage_ranks,
-    sync_points,
-    sync_unit,
 )
+from planner.simulate_costs import plan_stages, ring_allreduce_s, virtual_stages
 from planner.topology import Topology
 
 __all__ = [
@@ -81,6 +73,7 @@ __all__ = [
     "SimulationResult",
     "default_minibatches",
     "plan_stages",
+    "ring_allreduce_s",
     "simulate",
     "simulate_stages",
     "steady_window",
@@ -109,9 +102,6 @@ EVENT_COLUMNS = (
     "peer",
     "bytes",
 )
-_F, _B, _SEND, _RECV, _AR, _BI, _W = range(7)
-_COMPUTE = (_F, _B, _BI, _W)
-_STATE_COPIES = {OptimizerKind.SGD: 0, OptimizerKind.MOMENTUM: 1, OptimizerKind.ADAM: 2}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,20 +314,6 @@ def steady_window(
     return lo, hi
 
 
-def _whole_periods(done: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
-    """Shrink the window ``lo..hi`` to whole periods of the steady state, if it has one.
-
-    Round-robin replication makes a steady state periodic over several minibatches (e.g. every
-    round of replicas ends with its all-reduce), so a window over part of a period would be off.
-    """
-    steps = np.diff(done[lo : hi + 1])
-    scale = max(float(np.abs(steps).max(initial=0.0)), 1e-300)
-    for period in range(1, len(steps) // 2 + 1):
-        if np.allclose(steps[period:], steps[:-period], rtol=1e-9, atol=1e-9 * scale):
-            return hi - (len(steps) // period) * period, hi
-    return lo, hi
-
-
 def _edge(devices: int, microbatches: int) -> int:
     return math.ceil(devices / microbatches)
 
@@ -370,185 +346,6 @@ def simulate(plan: Plan, profile: Profile, *, minibatches: int | None = None) ->
         topology=plan.topology,
         microbatch_size=plan.microbatch_size,
     )
-
-
-def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
-    """The per-microbatch costs of a plan's stages, from ``profile`` rescaled to the microbatch.
-
-    Memory counted per device: weights, buffers, gradients and optimizer state (``static``);
-    per microbatch in flight the bytes saved for backward (``saved_bytes``, or the layer outputs
-    where the profile does not know); with recomputation only the stage's input per microbatch in
-    flight, plus the saved bytes of one microbatch during its backward; for ``pipedream`` one
-    stashed weight copy per in-flight microbatch beyond the first. Imported PipeDream profiles
-    plan without their ``Input`` nodes (data loading) and unused ``__getitem__`` sinks, as the
-    optimizer does; the simulator ignores them too.
-
-    Example:
-        >>> [s.ranks for s in plan_stages(plan, profile)]       # doctest: +SKIP
-        [(0,), (1,)]
-    """
-    scaled = profile.rescale(plan.microbatch_size)
-    ignored = _not_planned(profile)
-    stage_of = np.empty(len(scaled.layers), dtype=np.int64)
-    for s, indices in enumerate(plan.stage_layer_indices(scaled)):
-        stage_of[indices] = s
-    num = len(plan.stages)
-    boundary = _boundary_bytes(scaled, stage_of, num, ignored)
-    copies = 2 + _STATE_COPIES[plan.optimizer]  # weights, gradients, optimizer state
-    out = []
-    for s, stage in enumerate(plan.stages):
-        layers = [scaled.layers[i] for i in np.flatnonzero(stage_of == s) if i not in ignored]
-        fwd = sum(layer.forward_ms for layer in layers) / 1e3
-        bwd = sum(layer.backward_ms for layer in layers) / 1e3
-        params = sum(layer.parameter_bytes for layer in layers)
-        saved = sum(
-            layer.activation_bytes if layer.saved_bytes is None else layer.saved_bytes
-            for layer in layers
-        )
-        inbound = float(boundary[s - 1]) if s > 0 else 0.0
-        out.append(
-            SimStage(
-                forward_s=fwd,
-                backward_s=bwd + (fwd if plan.recompute else 0.0),
-                ranks=stage.ranks,
-                send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
-                allreduce_s=ring_allreduce_s(plan.topology, stage.ranks, params),
-                static_bytes=float(copies * params + sum(layer.buffer_bytes for layer in layers)),
-                activation_bytes=inbound if plan.recompute else float(saved),
-                backward_extra_bytes=float(saved) if plan.recompute else 0.0,
-                stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
-            )
-        )
-    return out
-
-
-def _boundary_bytes(
-    scaled: Profile, stage_of: np.ndarray, num: int, ignored: set[int]
-) -> np.ndarray:
-    """Bytes on the link from stage s to s + 1, for every s: a tensor from layer i is on every
-    boundary from its stage up to the last stage reading it (relayed through the ones between).
-    """
-    cross = np.zeros(num + 1)
-    for i, (layer, readers) in enumerate(zip(scaled.layers, scaled.consumers(), strict=True)):
-        if i in ignored:
-            continue
-        last = max((stage_of[j] for j in readers), default=stage_of[i])
-        if last > stage_of[i]:
-            cross[stage_of[i]] += layer.activation_bytes
-            cross[last] -= layer.activation_bytes
-    return np.cumsum(cross)[:num]
-
-
-def virtual_stages(
-    profile: Profile,
-    *,
-    schedule: AnySchedule,
-    ranks: int,
-    chunks: int = 1,
-    microbatch_size: int | None = None,
-    starts: Sequence[int] | None = None,
-    topology: Topology | None = None,
-    optimizer: OptimizerKind = OptimizerKind.SGD,
-) -> list[SimStage]:
-    """The profile cut into ``ranks x chunks`` stages in its layer order, placed as ``schedule``
-    lays them out (:func:`planner.schedules.stage_ranks`), for :func:`simulate_stages`.
-
-    This is how today's schedules, which plans cannot name yet, are simulated on a real model.
-    Costs are counted as :func:`plan_stages` counts them (no recomputation), and each stage's W
-    (:attr:`SimStage.backward_weight_s`) is the sum of its layers'
-    :meth:`~planner.profile.format.LayerProfile.split_backward_ms` weight parts.
-
-    Example:
-        >>> stages = virtual_stages(profile, schedule=SimulatedSchedule.ZBV, ranks=4, chunks=2)  # doctest: +SKIP
-        >>> simulate_stages(stages, schedule=SimulatedSchedule.ZBV, microbatches=8, chunks=2)  # doctest: +SKIP
-
-    Args:
-        profile: The profile; its layer order is a topological order, so any cut of it is a
-            valid pipeline.
-        schedule: The schedule (sets the placement).
-        ranks: Pipeline ranks ``p``.
-        chunks: Stages per rank ``v``.
-        microbatch_size: Samples per microbatch; default the profile's batch size.
-        starts: The first layer index of every stage after the first (``p v - 1`` increasing
-            indices); default cuts where the running forward+backward time crosses each
-            ``k / (p v)`` of the total, an even split of the compute.
-        topology: The devices; ranks ``0..p-1`` are used.
-        optimizer: The training optimizer (its state counts towards memory).
-
-    Raises:
-        PlanError: Bad ``starts``, or fewer layers than stages.
-    """
-    num = ranks * chunks
-    scaled = profile.rescale(microbatch_size or profile.batch_size)
-    ignored = _not_planned(profile)
-    count = len(scaled.layers)
-    if count < num:
-        raise PlanError(f"{count} layers cannot fill {num} stages; use fewer ranks or chunks")
-    if starts is None:
-        work = np.cumsum(
-            [0.0 if i in ignored else x.compute_ms for i, x in enumerate(scaled.layers)]
-        )
-        targets = work[-1] * np.arange(1, num) / num
-        cuts = np.searchsorted(work, targets, side="left") + 1
-        starts = [int(min(max(c, k + 1), count - num + k + 1)) for k, c in enumerate(cuts)]
-        for k in range(1, len(starts)):  # at least one layer per stage
-            starts[k] = max(starts[k], starts[k - 1] + 1)
-    bounds = [0, *starts, count]
-    if len(bounds) != num + 1 or any(a >= b for a, b in itertools.pairwise(bounds)):
-        raise PlanError(
-            f"stage starts {list(starts)} must be {num - 1} increasing layer indices in 1..{count - 1}"
-        )
-    stage_of = np.repeat(np.arange(num), np.diff(bounds))
-    boundary = _boundary_bytes(scaled, stage_of, num, ignored)
-    layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
-    copies = 2 + _STATE_COPIES[optimizer]
-    out = []
-    for s in range(num):
-        layers = [scaled.layers[i] for i in range(bounds[s], bounds[s + 1]) if i not in ignored]
-        params = sum(layer.parameter_bytes for layer in layers)
-        out.append(
-            SimStage(
-                forward_s=sum(layer.forward_ms for layer in layers) / 1e3,
-                backward_s=sum(layer.backward_ms for layer in layers) / 1e3,
-                backward_weight_s=min(
-                    sum(layer.split_backward_ms()[1] for layer in layers) / 1e3,
-                    sum(layer.backward_ms for layer in layers) / 1e3,
-                ),
-                ranks=(layout[s],),
-                send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
-                allreduce_s=0.0,
-                static_bytes=float(copies * params + sum(x.buffer_bytes for x in layers)),
-                activation_bytes=float(
-                    sum(
-                        x.activation_bytes if x.saved_bytes is None else x.saved_bytes
-                        for x in layers
-                    )
-                ),
-                stash_bytes=float(params) if schedule is Schedule.PIPEDREAM else 0.0,
-            )
-        )
-    return out
-
-
-def _not_planned(profile: Profile) -> set[int]:
-    """Layers of an imported PipeDream profile that its optimizer (and ours) ignores: ``Input``
-    sources, whose time is data loading, and unused ``__getitem__`` sinks."""
-    if profile.source != "pipedream":
-        return set()
-    from planner.profile.pipedream import pipedream_preprocess
-
-    kept = {layer.name for layer in pipedream_preprocess(profile).layers}
-    return {i for i, layer in enumerate(profile.layers) if layer.name not in kept}
-
-
-def ring_allreduce_s(topology: Topology, ranks: Sequence[int], nbytes: float) -> float:
-    """Ring all-reduce of ``nbytes`` among ``ranks``: 2(m-1)/m x bytes over the slowest level
-    spanned, plus 2(m-1) message latencies; 0 for one rank."""
-    m = len(ranks)
-    if m < 2 or nbytes <= 0:
-        return 0.0
-    level = topology.levels[topology.span_level(ranks)]
-    return 2 * (m - 1) / m * nbytes / level.bandwidth_bytes_per_s + 2 * (m - 1) * level.latency_s
 
 
 def simulate_stages(
@@ -617,7 +414,9 @@ def simulate_stages(
         raise PlanError(
             f"rank {max(ranks)} is outside the topology's {topology.num_devices} devices"
         )
-    engine = _Engine(stages, schedule, microbatches, minibatches, topology, microbatch_size, chunks)
+    from planner.simulate_engine import Engine  # it reads this module's dataclasses
+
+    engine = Engine(stages, schedule, microbatches, minibatches, topology, microbatch_size, chunks)
     return engine.run()
 
 
@@ -643,322 +442,3 @@ def _check_layout(stages: Sequence[SimStage], schedule: SimulatedSchedule, chunk
             f"ranks {[st.ranks[0] for st in stages]} put two devices' stages on one rank; "
             f"schedule {schedule} places them as {list(layout)}"
         )
-
-
-class _Engine:
-    """The event loop; devices advance through their op lists as far as their inputs allow."""
-
-    def __init__(
-        self,
-        stages: Sequence[SimStage],
-        schedule: AnySchedule,
-        microbatches: int,
-        minibatches: int,
-        topology: Topology | None,
-        microbatch_size: int,
-        chunks: int,
-    ) -> None:
-        self.stages, self.schedule, self.topology = list(stages), schedule, topology
-        self.M, self.N, self.mb_size = microbatches, minibatches, microbatch_size
-        self.chunks = chunks
-        self.total = microbatches * minibatches
-        replicas = [len(st.ranks) for st in stages]
-        self.devices: list[tuple[int, int, int]] = []  # (rank, first stage, replica)
-        # per device: (kind, stage, microbatch over the run; for _AR the last one it covers)
-        self.ops: list[list[tuple[int, int, int]]] = []
-        num = len(stages)
-        self.dev_of = [[0] * self.total for _ in range(num)]
-        if isinstance(schedule, SimulatedSchedule):
-            split = splits_backward(schedule)
-            kinds = {"F": _F, "B": _BI if split else _B, "W": _W}
-            orders = rank_orders(
-                schedule, ranks=num // chunks, microbatches=microbatches, chunks=chunks
-            )
-            for r, order in enumerate(orders):
-                self.devices.append((stages[r].ranks[0], r, 0))
-                self.ops.append(
-                    [
-                        (kinds[op.kind], op.stage or 0, k * self.M + op.microbatch)
-                        for k in range(self.N)
-                        for op in order
-                    ]
-                )
-        else:
-            for s, st in enumerate(stages):
-                for r, rank in enumerate(st.ranks):
-                    self.devices.append((rank, s, r))
-                    self.ops.append(self._device_ops(replicas, s, r, len(st.ranks) > 1))
-        self.stages_of: list[tuple[int, ...]] = []
-        for d, ops in enumerate(self.ops):
-            mine = set()
-            for kind, s, g in ops:
-                if kind == _F:
-                    self.dev_of[s][g] = d
-                    mine.add(s)
-            self.stages_of.append(tuple(sorted(mine)) or (self.devices[d][1],))
-        nan = math.nan
-        self.fwd_in = [[0.0 if s == 0 else nan] * self.total for s in range(num)]
-        self.grad_in = [[0.0 if s == num - 1 else nan] * self.total for s in range(num)]
-        self.waiting: dict[tuple[int, int, int], int] = {}
-        self.link_free: dict[tuple[int, int], float] = {}
-        self.link_busy: dict[tuple[int, int], list[tuple[float, float]]] = {}
-        self.groups: dict[tuple[int, int], list[int]] = {}  # (stage, minibatch) -> arrived
-        self.group_t: dict[tuple[int, int], float] = {}
-        self.ptr = [0] * len(self.devices)
-        self.free = [0.0] * len(self.devices)
-        self.in_flight = [0] * len(self.devices)
-        self.mem_t: list[list[float]] = []
-        self.mem_v: list[list[float]] = []
-        for _, s, _ in self.devices:
-            self.mem_t.append([0.0])
-            self.mem_v.append([stages[s].static_bytes])
-        # (device, kind, microbatch, minibatch, start, end, peer, bytes, stage)
-        self.ev: list[tuple[int, int, int, int, float, float, int, float, int]] = []
-        self.queue: deque[int] = deque(range(len(self.devices)))
-
-    def _device_ops(
-        self, replicas: list[int], s: int, r: int, reduce: bool
-    ) -> list[tuple[int, int, int]]:
-        """The device's op list from planner.schedules, with an all-reduce per minibatch."""
-        kinds = {"F": _F, "B": _B}
-        schedule = self.schedule
-        assert isinstance(schedule, Schedule)
-        if schedule is Schedule.PIPEDREAM:
-            ops = [
-                (kinds[op.kind], s, op.microbatch)
-                for op in replica_order(
-                    schedule, replicas=replicas, stage=s, replica=r, microbatches=self.total
-                )
-            ]
-        else:
-            base = replica_order(
-                schedule, replicas=replicas, stage=s, replica=r, microbatches=self.M
-            )
-            ops = [
-                (kinds[op.kind], s, k * self.M + op.microbatch)
-                for k in range(self.N)
-                for op in base
-            ]
-        if not reduce:
-            return ops
-        points = sync_points(
-            schedule,
-            replicas=replicas,
-            stage=s,
-            replica=r,
-            microbatches=self.M,
-            minibatches=self.N,
-        )
-        unit = sync_unit(schedule, replicas=replicas[s], microbatches=self.M)
-        out: list[tuple[int, int, int]] = []
-        start = 0
-        for j, point in enumerate(points):  # an all-reduce names the last microbatch it covers
-            out.extend(ops[start:point])
-            out.append((_AR, s, min((j + 1) * unit, self.total) - 1))
-            start = point
-        out.extend(ops[start:])
-        return out
-
-    def run(self) -> SimulationResult:
-        while self.queue:
-            self._advance(self.queue.popleft())
-        stuck = [
-            self.devices[d][0] for d in range(len(self.devices)) if self.ptr[d] < len(self.ops[d])
-        ]
-        assert not stuck, f"schedule deadlocked on ranks {stuck}"
-        return self._result()
-
-    def _advance(self, d: int) -> None:
-        """Run device ``d``'s ops until one needs an input that has not been produced yet."""
-        rank = self.devices[d][0]
-        ops, ev = self.ops[d], self.ev
-        mem_t, mem_v = self.mem_t[d], self.mem_v[d]
-        i, t = self.ptr[d], self.free[d]
-        last = len(self.stages) - 1
-        while i < len(ops):
-            kind, s, g = ops[i]
-            st = self.stages[s]
-            if kind == _AR:
-                key = (s, g)
-                arrived = self.groups.setdefault(key, [])
-                arrived.append(d)
-                self.group_t[key] = max(self.group_t.get(key, 0.0), t)
-                self.ptr[d], self.free[d] = i, t
-                if len(arrived) < len(st.ranks):
-                    return  # the last replica to arrive releases the others
-                start = self.group_t[key]
-                end = start + st.allreduce_s
-                for m in arrived:
-                    if end > start:
-                        ev.append((m, _AR, -1, g // self.M, start, end, -1, 0.0, s))
-                    self.free[m] = end
-                    self.ptr[m] += 1
-                    if m != d:
-                        self.queue.append(m)
-                i, t = self.ptr[d], end
-                continue
-            if kind == _W:  # the weight gradient follows this device's own B: no input
-                start, end = t, t + st.backward_weight_s
-                ev.append((d, kind, g, g // self.M, start, end, -1, 0.0, s))
-                t = end
-                i += 1
-                continue
-            ready = (self.fwd_in if kind == _F else self.grad_in)[s][g]
-            if ready != ready:  # nan: the input has not been produced yet
-                self.waiting[(_F if kind == _F else _B, s, g)] = d
-                break
-            start = t if t > ready else ready
-            if kind == _F:
-                end = start + st.forward_s
-                n = self.in_flight[d]
-                mem_t.append(start)
-                mem_v.append(mem_v[-1] + st.activation_bytes + (st.stash_bytes if n else 0.0))
-                self.in_flight[d] = n + 1
-                if s < last:
-                    self._send(d, rank, s + 1, g, end, st.send_bytes, _F)
-            else:
-                end = start + st.backward_s - (st.backward_weight_s if kind == _BI else 0.0)
-                n = self.in_flight[d] - 1
-                if st.backward_extra_bytes:
-                    mem_t.append(start)
-                    mem_v.append(mem_v[-1] + st.backward_extra_bytes)
-                    mem_t.append(end)
-                    mem_v.append(mem_v[-1] - st.backward_extra_bytes)
-                mem_t.append(end)
-                mem_v.append(mem_v[-1] - st.activation_bytes - (st.stash_bytes if n else 0.0))
-                self.in_flight[d] = n
-                if s > 0:
-                    self._send(d, rank, s - 1, g, end, self.stages[s - 1].send_bytes, _B)
-            ev.append((d, kind, g, g // self.M, start, end, -1, 0.0, s))
-            t = end
-            i += 1
-        self.ptr[d], self.free[d] = i, t
-
-    def _send(
-        self, d: int, src: int, stage: int, g: int, ready: float, nbytes: float, kind: int
-    ) -> None:
-        """Send microbatch ``g``'s activations (kind F) or gradients (B) to ``stage``."""
-        dd = self.dev_of[stage][g]
-        dst = self.devices[dd][0]
-        arrive = ready
-        if self.topology is not None and nbytes > 0 and dst != src:
-            key = (src, dst)
-            level = self.topology.link_level(src, dst)
-            start = max(ready, self.link_free.get(key, 0.0))
-            arrive = start + self.topology.transfer_s(nbytes, level)
-            self.link_free[key] = arrive
-            self.link_busy.setdefault(key, []).append((start, arrive))
-            here = stage - 1 if kind == _F else stage + 1
-            self.ev.append((d, _SEND, g, g // self.M, start, arrive, dst, nbytes, here))
-            self.ev.append((dd, _RECV, g, g // self.M, start, arrive, src, nbytes, stage))
-        (self.fwd_in if kind == _F else self.grad_in)[stage][g] = arrive
-        waiter = self.waiting.pop((kind, stage, g), None)
-        if waiter is not None:
-            self.queue.append(waiter)
-
-    # --- summarising -----------------------------------------------------------------------
-
-    def _result(self) -> SimulationResult:
-        cols = list(zip(*self.ev, strict=True))
-        dev = np.asarray(cols[0], dtype=np.int64)
-        kind = np.asarray(cols[1], dtype=np.int64)
-        start = np.asarray(cols[4], dtype=float)
-        end = np.asarray(cols[5], dtype=float)
-        minibatch = np.asarray(cols[3], dtype=np.int64)
-        done = np.zeros(self.N)
-        np.maximum.at(done, minibatch, end)  # each minibatch ends with its last operation
-        lo, hi = steady_window(
-            self.schedule, devices=len(self.devices), microbatches=self.M, minibatches=self.N
-        )
-        if self.schedule is Schedule.PIPEDREAM:
-            lo, hi = _whole_periods(done, lo, hi)
-        w0, w1 = (0.0, float(done[0])) if hi == 0 else (float(done[lo]), float(done[hi]))
-        minibatch_s = (w1 - w0) / max(hi - lo, 1)
-        span = max(w1 - w0, 1e-300)
-        clipped = np.clip(end, w0, w1) - np.clip(start, w0, w1)
-        ndev = len(self.devices)
-        busy = np.isin(kind, _COMPUTE)
-        compute = np.bincount(dev[busy], clipped[busy], minlength=ndev) / span
-        reduce = np.bincount(dev[kind == _AR], clipped[kind == _AR], minlength=ndev) / span
-        peaks = [max(v) for v in self.mem_v]
-        devices = tuple(
-            DeviceStats(
-                rank=rank,
-                stage=s,
-                replica=r,
-                compute_fraction=float(compute[d]),
-                allreduce_fraction=float(reduce[d]),
-                idle_fraction=float(max(0.0, 1.0 - compute[d] - reduce[d])),
-                peak_memory_bytes=float(peaks[d]),
-                stages=self.stages_of[d],
-            )
-            for d, (rank, s, r) in enumerate(self.devices)
-        )
-        links = []
-        for (src, dst), spans in self.link_busy.items():
-            busy = np.asarray(spans)
-            used = float(np.sum(np.clip(busy[:, 1], w0, w1) - np.clip(busy[:, 0], w0, w1)))
-            links.append(
-                LinkStats(
-                    src=src,
-                    dst=dst,
-                    level=self.topology.link_level(src, dst) if self.topology else 0,
-                    busy_fraction=used / span,
-                )
-            )
-        links.sort(key=lambda link: (-link.busy_fraction, link.src, link.dst))
-        busiest: dict[int, float] = {}
-        for stats in devices:
-            busiest[stats.stage] = max(
-                busiest.get(stats.stage, 0.0), stats.compute_fraction + stats.allreduce_fraction
-            )
-        critical = max(busiest, key=lambda s: (round(busiest[s], 6), self._stage_time(s)))
-        ranks = np.asarray([rank for rank, _, _ in self.devices], dtype=np.int64)
-        stage = np.asarray([s for _, s, _ in self.devices], dtype=np.int64)
-        replica = np.asarray([r for _, _, r in self.devices], dtype=np.int64)
-        events = pd.DataFrame(
-            {
-                "rank": ranks[dev],
-                "stage": np.asarray(cols[8], dtype=np.int64),
-                "replica": replica[dev],
-                "kind": pd.Categorical.from_codes(kind, categories=list(EVENT_KINDS)),
-                "microbatch": np.asarray(cols[2], dtype=np.int64),
-                "minibatch": minibatch,
-                "start_s": start,
-                "end_s": end,
-                "peer": np.asarray(cols[6], dtype=np.int64),
-                "bytes": np.asarray(cols[7], dtype=float),
-            }
-        ).sort_values(["start_s", "rank"], kind="stable", ignore_index=True)
-        sizes = [len(t) for t in self.mem_t]
-        memory = pd.DataFrame(
-            {
-                "rank": np.repeat(ranks, sizes),
-                "stage": np.repeat(stage, sizes),
-                "time_s": np.concatenate([np.asarray(t) for t in self.mem_t]),
-                "bytes": np.concatenate([np.asarray(v) for v in self.mem_v]),
-            }
-        )
-        samples = self.M * self.mb_size
-        return SimulationResult(
-            schedule=self.schedule,
-            microbatches=self.M,
-            minibatches=self.N,
-            samples_per_minibatch=samples,
-            minibatch_s=minibatch_s,
-            first_minibatch_s=float(done[0]),
-            makespan_s=float(end.max()),
-            samples_per_s=samples / minibatch_s if minibatch_s > 0 else math.inf,
-            window_s=(w0, w1),
-            critical_stage=critical,
-            devices=devices,
-            links=tuple(links),
-            memory_limit_bytes=None if self.topology is None else self.topology.memory_bytes,
-            events=events,
-            memory=memory,
-            chunks=self.chunks,
-        )
-
-    def _stage_time(self, s: int) -> float:
-        st = self.stages[s]
-        return (st.forward_s + st.backward_s) / len(st.ranks)

@@ -1,0 +1,212 @@
+"""What the simulator is given: per-stage costs of a plan, or of a profile cut for a schedule.
+
+:func:`plan_stages` turns a plan and its profile into :class:`~planner.simulate.SimStage` s;
+:func:`virtual_stages` cuts a profile into ``p x v`` stages placed for any schedule (how today's
+schedules, which plans cannot name yet, are simulated on real models); :func:`ring_allreduce_s`
+prices a gradient all-reduce. Both count a layer's cost once, and a tensor on every boundary from
+its stage to the last stage reading it (relayed through the stages between).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from planner.errors import PlanError
+from planner.plan import Plan
+from planner.profile.format import Profile
+from planner.schedules import AnySchedule, OptimizerKind, Schedule, stage_ranks
+from planner.topology import Topology
+
+if TYPE_CHECKING:  # planner.simulate imports this module
+    from planner.simulate import SimStage
+
+__all__ = ["plan_stages", "ring_allreduce_s", "virtual_stages"]
+
+_STATE_COPIES = {OptimizerKind.SGD: 0, OptimizerKind.MOMENTUM: 1, OptimizerKind.ADAM: 2}
+
+
+def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
+    """The per-microbatch costs of a plan's stages, from ``profile`` rescaled to the microbatch.
+
+    Memory counted per device: weights, buffers, gradients and optimizer state (``static``);
+    per microbatch in flight the bytes saved for backward (``saved_bytes``, or the layer outputs
+    where the profile does not know); with recomputation only the stage's input per microbatch in
+    flight, plus the saved bytes of one microbatch during its backward; for ``pipedream`` one
+    stashed weight copy per in-flight microbatch beyond the first. Imported PipeDream profiles
+    plan without their ``Input`` nodes (data loading) and unused ``__getitem__`` sinks, as the
+    optimizer does; the simulator ignores them too.
+
+    Example:
+        >>> [s.ranks for s in plan_stages(plan, profile)]       # doctest: +SKIP
+        [(0,), (1,)]
+    """
+    from planner.simulate import SimStage
+
+    scaled = profile.rescale(plan.microbatch_size)
+    ignored = _not_planned(profile)
+    stage_of = np.empty(len(scaled.layers), dtype=np.int64)
+    for s, indices in enumerate(plan.stage_layer_indices(scaled)):
+        stage_of[indices] = s
+    num = len(plan.stages)
+    boundary = _boundary_bytes(scaled, stage_of, num, ignored)
+    copies = 2 + _STATE_COPIES[plan.optimizer]  # weights, gradients, optimizer state
+    out = []
+    for s, stage in enumerate(plan.stages):
+        layers = [scaled.layers[i] for i in np.flatnonzero(stage_of == s) if i not in ignored]
+        fwd = sum(layer.forward_ms for layer in layers) / 1e3
+        bwd = sum(layer.backward_ms for layer in layers) / 1e3
+        params = sum(layer.parameter_bytes for layer in layers)
+        saved = sum(
+            layer.activation_bytes if layer.saved_bytes is None else layer.saved_bytes
+            for layer in layers
+        )
+        inbound = float(boundary[s - 1]) if s > 0 else 0.0
+        out.append(
+            SimStage(
+                forward_s=fwd,
+                backward_s=bwd + (fwd if plan.recompute else 0.0),
+                ranks=stage.ranks,
+                send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
+                allreduce_s=ring_allreduce_s(plan.topology, stage.ranks, params),
+                static_bytes=float(copies * params + sum(layer.buffer_bytes for layer in layers)),
+                activation_bytes=inbound if plan.recompute else float(saved),
+                backward_extra_bytes=float(saved) if plan.recompute else 0.0,
+                stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
+            )
+        )
+    return out
+
+
+def _boundary_bytes(
+    scaled: Profile, stage_of: np.ndarray, num: int, ignored: set[int]
+) -> np.ndarray:
+    """Bytes on the link from stage s to s + 1, for every s: a tensor from layer i is on every
+    boundary from its stage up to the last stage reading it (relayed through the ones between).
+    """
+    cross = np.zeros(num + 1)
+    for i, (layer, readers) in enumerate(zip(scaled.layers, scaled.consumers(), strict=True)):
+        if i in ignored:
+            continue
+        last = max((stage_of[j] for j in readers), default=stage_of[i])
+        if last > stage_of[i]:
+            cross[stage_of[i]] += layer.activation_bytes
+            cross[last] -= layer.activation_bytes
+    return np.cumsum(cross)[:num]
+
+
+def virtual_stages(
+    profile: Profile,
+    *,
+    schedule: AnySchedule,
+    ranks: int,
+    chunks: int = 1,
+    microbatch_size: int | None = None,
+    starts: Sequence[int] | None = None,
+    topology: Topology | None = None,
+    optimizer: OptimizerKind = OptimizerKind.SGD,
+) -> list[SimStage]:
+    """The profile cut into ``ranks x chunks`` stages in its layer order, placed as ``schedule``
+    lays them out (:func:`planner.schedules.stage_ranks`), for :func:`simulate_stages`.
+
+    This is how today's schedules, which plans cannot name yet, are simulated on a real model.
+    Costs are counted as :func:`plan_stages` counts them (no recomputation), and each stage's W
+    (:attr:`SimStage.backward_weight_s`) is the sum of its layers'
+    :meth:`~planner.profile.format.LayerProfile.split_backward_ms` weight parts.
+
+    Example:
+        >>> stages = virtual_stages(profile, schedule=SimulatedSchedule.ZBV, ranks=4, chunks=2)  # doctest: +SKIP
+        >>> simulate_stages(stages, schedule=SimulatedSchedule.ZBV, microbatches=8, chunks=2)  # doctest: +SKIP
+
+    Args:
+        profile: The profile; its layer order is a topological order, so any cut of it is a
+            valid pipeline.
+        schedule: The schedule (sets the placement).
+        ranks: Pipeline ranks ``p``.
+        chunks: Stages per rank ``v``.
+        microbatch_size: Samples per microbatch; default the profile's batch size.
+        starts: The first layer index of every stage after the first (``p v - 1`` increasing
+            indices); default cuts where the running forward+backward time crosses each
+            ``k / (p v)`` of the total, an even split of the compute.
+        topology: The devices; ranks ``0..p-1`` are used.
+        optimizer: The training optimizer (its state counts towards memory).
+
+    Raises:
+        PlanError: Bad ``starts``, or fewer layers than stages.
+    """
+    from planner.simulate import SimStage
+
+    num = ranks * chunks
+    scaled = profile.rescale(microbatch_size or profile.batch_size)
+    ignored = _not_planned(profile)
+    count = len(scaled.layers)
+    if count < num:
+        raise PlanError(f"{count} layers cannot fill {num} stages; use fewer ranks or chunks")
+    if starts is None:
+        work = np.cumsum(
+            [0.0 if i in ignored else x.compute_ms for i, x in enumerate(scaled.layers)]
+        )
+        targets = work[-1] * np.arange(1, num) / num
+        cuts = np.searchsorted(work, targets, side="left") + 1
+        starts = [int(min(max(c, k + 1), count - num + k + 1)) for k, c in enumerate(cuts)]
+        for k in range(1, len(starts)):  # at least one layer per stage
+            starts[k] = max(starts[k], starts[k - 1] + 1)
+    bounds = [0, *starts, count]
+    if len(bounds) != num + 1 or any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise PlanError(
+            f"stage starts {list(starts)} must be {num - 1} increasing layer indices in 1..{count - 1}"
+        )
+    stage_of = np.repeat(np.arange(num), np.diff(bounds))
+    boundary = _boundary_bytes(scaled, stage_of, num, ignored)
+    layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
+    copies = 2 + _STATE_COPIES[optimizer]
+    out = []
+    for s in range(num):
+        layers = [scaled.layers[i] for i in range(bounds[s], bounds[s + 1]) if i not in ignored]
+        params = sum(layer.parameter_bytes for layer in layers)
+        out.append(
+            SimStage(
+                forward_s=sum(layer.forward_ms for layer in layers) / 1e3,
+                backward_s=sum(layer.backward_ms for layer in layers) / 1e3,
+                backward_weight_s=min(
+                    sum(layer.split_backward_ms()[1] for layer in layers) / 1e3,
+                    sum(layer.backward_ms for layer in layers) / 1e3,
+                ),
+                ranks=(layout[s],),
+                send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
+                allreduce_s=0.0,
+                static_bytes=float(copies * params + sum(x.buffer_bytes for x in layers)),
+                activation_bytes=float(
+                    sum(
+                        x.activation_bytes if x.saved_bytes is None else x.saved_bytes
+                        for x in layers
+                    )
+                ),
+                stash_bytes=float(params) if schedule is Schedule.PIPEDREAM else 0.0,
+            )
+        )
+    return out
+
+
+def _not_planned(profile: Profile) -> set[int]:
+    """Layers of an imported PipeDream profile that its optimizer (and ours) ignores: ``Input``
+    sources, whose time is data loading, and unused ``__getitem__`` sinks."""
+    if profile.source != "pipedream":
+        return set()
+    from planner.profile.pipedream import pipedream_preprocess
+
+    kept = {layer.name for layer in pipedream_preprocess(profile).layers}
+    return {i for i, layer in enumerate(profile.layers) if layer.name not in kept}
+
+
+def ring_allreduce_s(topology: Topology, ranks: Sequence[int], nbytes: float) -> float:
+    """Ring all-reduce of ``nbytes`` among ``ranks``: 2(m-1)/m x bytes over the slowest level
+    spanned, plus 2(m-1) message latencies; 0 for one rank."""
+    m = len(ranks)
+    if m < 2 or nbytes <= 0:
+        return 0.0
+    level = topology.levels[topology.span_level(ranks)]
+    return 2 * (m - 1) / m * nbytes / level.bandwidth_bytes_per_s + 2 * (m - 1) * level.latency_s
