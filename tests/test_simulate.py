@@ -880,3 +880,24 @@ def test_virtual_stages_split_the_compute_evenly_and_feed_the_new_schedules() ->
         virtual_stages(uneven, schedule=SimulatedSchedule.ZBV, ranks=8, chunks=2)
     with pytest.raises(PlanError, match="increasing layer indices"):
         virtual_stages(uneven, schedule=Schedule.ONE_F_ONE_B, ranks=3, starts=[4, 4])
+
+
+@pytest.mark.parametrize(("p", "v"), [(2, 2), (4, 2), (4, 3)])
+def test_interleaving_multiplies_the_point_to_point_traffic_by_about_v(p: int, v: int) -> None:
+    topo = Topology.from_args(gpus=p, bandwidth_gbps=100)
+    m = 2 * p
+    counts = {}
+    for schedule, chunks in (
+        (Schedule.ONE_F_ONE_B, 1),
+        (SimulatedSchedule.INTERLEAVED_1F1B, v),
+        (SimulatedSchedule.ZBV, 2),
+    ):
+        stages = chunked(schedule, p, chunks, 1.0, 2.0, send_bytes=1e6)
+        r = simulate_stages(
+            stages, schedule=schedule, microbatches=m, minibatches=1, topology=topo, chunks=chunks
+        )
+        counts[schedule] = (r.events["kind"] == "send").sum()
+    # every boundary between two ranks carries each microbatch forward and back once
+    assert counts[Schedule.ONE_F_ONE_B] == 2 * m * (p - 1)
+    assert counts[SimulatedSchedule.INTERLEAVED_1F1B] == 2 * m * (p * v - 1)  # v (p-1) + (v-1)
+    assert counts[SimulatedSchedule.ZBV] == 2 * m * (2 * p - 2)  # the V's turn stays on a rank
