@@ -72,6 +72,12 @@ from tqdm import tqdm
 from planner.errors import ProfileError
 from planner.profile.capture import CapturedGraph, capture
 from planner.profile.format import LayerProfile, Profile
+from planner.profile.memory import (
+    MEMORY_FRACTION,
+    available_bytes,
+    check_profiling_memory,
+    estimate_profiling_memory,
+)
 from planner.profile.record import layer_sizes, record
 from planner.profile.timing import (
     Clock,
@@ -116,8 +122,16 @@ def profile_model(
     seed: int = 0,
     calibrate: bool = True,
     clock: Clock = time.perf_counter,
+    fit_batch: bool = False,
+    batch_option: str = "--batch-size",
+    memory_budget_bytes: float | None = None,
 ) -> Profile:
     """Profile a model by name (see :func:`planner.models.load_model`) on synthetic data.
+
+    On the CPU, the memory the batch needs is estimated first
+    (:func:`planner.profile.memory.estimate_profiling_memory`); a batch that needs more than
+    half of the free memory is refused with the batch that fits, or with ``fit_batch`` replaced
+    by the largest that fits (said on stderr).
 
     Args:
         spec: torchvision model name, bundled GPT name, or ``package.module:factory``.
@@ -137,10 +151,13 @@ def profile_model(
         clock: Seconds for timing: wall clock by default; ``time.process_time`` with
             ``threads=1`` measures CPU time, which other busy processes on a shared machine
             disturb far less (with more threads it would add up the threads' times).
+        fit_batch: Profile at a smaller batch when ``batch_size`` does not fit in memory.
+        batch_option: The option that sets the batch, named in the refusal.
+        memory_budget_bytes: Memory profiling may use (default: half of ``MemAvailable``).
 
     Raises:
         ModelError: the model cannot be built, traced or run on this input shape.
-        ProfileError: bad ``warmup``, ``reps`` or ``threads``.
+        ProfileError: bad ``warmup``, ``reps`` or ``threads``; the batch does not fit in memory.
 
     Example:
         >>> p = profile_model("gpt2-tiny", batch_size=2, leaf_modules=["Block"], progress=False)
@@ -153,6 +170,26 @@ def profile_model(
         spec, batch_size=batch_size, input_shape=input_shape, dtype=dtype, device=device, seed=seed
     )
     inputs, _ = model.make_batch(batch_size, seed)
+    if torch.device(device).type == "cpu":
+        estimate = estimate_profiling_memory(model.module, inputs, leaf_modules)
+        budget = memory_budget_bytes
+        if budget is None:
+            free = available_bytes()
+            budget = None if free is None else MEMORY_FRACTION * free
+        if budget is not None and estimate.new_bytes > budget:
+            fit = estimate.largest_batch(budget)
+            if not (fit_batch and fit >= 1):
+                check_profiling_memory(
+                    estimate, model=model.name, option=batch_option, budget_bytes=budget
+                )
+            print(
+                f"profiling {model.name} at batch {fit}: batch {batch_size} would need about "
+                f"{estimate.new_bytes / 1024**3:.1f} GiB, more than half of the free memory "
+                f"({budget / 1024**3:.1f} GiB); {batch_option} to choose",
+                file=sys.stderr,
+            )
+            batch_size = fit
+            inputs, _ = model.make_batch(batch_size, seed)
     profile = profile_module(
         model.module,
         inputs,
@@ -285,20 +322,26 @@ def _measure(
     calibrate: bool,
 ) -> tuple[tuple[LayerProfile, ...], float, str | None]:
     """Steps 2-5 of the module docstring: the layers, the whole-step median, the calibration."""
-    for _ in range(warmup - 1):
-        whole_step(graph.module, inputs, timer)
-    recording = record(graph, inputs, backward=warmup > 0)
-    sizes = layer_sizes(graph, inputs, recording)
-    ones = GradOnes()
-    runners = [LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
+    # One bar through every phase (warm-up and recording steps, layers, whole steps): a large
+    # model's single step can take minutes, and a silent terminal looks hung.
     with tqdm(
-        total=min(reps, 2) * len(runners),
-        desc=f"profiling {name}",
-        unit="layer",
+        total=max(warmup, 1) + min(reps, 2) * len(graph.layers) + 1,
+        desc=f"profiling {name}: warm-up",
+        unit="op",
         file=sys.stderr,
         disable=not progress,
         leave=False,
     ) as bar:
+        for _ in range(warmup - 1):
+            whole_step(graph.module, inputs, timer)
+            bar.update()
+        bar.set_description(f"profiling {name}: recording")
+        recording = record(graph, inputs, backward=warmup > 0)
+        bar.update()
+        sizes = layer_sizes(graph, inputs, recording)
+        ones = GradOnes()
+        runners = [LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
+        bar.set_description(f"profiling {name}: layers")
         pending = runners
         for done in range(reps):
             if done >= 2:
@@ -309,17 +352,21 @@ def _measure(
             for runner in pending:
                 runner.run(timer)
                 bar.update()
-    # Free the recorded activations first, so the whole step reuses their memory instead of
-    # touching (page-faulting) as much again.
-    recording.values.clear()
-    layer_ms = sum(
-        statistics.median(r.forward_ms) + statistics.median(r.backward_ms) for r in runners
-    )
-    whole = [whole_step(graph.module, inputs, timer)]
-    # One whole step checks the sum; only a disagreement earns more samples (up to reps), so
-    # one disturbed sample cannot trigger a calibration.
-    while len(whole) < reps and _disagree(layer_ms, _median_total(whole)):
-        whole.append(whole_step(graph.module, inputs, timer))
+        # Free the recorded activations first, so the whole step reuses their memory instead
+        # of touching (page-faulting) as much again.
+        recording.values.clear()
+        layer_ms = sum(
+            statistics.median(r.forward_ms) + statistics.median(r.backward_ms) for r in runners
+        )
+        bar.set_description(f"profiling {name}: whole step")
+        whole = [whole_step(graph.module, inputs, timer)]
+        bar.update()
+        # One whole step checks the sum; only a disagreement earns more samples (up to reps),
+        # so one disturbed sample cannot trigger a calibration.
+        while len(whole) < reps and _disagree(layer_ms, _median_total(whole)):
+            bar.total += 1
+            whole.append(whole_step(graph.module, inputs, timer))
+            bar.update()
     fwd = [statistics.median(r.forward_ms) for r in runners]
     bwd = [statistics.median(r.backward_ms) for r in runners]
     whole_fwd = statistics.median(f for f, _ in whole)
