@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
@@ -92,3 +93,105 @@ def test_what_torch_cannot_run_is_refused(tmp_path: Path) -> None:
             chunks=2,
         )
     assert not (tmp_path / "x.csv").exists()
+
+
+# --- torch runs the exported CSV: 2 gloo ranks, gradients equal a single process -----------------
+
+RUN_CASES = [
+    (Schedule.ONE_F_ONE_B, 1),
+    (Schedule.GPIPE, 1),
+    (SimulatedSchedule.INTERLEAVED_1F1B, 2),
+    (SimulatedSchedule.ZB_H1, 1),
+    (SimulatedSchedule.ZBV, 2),
+]
+_BLOCKS, _WIDTH, _BATCH, _MICRO = 4, 8, 8, 4
+
+
+def _blocks() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(_WIDTH, _WIDTH), torch.nn.Tanh())
+        for _ in range(_BLOCKS)
+    )
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(_BATCH, _WIDTH, generator=gen), torch.randn(_BATCH, _WIDTH, generator=gen)
+
+
+def _run_rank(rank: int, port: int, folder: str) -> None:
+    """One rank: every case's stages of this rank, torch's runtime on our CSV, one step."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = _data()
+        for schedule, chunks in RUN_CASES:
+            spec = torch_schedule(schedule, ranks=2, microbatches=_MICRO, chunks=chunks)
+            num = 2 * chunks
+            blocks, per = _blocks(), _BLOCKS // num
+            stages = [
+                PipelineStage(
+                    torch.nn.Sequential(*blocks[s * per : (s + 1) * per]),
+                    s,
+                    num,
+                    torch.device("cpu"),
+                )
+                for s in spec.stages_of(rank)
+            ]
+            runtime = torch_schedules._PipelineScheduleRuntime(
+                stages, _MICRO, loss_fn=torch.nn.functional.mse_loss
+            )
+            path = Path(folder) / f"{schedule}.csv"
+            if rank == 0:
+                write_schedule_csv(path, schedule, ranks=2, microbatches=_MICRO, chunks=chunks)
+            dist.barrier()
+            runtime._load_csv(str(path))
+            mine = spec.stages_of(rank)
+            args = (x,) if 0 in mine else ()
+            kwargs = {"target": y, "losses": []} if num - 1 in mine else {}
+            runtime.step(*args, **kwargs)
+            grads = {
+                f"{s}.{name}": p.grad.clone()
+                for s, stage in zip(mine, stages, strict=True)
+                for name, p in stage.submod.named_parameters()
+            }
+            torch.save(grads, Path(folder) / f"{schedule}.rank{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torch_runs_the_exported_csv_with_single_process_gradients(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_run_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    blocks = _blocks()
+    x, y = _data()
+    out = x
+    for block in blocks:
+        out = block(out)
+    torch.nn.functional.mse_loss(out, y).backward()
+    for schedule, chunks in RUN_CASES:
+        grads = {}
+        for rank in range(2):
+            grads.update(torch.load(tmp_path / f"{schedule}.rank{rank}.pt", weights_only=True))
+        per = _BLOCKS // (2 * chunks)
+        assert len(grads) == 2 * _BLOCKS
+        for key, grad in grads.items():
+            s, name = key.split(".", 1)
+            index, rest = name.split(".", 1)
+            block = blocks[int(s) * per + int(index)]
+            torch.testing.assert_close(
+                grad, block.get_parameter(rest).grad, msg=f"{schedule} {key}"
+            )
