@@ -153,8 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profiling.add_argument(
         "--profile-batch-size",
         type=positive_int,
-        default=32,
-        help="batch size to profile at (default 32)",
+        default=None,
+        help="batch size to profile at (default: 1 sequence for the bundled GPTs, else 32, "
+        "less if it does not fit in half of the free memory)",
     )
 
 
@@ -285,8 +286,32 @@ def _topology(args: argparse.Namespace) -> Topology:
     )
 
 
+def _say_ignored(args: argparse.Namespace, why: str) -> None:
+    """One line naming the profiling-only options given that do nothing, since ``why``."""
+    given = [
+        option
+        for option, value, default in (
+            ("--profile-batch-size", args.profile_batch_size, None),
+            ("--threads", args.threads, None),
+            ("--clock", args.clock, "auto"),
+            ("--warmup", args.warmup, None),
+            ("--reps", args.reps, None),
+            ("--device", args.device, "cpu"),
+            ("--dtype", args.dtype, "float32"),
+        )
+        if value != default
+    ]
+    if given:
+        print(
+            f"{', '.join(given)} only matter when profiling and {why}; to measure with them, "
+            "run `plan profile ... -o FILE` and plan with --profile FILE",
+            file=sys.stderr,
+        )
+
+
 def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> tuple[Profile, Path]:
     if args.profile:
+        _say_ignored(args, "--profile is given")
         return Profile.load(args.profile), Path(args.profile)
     shipped = shipped_profile(args.model)
     if path is None:
@@ -300,17 +325,26 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
             ),
             file=sys.stderr,
         )
+        _say_ignored(args, f"the shipped profile {shipped.name} is used")
         return profile, shipped
     from planner.models import load_model, model_names
 
     if ":" not in args.model and args.model not in model_names():
         load_model(args.model, batch_size=1)  # raises the error listing the closest names
+    from planner.profile.measure import default_profile_batch
+
+    batch = args.profile_batch_size or default_profile_batch(args.model)
     print(
-        f"no shipped profile for {args.model}; profiling on {args.device} at batch "
-        f"{args.profile_batch_size}",
+        f"no shipped profile for {args.model}; profiling on {args.device} at batch {batch}",
         file=sys.stderr,
     )
-    profile = measure(args, args.profile_batch_size)
+    profile = measure(
+        args,
+        batch,
+        ranks_on_host=args.gpus_per_node or args.gpus,  # as a rank of this plan would run
+        fit_batch=args.profile_batch_size is None,
+        batch_option="--profile-batch-size",
+    )
     profile.save(path)
     print(f"{outputs.announce(path)} (the profile)", file=sys.stderr)
     return profile, path

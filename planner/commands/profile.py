@@ -90,14 +90,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def measure(args: argparse.Namespace, batch_size: int, *, ranks_on_host: int | None = None):  # type: ignore[no-untyped-def]
+def measure(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace,
+    batch_size: int,
+    *,
+    ranks_on_host: int | None = None,
+    fit_batch: bool = False,
+    batch_option: str = "--batch-size",
+):
     """Profile ``args.model`` as the options say; returns the Profile.
 
     Threads default to what one of ``ranks_on_host`` ranks sharing this machine gets
-    (:func:`planner.profile.conditions.rank_threads`; default: a 2-rank local run's).
+    (:func:`planner.profile.conditions.rank_threads`; default: a 2-rank local run's); leaf
+    modules to :func:`planner.profile.measure.default_leaf_modules`. A batch that does not fit
+    in half of the free memory is refused (naming ``batch_option``), or reduced with
+    ``fit_batch``.
     """
     from planner.profile.conditions import DEFAULT_PROFILE_RANKS, default_clock, rank_threads
-    from planner.profile.measure import profile_model
+    from planner.profile.measure import default_leaf_modules, profile_model
 
     if args.device == "cuda":
         import torch
@@ -124,8 +134,10 @@ def measure(args: argparse.Namespace, batch_size: int, *, ranks_on_host: int | N
         input_shape=args.input_shape,
         device=args.device,
         dtype=args.dtype,
-        leaf_modules=tuple(args.leaf_modules),
+        leaf_modules=tuple(args.leaf_modules) or default_leaf_modules(args.model),
         progress=True,
+        fit_batch=fit_batch,
+        batch_option=batch_option,
         **kwargs,
     )
 

@@ -92,6 +92,8 @@ __all__ = [
     "DEFAULT_REPS",
     "DEFAULT_WARMUP",
     "SUM_TOLERANCE",
+    "default_leaf_modules",
+    "default_profile_batch",
     "keep_freed_memory",
     "machine_description",
     "measure_backward_split",
@@ -105,6 +107,35 @@ DEFAULT_REPS = 3
 """Most timed repetitions per layer and of the whole step; the median is kept."""
 SUM_TOLERANCE = 0.10
 """Per-layer times must add up to the whole step within this fraction, else they are calibrated."""
+
+
+_BLOCK_MODELS = ("gpt2-small", "gpt2-medium", "gpt2-large")
+
+
+def default_leaf_modules(spec: str) -> tuple[str, ...]:
+    """Leaf modules to profile with when none are given: ``Block`` for the larger bundled GPTs.
+
+    Profiling every op of a 24-block decoder takes minutes, and a pipeline cuts between blocks
+    anyway; the shipped ``gpt2-small`` profile is taken the same way. ``gpt2-tiny`` (a test
+    model) and other models keep one layer per op.
+
+    Example:
+        >>> default_leaf_modules("gpt2-medium"), default_leaf_modules("resnet50")
+        (('Block',), ())
+    """
+    return ("Block",) if spec in _BLOCK_MODELS else ()
+
+
+def default_profile_batch(spec: str) -> int:
+    """The batch ``plan`` profiles at when not told: 1 sequence for the bundled GPTs (a 1024-token
+    sample is already a large unit of work), else 32; a batch that does not fit in memory is
+    reduced (:func:`profile_model` with ``fit_batch``).
+
+    Example:
+        >>> default_profile_batch("gpt2-medium"), default_profile_batch("resnet50")
+        (1, 32)
+    """
+    return 1 if spec.startswith("gpt2-") else 32
 
 
 def profile_model(

@@ -111,3 +111,17 @@ def test_profile_command_defaults_follow_the_rank(
     assert seen.get("clock", time.perf_counter) is (
         time.process_time if clock == "cpu" else time.perf_counter
     )
+
+
+def test_profiling_options_with_a_shipped_profile_say_they_do_nothing(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from planner.cli import main
+
+    out = str(tmp_path / "p.json")
+    assert main(["--model", "resnet50", "--gpus", "2", "--threads", "2", "-o", out]) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "only matter when profiling" in x]
+    assert line.startswith("--threads only matter when profiling and the shipped profile")
+    assert main(["--model", "resnet50", "--gpus", "2", "-o", out]) == 0
+    assert "only matter when profiling" not in capsys.readouterr().err
