@@ -38,7 +38,7 @@ from torch import nn
 from planner.models import ModelSpec, load_model
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef
 from planner.profile.capture import capture
-from planner.runtime.config import RunConfig
+from planner.runtime.config import Backend, RunConfig
 from planner.runtime.data import microbatch, minibatch_seed
 from planner.runtime.stage import build_stage_module, cut_graph
 from planner.runtime.worker import DistEnv, load_spec, train
@@ -139,6 +139,8 @@ def _ours(rank: int, case: Case, port: int, tmp: str) -> float | None:
         lr=0.01,
         timeout_s=60,
         log_every=0,
+        backend=Backend.GLOO,  # the CPU, as torch's side below, also on a CUDA host
+        threads=1,
     )
     result = train(
         plan, lambda: load_spec(plan), config, DistEnv(rank=rank, world_size=2, master_port=port)

@@ -365,18 +365,25 @@ def condition_notes(plan: Plan, config: RunConfig, *, backend: str) -> list[str]
     from planner.profile.format import Profile
     from planner.profile.timing import glibc_available
 
+    cuda = backend == "nccl"
+    notes = []
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not cuda and gpus:
+        notes.append(
+            f"running on the CPU with gloo although this machine has {gpus} GPU(s): nccl needs "
+            "one GPU per local rank (--backend nccl refuses instead)"
+        )
     try:
         profile = Profile.load(find_profile_file(plan, config.plan_path))
     except PlannerError as exc:
-        return [f"cannot compare the run's conditions with the profile's ({exc})"]
-    cuda = backend == "nccl"
+        return [*notes, f"cannot compare the run's conditions with the profile's ({exc})"]
     run = RunConditions(
         device="cuda" if cuda else "cpu",
         threads=config.threads or 1,
         allocator=None if cuda else "keep-freed" if glibc_available() else "default",
         device_name=cuda_device_name(0) if cuda else None,
     )
-    return differences(
+    return notes + differences(
         device=profile.device,
         threads=profile.threads,
         timer=profile.timer,

@@ -8,9 +8,10 @@ Every rank rebuilds the whole model from the same seed (identical initial weight
 replica), traces it as the profiler did, checks it against the plan, propagates one microbatch
 for the boundary shapes, and keeps only its own stage's submodule.
 
-Buffers (BatchNorm running statistics) are not synchronised: each replica of a stage keeps its
-own, computed from its microbatches, so a replicated stage with BatchNorm trains like per-replica
-BatchNorm (as data parallelism without SyncBatchNorm does) and differs slightly from one process.
+Buffers (BatchNorm running statistics): batch statistics are per microbatch, as in
+single-process training with the same microbatches; on a replicated stage under the flushed
+schedules the replicas combine their running statistics at every flush into exactly what one
+process would hold (:mod:`planner.runtime.buffers`); under ``pipedream`` each replica keeps its own.
 
 Example (under torchrun, or after :func:`planner.runtime.launch.launch_local` set the
 environment)::
@@ -61,7 +62,7 @@ from planner.runtime.stage import (
 )
 from planner.schedules import Schedule
 
-__all__ = ["DistEnv", "Prepared", "RankResult", "load_spec", "prepare", "train"]
+__all__ = ["DistEnv", "Prepared", "RankResult", "load_spec", "prepare", "rank_device", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,8 +261,8 @@ def train(
             seed=config.seed,
             input_shape=plan.profile.input_shape,
         )
-    backend = _backend(config.backend)
-    device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+    backend = _backend(config.backend, env.world_size)
+    device = rank_device(backend, env.local_rank)
     join_process_group(  # under torchrun its agent's store; a local run's store on loopback
         backend,
         rank=env.rank,
@@ -394,8 +395,15 @@ def _compare(report: RunReport, plan: Plan, config: RunConfig) -> Comparison | N
         return None
 
 
-def _backend(choice: Backend) -> str:
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+def rank_device(backend: str, local_rank: int) -> torch.device:
+    """Where a rank computes: with nccl the GPU of its local rank (one GPU per rank, checked
+    before launch by :func:`resolve_backend`), with gloo the CPU."""
+    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+def _backend(choice: Backend, world_size: int = 1) -> str:
+    # without torchrun's LOCAL_WORLD_SIZE (train() called directly) every rank is local
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     return resolve_backend(choice, local_ranks=local)
 
 

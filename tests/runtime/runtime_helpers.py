@@ -16,7 +16,7 @@ from planner.models import load_model
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.capture import capture
 from planner.profile.format import LayerProfile, Profile
-from planner.runtime.config import RunConfig
+from planner.runtime.config import Backend, RunConfig
 from planner.runtime.data import microbatch, minibatch_seed
 from planner.runtime.stage import propagate
 from planner.runtime.worker import DistEnv, load_spec, train
@@ -201,6 +201,9 @@ def run_cases(
             momentum=momentum,
             timeout_s=timeout_s,
             log_every=0,
+            # the CPU reference is compared on the CPU: gloo, one thread, also on a CUDA host
+            backend=Backend.GLOO,
+            threads=1,
         )
         config = RunConfig(**{**fields, **overrides.get(name, {})})
         jobs.append((name, plan.to_json(), config, free_port()))

@@ -114,7 +114,7 @@ def test_run_config_round_trips_through_argv() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(steps=0), dict(lr=0.0), dict(timeout_s=-1.0), dict(threads=0), dict(momentum=1.0)]
+    "bad", [dict(steps=0), dict(lr=0.0), dict(timeout_s=-1.0), dict(threads=-1), dict(momentum=1.0)]
 )
 def test_run_config_refuses_bad_values(bad: dict) -> None:
     with pytest.raises(RunError):
