@@ -6,7 +6,7 @@ stage 2, ``B`` a whole backward, ``I`` the input-gradient part of a split one an
 weight-gradient part. Its compute-only CSV has one row per rank, the rank's actions in order;
 ``_PipelineScheduleRuntime._load_csv`` reads it (checking every microbatch runs forward, then
 backward, on one rank per stage) and adds the sends and receives. The lists are
-:func:`planner.schedules.rank_orders`, so the simulator, the Gantt chart and this file show the
+:func:`planner.rank_schedules.rank_orders`, so the simulator, the Gantt chart and this file show the
 same schedule.
 
 Example:
@@ -29,15 +29,8 @@ from typing import Literal
 
 from planner._io import atomic_write_text
 from planner.errors import PlanError
-from planner.schedules import (
-    AnySchedule,
-    Schedule,
-    SimulatedSchedule,
-    check_schedule,
-    rank_orders,
-    splits_backward,
-    stage_ranks,
-)
+from planner.rank_schedules import check_schedule, rank_orders, stage_ranks
+from planner.schedules import AnySchedule, Schedule, SimulatedSchedule, splits_backward
 
 __all__ = [
     "TORCH_SCHEDULE_CLASSES",
@@ -98,7 +91,7 @@ def torch_schedule(
 
     Raises:
         PlanError: ``pipedream`` (torch has no asynchronous schedule with weight stashing), or a
-            shape torch refuses (:func:`planner.schedules.check_schedule`).
+            shape torch refuses (:func:`planner.rank_schedules.check_schedule`).
     """
     if schedule is Schedule.PIPEDREAM:
         raise PlanError(

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,17 +37,13 @@ __all__ = [
     "Schedule",
     "SimulatedSchedule",
     "any_schedule",
-    "check_schedule",
     "format_ops",
     "in_flight",
     "parse_ops",
-    "rank_in_flight",
-    "rank_orders",
     "replica_of",
     "replica_order",
     "splits_backward",
     "stage_order",
-    "stage_ranks",
     "step_grid",
     "sync_points",
     "sync_unit",
@@ -72,7 +67,7 @@ class Schedule(StrEnum):
 
 
 class SimulatedSchedule(StrEnum):
-    """Today's schedules, simulated (:func:`rank_orders`, :mod:`planner.simulate`) but not yet
+    """Today's schedules, simulated (:mod:`planner.rank_schedules`, :mod:`planner.simulate`) but not yet
     planned: the cost model and the runtime do not know them yet, so plans, the CLI and the
     optimizer refuse them; they join :class:`Schedule` when they do.
 
@@ -408,193 +403,6 @@ def step_grid(schedule: Schedule, *, replicas: Sequence[int], microbatches: int)
     return "\n".join(line.rstrip() for line in lines)
 
 
-# --- per-rank lists: chunks (virtual stages) and split backward ------------------------------
-
-
-def check_schedule(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
-) -> None:
-    """Torch's constraints on a schedule's shape, as typed errors with the fix.
-
-    ``interleaved-1f1b`` needs at least 2 chunks per rank, ``zbv`` exactly 2, the others 1;
-    ``interleaved-1f1b`` and ``zb-h1`` need ``M`` to be a multiple of their number of rounds
-    ``max(1, M // p)`` (torch.distributed.pipelining checks the same).
-
-    Example:
-        >>> check_schedule(SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, microbatches=10, chunks=2)
-        >>> check_schedule(SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, microbatches=9, chunks=2)
-        Traceback (most recent call last):
-        ...
-        planner.errors.PlanError: schedule interleaved-1f1b on 4 ranks needs the microbatches (9) to be a multiple of its 2 rounds (max(1, M // 4), as torch requires); use 8 or 10 microbatches
-    """
-    if ranks < 1:
-        raise PlanError(f"a pipeline needs at least one rank, got {ranks}")
-    if microbatches < 1:
-        raise PlanError(f"need at least one microbatch, got {microbatches}")
-    if schedule is SimulatedSchedule.ZBV and chunks != 2:
-        raise PlanError(
-            f"schedule zbv runs exactly 2 chunks per rank (stages r and 2p-1-r), got {chunks}; "
-            "use 2 chunks"
-        )
-    if schedule is SimulatedSchedule.INTERLEAVED_1F1B and chunks < 2:
-        raise PlanError(
-            f"schedule interleaved-1f1b needs at least 2 chunks per rank, got {chunks}; "
-            "with one chunk use 1f1b"
-        )
-    if schedule not in (SimulatedSchedule.INTERLEAVED_1F1B, SimulatedSchedule.ZBV) and chunks != 1:
-        raise PlanError(
-            f"schedule {schedule} runs one stage per rank, got {chunks} chunks; "
-            "use interleaved-1f1b or zbv for several"
-        )
-    if schedule in (SimulatedSchedule.INTERLEAVED_1F1B, SimulatedSchedule.ZB_H1):
-        rounds = _rounds(ranks, microbatches)
-        if microbatches % rounds:
-            below = next(m for m in range(microbatches, 0, -1) if m % _rounds(ranks, m) == 0)
-            above = next(m for m in itertools.count(microbatches) if m % _rounds(ranks, m) == 0)
-            raise PlanError(
-                f"schedule {schedule} on {ranks} ranks needs the microbatches ({microbatches}) "
-                f"to be a multiple of its {rounds} rounds (max(1, M // {ranks}), as torch "
-                f"requires); use {below} or {above} microbatches"
-            )
-
-
-def _rounds(ranks: int, microbatches: int) -> int:
-    return max(1, microbatches // ranks)
-
-
-def stage_ranks(schedule: AnySchedule, *, ranks: int, chunks: int = 1) -> tuple[int, ...]:
-    """The rank of every (virtual) stage: ``s % p`` (loop order), V order for ``zbv``.
-
-    Example:
-        >>> stage_ranks(SimulatedSchedule.INTERLEAVED_1F1B, ranks=2, chunks=2), stage_ranks(SimulatedSchedule.ZBV, ranks=2, chunks=2)
-        ((0, 1, 0, 1), (0, 1, 1, 0))
-    """
-    if schedule is SimulatedSchedule.ZBV:
-        return tuple(range(ranks)) + tuple(reversed(range(ranks)))
-    return tuple(s % ranks for s in range(ranks * chunks))
-
-
-def rank_orders(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
-) -> tuple[tuple[Op, ...], ...]:
-    """Every rank's operations for one minibatch, each naming its (virtual) stage.
-
-    The orders are torch.distributed.pipelining's for the same schedule (its
-    ``_calculate_single_rank_operations``, without the no-op padding): ``interleaved-1f1b``
-    warms up ``(v - 1) k + 2 (p - 1 - r)`` forwards on rank ``r`` (``k = M / rounds``
-    microbatches per round) and then alternates, depth first over the chunks; ``zb-h1`` warms up
-    ``p - 1 - r`` and runs rank ``r``'s first ``r`` weight gradients late, in the cool-down;
-    ``zbv`` follows torch's V schedule. For ``pipedream``, ``1f1b`` and ``gpipe`` it is
-    :func:`stage_order` of each rank's one stage.
-
-    Example:
-        >>> print("\\n".join(format_ops(ops) for ops in rank_orders(SimulatedSchedule.ZB_H1, ranks=2, microbatches=3)))
-        0F0 0F1 0B0 0W0 0F2 0B1 0W1 0B2 0W2
-        1F0 1B0 1F1 1B1 1W0 1F2 1B2 1W1 1W2
-
-    Raises:
-        PlanError: The shape breaks one of :func:`check_schedule`'s constraints.
-    """
-    check_schedule(schedule, ranks=ranks, microbatches=microbatches, chunks=chunks)
-    if schedule is SimulatedSchedule.ZBV:
-        return tuple(_zbv(r, ranks, microbatches) for r in range(ranks))
-    if schedule in (SimulatedSchedule.INTERLEAVED_1F1B, SimulatedSchedule.ZB_H1):
-        split = schedule is SimulatedSchedule.ZB_H1
-        return tuple(_looped(r, ranks, microbatches, chunks, split) for r in range(ranks))
-    assert isinstance(schedule, Schedule)
-    return tuple(
-        tuple(
-            Op(op.kind, op.microbatch, r)
-            for op in stage_order(schedule, num_stages=ranks, stage=r, microbatches=microbatches)
-        )
-        for r in range(ranks)
-    )
-
-
-def _looped(rank: int, p: int, m: int, v: int, split: bool) -> tuple[Op, ...]:
-    """Interleaved 1F1B (``split`` False) or ZB-H1 (one chunk, ``split`` True) on ``rank``."""
-    per_round = m // _rounds(p, m)
-    total = m * v  # operations of each kind on this rank: M per chunk
-    # torch: the last rank warms up (v - 1) rounds; each hop upstream adds 2 (1 when split)
-    warmup = min((v - 1) * per_round + (1 if split else 2) * (p - 1 - rank), total)
-    count = {kind: [0] * v for kind in "FBW"}
-    ops: list[Op] = []
-
-    def emit(kind: str, chunk: int) -> None:
-        ops.append(Op(kind, count[kind][chunk], chunk * p + rank))  # type: ignore[arg-type]
-        count[kind][chunk] += 1
-
-    def back(j: int) -> int:  # the chunk of the j-th backward: depth first from the last
-        return v - 1 - (j // per_round) % v
-
-    for j in range(warmup):
-        emit("F", (j // per_round) % v)
-    for j in range(total):
-        if warmup + j < total:
-            emit("F", ((warmup + j) // per_round) % v)
-        emit("B", back(j))
-        if split and j >= rank:  # rank r keeps r weight gradients for the cool-down
-            emit("W", back(j - rank))
-    if split:
-        for j in range(max(total - rank, 0), total):
-            emit("W", back(j))
-    return tuple(ops)
-
-
-def _zbv(rank: int, p: int, m: int) -> tuple[Op, ...]:
-    """ZBV on ``rank``: chunk 0 is stage ``r``, chunk 1 stage ``2p - 1 - r`` (torch's order)."""
-    n = max(2 * p - 1, m)  # torch builds the full pipeline and drops microbatches >= M
-    stages = (rank, 2 * p - 1 - rank)
-    count = {kind: [0, 0] for kind in "FBW"}
-    ops: list[Op] = []
-
-    def emit(*pairs: tuple[str, int]) -> None:
-        for kind, chunk in pairs:
-            ops.append(Op(kind, count[kind][chunk], stages[chunk]))  # type: ignore[arg-type]
-            count[kind][chunk] += 1
-
-    f = count["F"]
-    for _ in range(2 * (p - rank) - 1):
-        emit(("F", 0))
-    for _ in range(rank):
-        emit(("F", 1), ("F", 0))
-    for _ in range(p - rank):
-        emit(("F", 1), ("B", 1), ("W", 1))
-    while f[1] < f[0] or f[0] < n:
-        if f[0] < n:
-            emit(("F", 0))
-        emit(("B", 0), ("W", 0), ("F", 1), ("B", 1), ("W", 1))
-    for _ in range(rank):
-        emit(("B", 0), ("B", 1))
-    for _ in range(p - rank):
-        emit(("B", 0), ("W", 0))
-    b, w = count["B"], count["W"]
-    emit(*[("W", 1)] * (b[1] - w[1]), *[("W", 0)] * (b[0] - w[0]))
-    return tuple(op for op in ops if op.microbatch < m)
-
-
-def rank_in_flight(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
-) -> tuple[int, ...]:
-    """Most chunk-microbatches whose activations each rank holds at once (forward to its B).
-
-    Divide by ``chunks`` for microbatches' worth of a rank's layers: 1F1B's stage ``s`` holds
-    ``min(M, p - s)``; interleaved rank 0 ``p + (p - 1) / v`` (= ``p (1 + (p - 1) / (p v))``).
-
-    Example:
-        >>> rank_in_flight(SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, microbatches=8, chunks=2)
-        (11, 9, 7, 5)
-    """
-    out = []
-    for ops in rank_orders(schedule, ranks=ranks, microbatches=microbatches, chunks=chunks):
-        held = most = 0
-        for op in ops:
-            held += {"F": 1, "B": -1, "W": 0}[op.kind]
-            most = max(most, held)
-        out.append(most)
-    return tuple(out)
-
-
 def format_ops(ops: Iterable[Op]) -> str:
     """``"F0 F1 B0 ..."``; :func:`parse_ops` reads it back."""
     return " ".join(str(op) for op in ops)
@@ -620,7 +428,8 @@ def parse_ops(text: str) -> tuple[Op, ...]:
 def _one_stage_per_device(schedule: AnySchedule) -> None:
     if not isinstance(schedule, Schedule):
         raise PlanError(
-            f"schedule {schedule} has per-rank orders, not per-stage ones; use rank_orders()"
+            f"schedule {schedule} has per-rank orders, not per-stage ones; use "
+            "planner.rank_schedules.rank_orders()"
         )
 
 

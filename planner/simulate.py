@@ -15,8 +15,8 @@ minibatch, ``pipedream`` runs minibatches back to back.
 
 Today's schedules (:class:`planner.schedules.SimulatedSchedule`) run on virtual stages:
 ``interleaved-1f1b`` and ``zbv`` put several stages (chunks) on one rank, as
-:func:`planner.schedules.stage_ranks` lays them out, and walk
-:func:`planner.schedules.rank_orders` (torch's orders); a transfer between two stages of one
+:func:`planner.rank_schedules.stage_ranks` lays them out, and walk
+:func:`planner.rank_schedules.rank_orders` (torch's orders); a transfer between two stages of one
 rank is free. ``zb-h1`` and ``zbv`` split each backward into B (input gradient: it sends the
 gradient upstream and frees the activations) and W (weight gradient,
 :attr:`SimStage.backward_weight_s`), which needs only its own B. On equal stages the simulated
@@ -53,13 +53,8 @@ import pandas as pd
 from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
-from planner.schedules import (
-    AnySchedule,
-    Schedule,
-    SimulatedSchedule,
-    check_schedule,
-    stage_ranks,
-)
+from planner.rank_schedules import check_schedule, stage_ranks
+from planner.schedules import AnySchedule, Schedule, SimulatedSchedule
 from planner.simulate_costs import plan_stages, ring_allreduce_s, virtual_stages
 from planner.topology import Topology
 
@@ -362,7 +357,7 @@ def simulate_stages(
 
     Under ``interleaved-1f1b``, ``zb-h1`` and ``zbv`` (:class:`SimulatedSchedule`) the
     ``stages`` are the ``p x chunks`` virtual stages in pipeline order, one rank each, placed as
-    :func:`planner.schedules.stage_ranks` says (stage ``s`` on the rank of stage ``s % p`` for
+    :func:`planner.rank_schedules.stage_ranks` says (stage ``s`` on the rank of stage ``s % p`` for
     interleaved, the V for ``zbv``): stages that share a device name the same rank. Transfers
     between two stages of one rank are free.
 
@@ -384,7 +379,7 @@ def simulate_stages(
     Raises:
         PlanError: No stages, a rank used twice, a rank outside the topology, fewer than one
             microbatch or minibatch, or a shape the schedule does not allow
-            (:func:`planner.schedules.check_schedule`).
+            (:func:`planner.rank_schedules.check_schedule`).
     """
     num = len(stages)
     if num == 0:

@@ -18,7 +18,8 @@ import numpy as np
 from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
-from planner.schedules import AnySchedule, OptimizerKind, Schedule, stage_ranks
+from planner.rank_schedules import stage_ranks
+from planner.schedules import AnySchedule, OptimizerKind, Schedule
 from planner.topology import Topology
 
 if TYPE_CHECKING:  # planner.simulate imports this module
@@ -110,7 +111,7 @@ def virtual_stages(
     optimizer: OptimizerKind = OptimizerKind.SGD,
 ) -> list[SimStage]:
     """The profile cut into ``ranks x chunks`` stages in its layer order, placed as ``schedule``
-    lays them out (:func:`planner.schedules.stage_ranks`), for :func:`simulate_stages`.
+    lays them out (:func:`planner.rank_schedules.stage_ranks`), for :func:`simulate_stages`.
 
     This is how today's schedules, which plans cannot name yet, are simulated on a real model.
     Costs are counted as :func:`plan_stages` counts them (no recomputation), and each stage's W

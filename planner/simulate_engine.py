@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 import planner.simulate as sim
+from planner.rank_schedules import rank_orders
 from planner.schedules import (
     AnySchedule,
     Schedule,
     SimulatedSchedule,
-    rank_orders,
     replica_order,
     splits_backward,
     sync_points,

@@ -17,14 +17,13 @@ from planner.commands import simulate as simulate_command
 from planner.errors import PlanError, PlannerError, ProfileError
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.format import LayerProfile, Profile
+from planner.rank_schedules import rank_in_flight, stage_ranks
 from planner.schedules import (
     OptimizerKind,
     Schedule,
     SimulatedSchedule,
     format_ops,
-    rank_in_flight,
     replica_order,
-    stage_ranks,
 )
 from planner.simulate import (
     COMPUTE_KINDS,

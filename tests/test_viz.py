@@ -11,7 +11,8 @@ from matplotlib.image import imread
 
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef
 from planner.profile.format import LayerProfile, Profile
-from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule, stage_ranks
+from planner.rank_schedules import stage_ranks
+from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule
 from planner.simulate import SimStage, SimulationResult, simulate, simulate_stages
 from planner.topology import Topology
 from planner.viz import (
