@@ -55,17 +55,25 @@ from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.rank_schedules import check_schedule, stage_ranks
 from planner.schedules import AnySchedule, Schedule, SimulatedSchedule
-from planner.simulate_costs import plan_stages, ring_allreduce_s, virtual_stages
+from planner.simulate_costs import (
+    DEFAULT_CASES,
+    compare_schedules,
+    plan_stages,
+    ring_allreduce_s,
+    virtual_stages,
+)
 from planner.topology import Topology
 
 __all__ = [
     "COMPUTE_KINDS",
+    "DEFAULT_CASES",
     "EVENT_COLUMNS",
     "EVENT_KINDS",
     "DeviceStats",
     "LinkStats",
     "SimStage",
     "SimulationResult",
+    "compare_schedules",
     "default_minibatches",
     "plan_stages",
     "ring_allreduce_s",
@@ -246,12 +254,13 @@ class SimulationResult:
         lines = [
             f"simulated {_count(self.minibatches, 'minibatch')} of "
             f"{_count(self.microbatches, 'microbatch')} "
-            f"({self.samples_per_minibatch} samples), schedule {self.schedule}",
+            f"({self.samples_per_minibatch} samples), schedule {self.schedule}"
+            + (f", {self.chunks} chunks per rank" if self.chunks > 1 else ""),
             f"time per minibatch {self.minibatch_s * 1e3:.2f} ms (first {self.first_minibatch_s * 1e3:.2f} ms), "
             f"{self.samples_per_s:.1f} samples/s, critical stage {self.critical_stage}",
             "rank  stage  replica  compute  allreduce  idle (bubble)  peak memory GiB",
         ]
-        for d in self.devices:
+        for d in self.devices:  # several chunks: the rank's first stage
             lines.append(
                 f"{d.rank:>4}  {d.stage:>5}  {d.replica:>7}  {d.compute_fraction:>6.1%}  "
                 f"{d.allreduce_fraction:>9.1%}  {d.idle_fraction:>13.1%}  "

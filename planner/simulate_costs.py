@@ -14,18 +14,34 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.rank_schedules import stage_ranks
-from planner.schedules import AnySchedule, OptimizerKind, Schedule
+from planner.schedules import AnySchedule, OptimizerKind, Schedule, SimulatedSchedule
 from planner.topology import Topology
 
 if TYPE_CHECKING:  # planner.simulate imports this module
-    from planner.simulate import SimStage
+    from planner.simulate import SimStage, SimulationResult
 
-__all__ = ["plan_stages", "ring_allreduce_s", "virtual_stages"]
+__all__ = [
+    "DEFAULT_CASES",
+    "compare_schedules",
+    "plan_stages",
+    "ring_allreduce_s",
+    "virtual_stages",
+]
+
+DEFAULT_CASES: tuple[tuple[AnySchedule, int], ...] = (
+    (Schedule.GPIPE, 1),
+    (Schedule.ONE_F_ONE_B, 1),
+    (SimulatedSchedule.INTERLEAVED_1F1B, 2),
+    (SimulatedSchedule.ZB_H1, 1),
+    (SimulatedSchedule.ZBV, 2),
+)
+"""The ``(schedule, chunks per rank)`` pairs :func:`compare_schedules` simulates by default."""
 
 _STATE_COPIES = {OptimizerKind.SGD: 0, OptimizerKind.MOMENTUM: 1, OptimizerKind.ADAM: 2}
 
@@ -211,3 +227,83 @@ def ring_allreduce_s(topology: Topology, ranks: Sequence[int], nbytes: float) ->
         return 0.0
     level = topology.levels[topology.span_level(ranks)]
     return 2 * (m - 1) / m * nbytes / level.bandwidth_bytes_per_s + 2 * (m - 1) * level.latency_s
+
+
+def compare_schedules(
+    profile: Profile,
+    *,
+    ranks: int,
+    microbatches: int,
+    microbatch_size: int | None = None,
+    topology: Topology | None = None,
+    optimizer: OptimizerKind = OptimizerKind.SGD,
+    cases: Sequence[tuple[AnySchedule, int]] = DEFAULT_CASES,
+) -> tuple[pd.DataFrame, dict[str, SimulationResult]]:
+    """Simulate one model under several schedules on ``ranks`` ranks, each on its own even split
+    (:func:`virtual_stages`): a table, and every run for its Gantt chart.
+
+    Example:
+        >>> table, runs = compare_schedules(profile, ranks=4, microbatches=8)     # doctest: +SKIP
+        >>> draw_gantt(runs["zbv x2"], "zbv.png")                                # doctest: +SKIP
+
+    Returns:
+        One row per case (``schedule``, ``chunks``, ``minibatch_ms``, ``samples_per_s``,
+        ``bubble`` (mean idle share of the ranks), ``peak_memory_gib`` (the highest rank),
+        ``vs_1f1b`` (throughput over ``1f1b``'s, when it is a case) and ``note`` (why a shape
+        was refused, e.g. torch's microbatch rule)), and the runs by label (``"zbv x2"``,
+        ``"1f1b"``).
+    """
+    from planner.errors import PlannerError
+    from planner.simulate import simulate_stages
+
+    size = microbatch_size or profile.batch_size
+    rows, runs = [], {}
+    for schedule, chunks in cases:
+        label = f"{schedule} x{chunks}" if chunks > 1 else str(schedule)
+        row: dict[str, object] = {"schedule": str(schedule), "chunks": chunks, "note": ""}
+        try:
+            stages = virtual_stages(
+                profile,
+                schedule=schedule,
+                ranks=ranks,
+                chunks=chunks,
+                microbatch_size=size,
+                topology=topology,
+                optimizer=optimizer,
+            )
+            run = simulate_stages(
+                stages,
+                schedule=schedule,
+                microbatches=microbatches,
+                topology=topology,
+                microbatch_size=size,
+                chunks=chunks,
+            )
+        except PlannerError as exc:
+            row["note"] = str(exc)
+            rows.append(row)
+            continue
+        runs[label] = run
+        row |= {
+            "minibatch_ms": run.minibatch_s * 1e3,
+            "samples_per_s": run.samples_per_s,
+            "bubble": float(np.mean([d.idle_fraction for d in run.devices])),
+            "peak_memory_gib": max(d.peak_memory_bytes for d in run.devices) / 2**30,
+        }
+        rows.append(row)
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "schedule",
+            "chunks",
+            "minibatch_ms",
+            "samples_per_s",
+            "bubble",
+            "peak_memory_gib",
+            "vs_1f1b",
+            "note",
+        ],
+    )
+    if str(Schedule.ONE_F_ONE_B) in runs:
+        table["vs_1f1b"] = table["samples_per_s"] / runs[str(Schedule.ONE_F_ONE_B)].samples_per_s
+    return table, runs

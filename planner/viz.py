@@ -408,7 +408,7 @@ def memory_figure(
             color=color,
             lw=1.2,
             ls=style,
-            label=f"rank {d.rank} / stage {d.stage}",
+            label=_device_label(d),
         )
     left.set_xlim(0, until_s * 1e3)
     left.set_xlabel("time (ms)")
@@ -435,7 +435,7 @@ def memory_figure(
     )
     right.set_yticks(
         y,
-        [f"rank {d.rank} / stage {d.stage}" for d in devices],
+        [_device_label(d) for d in devices],
         fontsize=8 if len(devices) <= 24 else 6,
     )
     right.set_ylim(len(devices) - 0.5, -0.5)

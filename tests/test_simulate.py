@@ -30,6 +30,7 @@ from planner.simulate import (
     EVENT_COLUMNS,
     EVENT_KINDS,
     SimStage,
+    compare_schedules,
     default_minibatches,
     plan_stages,
     ring_allreduce_s,
@@ -900,3 +901,31 @@ def test_interleaving_multiplies_the_point_to_point_traffic_by_about_v(p: int, v
     assert counts[Schedule.ONE_F_ONE_B] == 2 * m * (p - 1)
     assert counts[SimulatedSchedule.INTERLEAVED_1F1B] == 2 * m * (p * v - 1)  # v (p-1) + (v-1)
     assert counts[SimulatedSchedule.ZBV] == 2 * m * (2 * p - 2)  # the V's turn stays on a rank
+
+
+def test_compare_schedules_tabulates_each_schedule_on_its_own_split() -> None:
+    profile = chain_profile([(1.0, 2.0)] * 16)
+    table, runs = compare_schedules(profile, ranks=4, microbatches=8)
+    assert list(table["schedule"]) == ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"]
+    assert list(runs) == ["gpipe", "1f1b", "interleaved-1f1b x2", "zb-h1", "zbv x2"]
+    assert (table["note"] == "").all()
+    for label, run in runs.items():
+        schedule = next(s for s in (*Schedule, *SimulatedSchedule) if label.split()[0] == str(s))
+        chunks = 2 if label.endswith("x2") else 1
+        again = simulate_stages(
+            virtual_stages(profile, schedule=schedule, ranks=4, chunks=chunks),
+            schedule=schedule,
+            microbatches=8,
+            microbatch_size=4,
+            chunks=chunks,
+        )
+        row = table[table["schedule"] == str(schedule)].iloc[0]
+        assert row["samples_per_s"] == again.samples_per_s == run.samples_per_s
+        assert row["vs_1f1b"] == again.samples_per_s / runs["1f1b"].samples_per_s
+    # equal layers, W half the backward: the zero-bubble schedules beat 1F1B by their bubble
+    speedup = table.set_index("schedule")["vs_1f1b"]
+    assert speedup["zb-h1"] > 1.1 and speedup["zbv"] > 1.1 and speedup["gpipe"] == 1.0
+    odd, odd_runs = compare_schedules(profile, ranks=4, microbatches=9)
+    assert set(odd_runs) == {"gpipe", "1f1b", "zbv x2"}  # 9 is not a multiple of 2 rounds
+    notes = odd.set_index("schedule")["note"]
+    assert "use 8 or 10 microbatches" in notes["interleaved-1f1b"] and notes["zb-h1"]
