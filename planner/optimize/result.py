@@ -58,6 +58,9 @@ class Partition:
         note: Why it does not fit, or another remark worth showing next to the plan.
         microbatch_size: Samples per microbatch the plan was computed for, when the planner chose
             it (:func:`planner.optimize.optimize` with ``microbatches=None``); else None.
+        gap: Relative distance of ``objective_s`` above a lower bound over every partition
+            (:func:`planner.optimize.bounds.certify`): 0.0 proven optimal; None when not
+            certified (then ``optimal`` speaks only for the solver's own state space).
     """
 
     stages: tuple[StageAssignment, ...]
@@ -72,6 +75,7 @@ class Partition:
     fits: bool = True
     note: str = ""
     microbatch_size: int | None = None
+    gap: float | None = None
 
     @property
     def num_devices_used(self) -> int:

@@ -1,0 +1,226 @@
+"""A lower bound on the best plan over every downset chain, and the certificate a plan records.
+
+The DP searches a bounded state space on branchy graphs (:mod:`planner.optimize.states`), so its
+answer is optimal for that space, not necessarily over all partitions. :func:`lower_bound` is a
+relaxation that no partition (any chain of downsets, any replicas, any placement) can beat, and
+:func:`certify` records the relative gap ``(value - bound) / bound`` in the partition: 0 means
+proven optimal.
+
+The relaxation (``planner`` cost model; ``W`` total compute, ``P`` parameter bytes, ``N`` devices,
+``M`` microbatches; ``f(m) = 1 / share(m)`` the microbatches per unit time ``m`` replicas
+retire: ``m`` for ``pipedream``, ``M / ceil(M / m)`` for ``1f1b``/``gpipe``):
+
+* **One stage** (``S = 1``) is scored exactly: every replica count the options allow whose
+  stage fits in memory, with the all-reduce at the cheapest level ``m`` devices can span.
+* **Two or more stages.** Links only ever raise a stage's time (they overlap compute in a max),
+  memory only removes plans, so both are dropped. Layers may be split fractionally, so what is
+  left of a stage is its compute ``C`` and its parameters, which are at least ``g(C)``: the
+  fewest parameter bytes any set of layers with compute ``C`` can hold (fractional knapsack:
+  layers by parameters per second, cheapest first). For every ``S``:
+
+  - some stage has ``C / m >= W / N`` (the devices do all the work), so the slowest stage is at
+    least ``W / N`` (with ``m = 1``; a replicated stage is no faster per device);
+  - the largest stage has ``C >= W / S`` on some ``m <= N - S + 1`` replicas: its time is at
+    least ``W / (S f(m))``, its all-reduce at least ``A(m, g(W / S))``, and for
+    ``pipedream`` its time is ``(C + A) / m``;
+  - the stage holding the most expensive layer is at least ``C_max / f(N - S + 1)``;
+
+  and the objective is minimised over ``S`` and ``m``: ``(M + S - 1) T + Z`` for flushed
+  schedules, ``T`` for ``pipedream``.
+* **The ``pipedream`` cost model** (PipeDream's formulas, hierarchical): ``W / N``; every device
+  retires at most its share of the compute.
+
+It is exact for a single layer (one stage), and close when the work divides evenly; it is loose
+where the optimum is limited by things it drops (cut sizes larger than compute, memory, how
+parameters and compute sit together in layers).
+
+Example:
+    >>> from planner.profile import LayerProfile, Profile
+    >>> from planner.topology import Topology
+    >>> from planner.optimize.cost import CostModel
+    >>> la = [LayerProfile(name=f"l{i}", op="", forward_ms=1, backward_ms=1, output_bytes=(0,),
+    ...                    parameter_bytes=0, inputs=(i - 1,) if i else ()) for i in range(4)]
+    >>> c = CostModel(Profile(model="m", batch_size=1, layers=tuple(la)), Topology.from_args(gpus=2))
+    >>> lower_bound(c)  # 8 ms of work on 2 devices
+    0.004
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from planner.optimize.cost import CostModel, CostModelKind
+from planner.optimize.result import Partition
+from planner.schedules import Schedule
+
+__all__ = ["certify", "gap_of", "lower_bound"]
+
+#: Relative slack under which a plan counts as meeting its bound (float rounding).
+TIGHT = 1e-9
+
+
+def lower_bound(cost: CostModel) -> float:
+    """A value no partition of ``cost``'s profile on its topology can beat (module docstring).
+
+    Returns ``inf`` when nothing can fit (no stage count survives), never more than the optimum.
+    """
+    o = cost.options
+    compute = np.asarray(cost.compute_s, dtype=float)
+    work = float(compute.sum())
+    devices = cost.topology.num_devices
+    if work <= 0:
+        return 0.0
+    if o.cost_model is CostModelKind.PIPEDREAM:
+        return work / devices
+    one = _one_stage(cost)
+    layers = cost.num_layers
+    most_stages = min(devices, layers)
+    if most_stages < 2:
+        return one
+    return min(one, _many_stages(cost, work, float(compute.max()), most_stages))
+
+
+def gap_of(value: float, bound: float) -> float:
+    """Relative gap ``(value - bound) / bound``, 0.0 within rounding, inf without a bound."""
+    if not math.isfinite(value):
+        return math.inf
+    if bound <= 0:
+        return 0.0 if value <= 0 else math.inf
+    gap = (value - bound) / bound
+    return 0.0 if gap <= TIGHT else gap
+
+
+def certify(partition: Partition, cost: CostModel, *, complete: bool = False) -> Partition:
+    """The partition with ``gap`` set and ``optimal`` true when proven.
+
+    Args:
+        partition: A solver's answer for ``cost``.
+        cost: Its cost model.
+        complete: The solver searched every downset chain exactly (a complete state space), so
+            its answer is optimal whatever the gap.
+    """
+    gap = gap_of(partition.objective_s, lower_bound(cost))
+    optimal = (partition.optimal and complete) or gap == 0.0
+    return dataclasses.replace(partition, gap=gap, optimal=optimal)
+
+
+# --- the pieces -------------------------------------------------------------------------------
+
+
+def _capacity(schedule: Schedule, microbatches: int, replicas: np.ndarray) -> np.ndarray:
+    """``f(m)``: 1 / the replica share of each replica count."""
+    m = replicas.astype(float)
+    if schedule is Schedule.PIPEDREAM:
+        return m
+    return microbatches / np.ceil(microbatches / m)
+
+
+def _allreduce_floor(cost: CostModel, replicas: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """The least ring all-reduce of ``nbytes`` among ``replicas`` at any level they can span.
+
+    ``m`` distinct devices span at least the innermost level whose unit holds ``m`` devices, and
+    possibly any level outside it (whichever is cheapest counts).
+    """
+    topo = cost.topology
+    m = np.asarray(replicas, dtype=float)
+    nb = np.asarray(nbytes, dtype=float)
+    top = len(topo.levels) - 1
+    first = np.full(m.shape, top)
+    for level in range(top - 1, -1, -1):
+        first = np.where(m <= topo.block_size(level), level, first)
+    best = np.full(np.broadcast(m, nb).shape, np.inf)
+    steps = 2.0 * (m - 1.0)
+    for level, lv in enumerate(topo.levels):
+        value = np.where(
+            (m > 1) & (nb > 0),
+            steps / np.maximum(m, 1.0) * nb / lv.bandwidth_bytes_per_s + steps * lv.latency_s,
+            0.0,
+        )
+        best = np.where(level >= first, np.minimum(best, value), best)
+    return best
+
+
+def _param_floor(cost: CostModel):
+    """``g``: the fewest parameter bytes a set of layers with the given compute can hold."""
+    c = np.asarray(cost.compute_s, dtype=float)
+    p = np.asarray(cost.parameter_bytes, dtype=float)
+    keep = c > 0
+    c, p = c[keep], p[keep]
+    order = np.argsort(p / c, kind="stable")
+    xs = np.concatenate([[0.0], np.cumsum(c[order])])
+    ys = np.concatenate([[0.0], np.cumsum(p[order])])
+
+    def g(x: np.ndarray) -> np.ndarray:
+        # piecewise linear and convex; rounding down keeps it a floor
+        return np.maximum(np.interp(x, xs, ys) * (1 - 1e-12), 0.0)
+
+    return g
+
+
+def _one_stage(cost: CostModel) -> float:
+    """The best single-stage plan, scored exactly (all-reduce at its cheapest possible level)."""
+    o = cost.options
+    devices = cost.topology.num_devices
+    reps = np.arange(1, (1 if o.straight else devices) + 1)
+    if not o.allow_fewer_devices:  # one stage then runs on every device
+        reps = reps[reps == devices]
+        if not len(reps):
+            return math.inf
+    work = float(np.sum(cost.compute_s))
+    params = float(np.sum(cost.parameter_bytes))
+    ar = _allreduce_floor(cost, reps, np.full(len(reps), params))
+    share = 1.0 / _capacity(o.schedule, o.microbatches, reps)
+    if o.schedule is Schedule.PIPEDREAM:
+        values = (work + ar) * share
+    else:
+        values = o.microbatches * work * share + ar
+    if o.memory_constraint:
+        fits = np.array(
+            [
+                cost.stage_memory_bytes(
+                    parameter_bytes=params,
+                    buffer_bytes=float(np.sum(cost.buffer_bytes)),
+                    saved_bytes=float(np.sum(cost.saved_bytes)),
+                    input_bytes=0.0,
+                    replicas=int(m),
+                    devices_from_here=int(m),
+                )
+                <= cost.memory_limit_bytes
+                for m in reps
+            ]
+        )
+        values = np.where(fits, values, np.inf)
+    return float(values.min())
+
+
+def _many_stages(cost: CostModel, work: float, heaviest: float, most_stages: int) -> float:
+    """The relaxation's best value over two or more stages (module docstring)."""
+    o = cost.options
+    devices = cost.topology.num_devices
+    g = _param_floor(cost)
+    stages = np.arange(2, most_stages + 1)  # (S,)
+    room = devices - stages + 1  # most replicas one stage can have
+    if o.straight:
+        room = np.ones_like(room)
+    reps = np.arange(1, int(room.max()) + 1)  # (m,)
+    ok = reps[None, :] <= room[:, None]  # (S, m)
+    cap = _capacity(o.schedule, o.microbatches, reps)  # (m,)
+    largest = work / stages  # compute of the largest stage is at least this
+    params = g(largest)  # (S,)
+    ar = _allreduce_floor(
+        cost, np.broadcast_to(reps[None, :], ok.shape), np.broadcast_to(params[:, None], ok.shape)
+    )  # (S, m)
+    cap_room = _capacity(o.schedule, o.microbatches, room)  # (S,)
+    floor_t = np.maximum(work / devices, heaviest / cap_room)  # (S,)
+    if o.schedule is Schedule.PIPEDREAM:
+        t_big = (largest[:, None] + ar) / reps[None, :]  # (S, m)
+        value = np.maximum(floor_t[:, None], t_big)
+    else:
+        t_big = largest[:, None] / cap[None, :]
+        t = np.maximum(floor_t[:, None], t_big)
+        value = (o.microbatches + stages[:, None] - 1) * t + ar
+    value = np.where(ok, value, np.inf)
+    return float(value.min())
