@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # planner.simulate imports this module
 
 __all__ = [
     "DEFAULT_CASES",
+    "balanced_starts",
     "compare_schedules",
     "plan_stages",
     "ring_allreduce_s",
@@ -146,8 +147,7 @@ def virtual_stages(
         chunks: Stages per rank ``v``.
         microbatch_size: Samples per microbatch; default the profile's batch size.
         starts: The first layer index of every stage after the first (``p v - 1`` increasing
-            indices); default cuts where the running forward+backward time crosses each
-            ``k / (p v)`` of the total, an even split of the compute.
+            indices); default :func:`balanced_starts` of the layers' forward+backward times.
         topology: The devices; ranks ``0..p-1`` are used.
         optimizer: The training optimizer (its state counts towards memory).
 
@@ -163,14 +163,8 @@ def virtual_stages(
     if count < num:
         raise PlanError(f"{count} layers cannot fill {num} stages; use fewer ranks or chunks")
     if starts is None:
-        work = np.cumsum(
-            [0.0 if i in ignored else x.compute_ms for i, x in enumerate(scaled.layers)]
-        )
-        targets = work[-1] * np.arange(1, num) / num
-        cuts = np.searchsorted(work, targets, side="left") + 1
-        starts = [int(min(max(c, k + 1), count - num + k + 1)) for k, c in enumerate(cuts)]
-        for k in range(1, len(starts)):  # at least one layer per stage
-            starts[k] = max(starts[k], starts[k - 1] + 1)
+        work = [0.0 if i in ignored else x.compute_ms for i, x in enumerate(scaled.layers)]
+        starts = balanced_starts(work, num)
     bounds = [0, *starts, count]
     if len(bounds) != num + 1 or any(a >= b for a, b in itertools.pairwise(bounds)):
         raise PlanError(
@@ -206,6 +200,43 @@ def virtual_stages(
             )
         )
     return out
+
+
+def balanced_starts(costs: Sequence[float], parts: int) -> list[int]:
+    """Where ``parts`` contiguous pieces of ``costs`` start (after the first) so that the largest
+    piece is as small as it can be (to 1e-9 relative), every piece non-empty.
+
+    A bisection on the cap: the greedy cut (close a piece just before it would exceed the cap)
+    uses the fewest pieces for a cap, so the smallest cap it fits into ``parts`` pieces is the
+    optimum; pieces left over split single layers off the end.
+
+    Example:
+        >>> balanced_starts([1, 1, 1, 6, 1, 1], 3)
+        [3, 4]
+    """
+    count = len(costs)
+    if not 1 <= parts <= count:
+        raise PlanError(f"cannot cut {count} layers into {parts} non-empty stages")
+
+    def cut(cap: float) -> list[int]:
+        out, total = [], 0.0
+        for i, c in enumerate(costs):
+            if i and total + c > cap:
+                out.append(i)
+                total = 0.0
+            total += c
+        return out
+
+    lo, hi = max(costs, default=0.0), float(sum(costs))
+    while hi - lo > 1e-9 * max(hi, 1e-300):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if len(cut(mid)) < parts else (mid, hi)
+    taken = set(cut(hi))
+    for i in range(count - 1, 0, -1):  # too few pieces: split layers off the end
+        if len(taken) >= parts - 1:
+            break
+        taken.add(i)
+    return sorted(taken)
 
 
 def _not_planned(profile: Profile) -> set[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from planner.simulate import (
     steady_window,
     virtual_stages,
 )
+from planner.simulate_costs import balanced_starts
 from planner.topology import GB, Level, Topology
 
 ALL = list(Schedule)
@@ -929,3 +931,20 @@ def test_compare_schedules_tabulates_each_schedule_on_its_own_split() -> None:
     assert set(odd_runs) == {"gpipe", "1f1b", "zbv x2"}  # 9 is not a multiple of 2 rounds
     notes = odd.set_index("schedule")["note"]
     assert "use 8 or 10 microbatches" in notes["interleaved-1f1b"] and notes["zb-h1"]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_balanced_starts_equal_the_brute_force_min_max_cut(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    costs = list(rng.choice([0.0, 0.5, 1.0, 2.0, 7.0], size=int(rng.integers(1, 9))))
+    parts = int(rng.integers(1, len(costs) + 1))
+
+    def worst(starts: Sequence[int]) -> float:
+        bounds = [0, *starts, len(costs)]
+        return max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+
+    best = min(worst(c) for c in itertools.combinations(range(1, len(costs)), parts - 1))
+    found = balanced_starts(costs, parts)
+    assert len(found) == parts - 1 and found == sorted(set(found))
+    assert all(0 < i < len(costs) for i in found)
+    assert worst(found) == pytest.approx(best, rel=1e-8, abs=1e-12)
