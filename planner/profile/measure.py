@@ -233,7 +233,9 @@ def profile_model(
         calibrate=calibrate,
         clock=clock,
     )
-    return measure_backward_split(profile, model.module, inputs, reps=min(reps, 3), clock=clock)
+    return measure_backward_split(
+        profile, model.module, inputs, reps=min(reps, 3), clock=clock, progress=progress
+    )
 
 
 def profile_module(
@@ -449,6 +451,7 @@ def measure_backward_split(
     *,
     reps: int = 2,
     clock: Clock = time.perf_counter,
+    progress: bool = False,
 ) -> Profile:
     """``profile`` (of ``module`` on ``inputs``) with each layer's backward measured as input
     gradient (B) and weight gradient (W), the split the zero-bubble schedules run.
@@ -504,7 +507,14 @@ def measure_backward_split(
         with memory:
             recording = record(graph, inputs, backward=True)
             ones = GradOnes()
-            for layer in graph.layers:
+            for layer in tqdm(
+                graph.layers,
+                desc=f"profiling {profile.model}: backward split",
+                unit="layer",
+                file=sys.stderr,
+                disable=not progress,
+                leave=False,
+            ):
                 runner = LayerRunner(graph.module, layer, recording, ones)
                 b_ms: list[float] = []
                 w_ms: list[float] = []
