@@ -199,6 +199,7 @@ def _command(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["planner.commands.run", "planner.runtime"])
 def test_a_plans_model_in_the_current_folder_does_not_run_without_trust(
     user_plan: Path, env_path: dict, entry: str
@@ -212,9 +213,10 @@ def test_a_plans_model_in_the_current_folder_does_not_run_without_trust(
     assert not (user_plan.parent / "plan.report.json").exists()
 
 
+@pytest.mark.slow
 def test_a_plans_model_runs_with_trust_model(user_plan: Path, env_path: dict) -> None:
     # trusted: the model is imported (from the current folder) and checked; a missing data
-    # folder then stops the run before any rank starts, so this stays fast
+    # folder then stops the run before any rank starts
     done = _command(
         user_plan, "planner.commands.run", "--trust-model", "--data", "none", env=env_path
     )
@@ -222,6 +224,7 @@ def test_a_plans_model_runs_with_trust_model(user_plan: Path, env_path: dict) ->
     assert done.returncode == 2 and "not a folder" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_plans_model_runs_when_named_on_the_command_line(user_plan: Path, env_path: dict) -> None:
     done = _command(
@@ -305,6 +308,7 @@ def _gone(pid: int, timeout: float = 20.0) -> bool:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_rank_ends_when_its_launcher_is_killed() -> None:
     launcher = subprocess.Popen(
@@ -325,6 +329,7 @@ def test_a_rank_ends_when_its_launcher_is_killed() -> None:
                 os.kill(rank, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_rank_whose_launcher_is_already_gone_exits_at_once() -> None:
     done = subprocess.run(
         [sys.executable, "-c", _RANK],
