@@ -339,3 +339,19 @@ def test_a_rank_whose_launcher_is_already_gone_exits_at_once() -> None:
         timeout=120,
     )
     assert done.returncode != 0 and "ready" not in done.stdout
+
+
+def test_rank_0_under_torchrun_holds_the_checkpoint_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from planner.runtime.checkpoint import checkpoint_lock
+
+    make_plan(MLP, cuts=["_3"], replicas=[1, 1]).save(tmp_path / "plan.json")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PLANNER_LAUNCHER_PID", raising=False)
+    argv = [str(tmp_path / "plan.json"), "--trust-model", "--checkpoint-dir", str(tmp_path / "c")]
+    with checkpoint_lock(tmp_path / "c"):  # another run holds it
+        assert rank_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is in use by another run" in err[0], err
