@@ -167,7 +167,13 @@ class Plan:
         stages: Stages in pipeline order.
         predicted: Predicted time and throughput.
         solver: ``dp``, ``ilp`` or ``baseline:<name>``.
-        optimal: Whether the solver proved optimality.
+        optimal: Whether the plan is proven optimal: over every partition when ``gap`` is set
+            (the search was complete, or the plan meets the lower bound); plans written before
+            ``gap`` existed: for the solver's own state space.
+        gap: Relative distance above the lower bound over every partition
+            (:func:`planner.optimize.bounds.certify`), 0.0 when proven optimal; None when not
+            certified (older plans, baselines).
+        note: A remark on how the plan was found (e.g. a state space larger than PipeDream's).
         cost_model: ``planner`` or ``pipedream``.
         recompute: Whether activations are recomputed in backward.
         weight_decay: Weight decay the run trains with (``plan run --weight-decay`` overrides).
@@ -187,6 +193,8 @@ class Plan:
     predicted: Prediction
     solver: str = "dp"
     optimal: bool = True
+    gap: float | None = None
+    note: str = ""
     cost_model: str = "planner"
     recompute: bool = False
     weight_decay: float = 0.0
@@ -280,6 +288,22 @@ class Plan:
     def bottleneck_stage(self) -> int:
         return max(range(len(self.stages)), key=lambda s: self.stages[s].time_s)
 
+    def certificate(self) -> str:
+        """What is proven about the plan, as the summary prints it after the solver's name.
+
+        Example:
+            >>> from types import SimpleNamespace as NS
+            >>> Plan.certificate(NS(optimal=False, gap=0.0123))
+            ' (within 1.2% of the lower bound)'
+            >>> Plan.certificate(NS(optimal=True, gap=0.0)), Plan.certificate(NS(optimal=True, gap=None))
+            (' (proven optimal)', '')
+        """
+        if self.gap is None:
+            return "" if self.optimal else " (not proven optimal)"
+        if self.optimal:
+            return " (proven optimal)"
+        return f" (within {self.gap * 100:.1f}% of the lower bound)"
+
     def describe(self) -> str:
         """The human-readable stage table the CLI prints."""
         p = self.predicted
@@ -289,7 +313,7 @@ class Plan:
             f" of {self.topology.describe()}\n"
             f"schedule {self.schedule}, minibatch {self.minibatch_size} = {self.microbatches} x "
             f"{self.microbatch_size}, optimizer {self.optimizer}, solver {self.solver}"
-            f"{'' if self.optimal else ' (not proven optimal)'}, cost model {self.cost_model}"
+            f"{self.certificate()}, cost model {self.cost_model}"
             f"{', recompute' if self.recompute else ''}\n"
         )
         cols = (
@@ -337,7 +361,7 @@ class Plan:
 
         table = "\n".join([line(cols), *(line(r) for r in rows)])
         lines = [
-            header,
+            header + (f"note: {printable(self.note, limit=300)}\n" if self.note else ""),
             table,
             "(* bottleneck stage; compute per microbatch on one replica; time = the stage's "
             "steady-state share per microbatch)",
@@ -401,6 +425,8 @@ class Plan:
                         "microbatches",
                         "solver",
                         "optimal",
+                        "gap",
+                        "note",
                         "cost_model",
                         "recompute",
                         "weight_decay",

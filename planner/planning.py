@@ -128,8 +128,9 @@ def solve(
 ) -> Partition:
     """One solver run for a fixed microbatch count (the profile is rescaled to the microbatch)."""
     from planner.optimize import optimize
+    from planner.optimize.bounds import certify_plan
 
-    return optimize(
+    partition = optimize(
         profile.rescale(minibatch_size // microbatches),
         topology,
         schedule=options.schedule,
@@ -141,6 +142,16 @@ def solve(
         recompute=options.recompute,
         cost_model=options.cost_model,
         time_limit_s=options.time_limit_s,
+    )
+    # the certificate: gap to a lower bound over every partition, optimal when proven (D)
+    return certify_plan(
+        partition,
+        profile.rescale(minibatch_size // microbatches),
+        topology,
+        optimizer=options.optimizer,
+        straight=options.straight,
+        recompute=options.recompute,
+        memory_constraint=options.memory_constraint,
     )
 
 
@@ -289,6 +300,8 @@ def plan_from_partition(
         ),
         solver=partition.solver,
         optimal=partition.optimal,
+        gap=partition.gap if partition.gap is not None and partition.gap < float("inf") else None,
+        note=partition.note,
         cost_model=partition.cost_model,
         recompute=options.recompute,
         baselines=tuple(scores),

@@ -52,11 +52,13 @@ import math
 
 import numpy as np
 
-from planner.optimize.cost import CostModel, CostModelKind
+from planner.optimize.cost import CostModel, CostModelKind, SolverOptions
 from planner.optimize.result import Partition
-from planner.schedules import Schedule
+from planner.profile.format import Profile
+from planner.schedules import OptimizerKind, Schedule
+from planner.topology import Topology
 
-__all__ = ["certify", "gap_of", "lower_bound"]
+__all__ = ["certify", "certify_plan", "gap_of", "lower_bound"]
 
 #: Relative slack under which a plan counts as meeting its bound (float rounding).
 TIGHT = 1e-9
@@ -105,6 +107,53 @@ def certify(partition: Partition, cost: CostModel, *, complete: bool = False) ->
     gap = gap_of(partition.objective_s, lower_bound(cost))
     optimal = (partition.optimal and complete) or gap == 0.0
     return dataclasses.replace(partition, gap=gap, optimal=optimal)
+
+
+def certify_plan(
+    partition: Partition,
+    profile: Profile,
+    topology: Topology,
+    *,
+    optimizer: OptimizerKind | str = OptimizerKind.SGD,
+    straight: bool = False,
+    recompute: bool = False,
+    memory_constraint: bool = True,
+) -> Partition:
+    """:func:`certify` for a solver's answer on ``profile`` (at the microbatch size).
+
+    The cost model is rebuilt from the partition (schedule, microbatches, cost model) and these
+    options; the search counts as complete when the DP's state space for this graph is
+    (:attr:`~planner.optimize.states.StateSpace.complete`). Under the ``pipedream`` cost model on
+    a graph whose antichain DAG is too large, the note says the bounded space was searched.
+    """
+    from planner.optimize.states import build_states
+
+    kind = CostModelKind(partition.cost_model)
+    cost = CostModel(
+        profile,
+        topology,
+        SolverOptions(
+            schedule=partition.schedule,
+            microbatches=partition.microbatches,
+            optimizer=OptimizerKind(optimizer),
+            straight=straight,
+            recompute=recompute,
+            memory_constraint=memory_constraint,
+            cost_model=kind,
+        ),
+    )
+    space = build_states(profile, "antichain" if kind is CostModelKind.PIPEDREAM else "auto")
+    certified = certify(partition, cost, complete=space.complete)
+    if space.kind == "antichain-bounded":
+        note = (
+            "PipeDream's antichain space is too large for this graph (its optimizer does not "
+            f"finish); planned over a bounded space of {len(space)} states instead, with "
+            "PipeDream's formulas"
+        )
+        certified = dataclasses.replace(
+            certified, note=f"{certified.note}; {note}" if certified.note else note
+        )
+    return certified
 
 
 # --- the pieces -------------------------------------------------------------------------------

@@ -174,3 +174,25 @@ def test_gap_of():
     assert gap_of(1.05, 1.0) == pytest.approx(0.05)
     assert gap_of(math.inf, 1.0) == math.inf
     assert gap_of(0.0, 0.0) == 0.0
+
+
+def test_plans_record_and_print_the_certificate(tmp_path):
+    from planner.plan import Plan
+    from planner.planning import PlanOptions, make_plan
+
+    profile = nasnet_profile(cells=4, seed=1, batch_size=4)
+    path = tmp_path / "nasnet.json"
+    profile.save(path)
+    plan = make_plan(profile, path, Topology.from_args(gpus=4), PlanOptions(microbatches=4))
+    assert plan.gap is not None and plan.gap >= 0
+    text = plan.describe()
+    if plan.optimal:
+        assert plan.gap == 0.0 and "(proven optimal)" in text
+    else:
+        assert f"(within {plan.gap * 100:.1f}% of the lower bound)" in text
+    doc = plan.to_dict()
+    assert Plan.from_dict(doc).gap == plan.gap
+    # plans written before the certificate existed still load, and print as before
+    old = {k: v for k, v in doc.items() if k not in ("gap", "note")}
+    loaded = Plan.from_dict(old)
+    assert loaded.gap is None and "lower bound" not in loaded.describe()
