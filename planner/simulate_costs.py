@@ -31,6 +31,7 @@ __all__ = [
     "balanced_starts",
     "compare_schedules",
     "plan_stages",
+    "rank_balanced_starts",
     "ring_allreduce_s",
     "virtual_stages",
 ]
@@ -147,7 +148,9 @@ def virtual_stages(
         chunks: Stages per rank ``v``.
         microbatch_size: Samples per microbatch; default the profile's batch size.
         starts: The first layer index of every stage after the first (``p v - 1`` increasing
-            indices); default :func:`balanced_starts` of the layers' forward+backward times.
+            indices); default :func:`balanced_starts` of the layers' forward+backward times
+            (the slowest stage as fast as it can be; with several chunks per rank
+            :func:`rank_balanced_starts` may balance the ranks better).
         topology: The devices; ranks ``0..p-1`` are used.
         optimizer: The training optimizer (its state counts towards memory).
 
@@ -162,6 +165,7 @@ def virtual_stages(
     count = len(scaled.layers)
     if count < num:
         raise PlanError(f"{count} layers cannot fill {num} stages; use fewer ranks or chunks")
+    layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
     if starts is None:
         work = [0.0 if i in ignored else x.compute_ms for i, x in enumerate(scaled.layers)]
         starts = balanced_starts(work, num)
@@ -172,7 +176,6 @@ def virtual_stages(
         )
     stage_of = np.repeat(np.arange(num), np.diff(bounds))
     boundary = _boundary_bytes(scaled, stage_of, num, ignored)
-    layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
     copies = 2 + _STATE_COPIES[optimizer]
     out = []
     for s in range(num):
@@ -239,6 +242,46 @@ def balanced_starts(costs: Sequence[float], parts: int) -> list[int]:
     return sorted(taken)
 
 
+def rank_balanced_starts(costs: Sequence[float], layout: Sequence[int]) -> list[int]:
+    """A cut of ``costs`` into ``len(layout)`` pieces, piece ``s`` on rank ``layout[s]``, that
+    keeps the busiest rank's total low: from :func:`balanced_starts`, boundaries move one layer at
+    a time while the ranks' totals (then the pieces), sorted from the largest, decrease
+    lexicographically. A local search, not proven optimal; :func:`balanced_starts` is exact when
+    every rank holds one piece.
+
+    Example:
+        >>> rank_balanced_starts([1, 1, 1, 1, 1, 1, 1, 1, 1, 8], [0, 1, 1, 0])  # V on 2 ranks
+        [1, 5, 9]
+    """
+    count, num = len(costs), len(layout)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=float))])
+    ranks = np.asarray(layout, dtype=np.int64)
+
+    def score(starts: list[int]) -> tuple[float, ...]:
+        bounds = np.asarray([0, *starts, count])
+        pieces = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        loads = np.bincount(ranks, pieces)
+        return (*np.sort(loads)[::-1], *np.sort(pieces)[::-1])
+
+    starts = balanced_starts(costs, num)
+    best = score(starts)
+    improved = True
+    while improved:
+        improved = False
+        for k in range(num - 1):
+            for step in (-1, 1):
+                moved = starts[k] + step
+                low = starts[k - 1] if k else 0
+                high = starts[k + 1] if k + 1 < num - 1 else count
+                if not low < moved < high:
+                    continue
+                trial = [*starts[:k], moved, *starts[k + 1 :]]
+                value = score(trial)
+                if value < best and not np.allclose(value, best, rtol=1e-12, atol=0.0):
+                    starts, best, improved = trial, value, True
+    return starts
+
+
 def _not_planned(profile: Profile) -> set[int]:
     """Layers of an imported PipeDream profile that its optimizer (and ours) ignores: ``Input``
     sources, whose time is data loading, and unused ``__getitem__`` sinks."""
@@ -270,15 +313,19 @@ def compare_schedules(
     optimizer: OptimizerKind = OptimizerKind.SGD,
     cases: Sequence[tuple[AnySchedule, int]] = DEFAULT_CASES,
 ) -> tuple[pd.DataFrame, dict[str, SimulationResult]]:
-    """Simulate one model under several schedules on ``ranks`` ranks, each on its own even split
-    (:func:`virtual_stages`): a table, and every run for its Gantt chart.
+    """Simulate one model under several schedules on ``ranks`` ranks, each on its own cut of the
+    profile (:func:`virtual_stages`): a table, and every run for its Gantt chart.
+
+    One chunk per rank: the min-max cut (:func:`balanced_starts`). Several: that cut and
+    :func:`rank_balanced_starts`' are both simulated and the faster kept (``cut`` says which).
 
     Example:
         >>> table, runs = compare_schedules(profile, ranks=4, microbatches=8)     # doctest: +SKIP
         >>> draw_gantt(runs["zbv x2"], "zbv.png")                                # doctest: +SKIP
 
     Returns:
-        One row per case (``schedule``, ``chunks``, ``minibatch_ms``, ``samples_per_s``,
+        One row per case (``schedule``, ``chunks``, ``cut`` (``"stages"``: the min-max cut of
+        the stages; ``"ranks"``: the cut balancing the ranks), ``minibatch_ms``, ``samples_per_s``,
         ``bubble`` (mean idle share of the ranks), ``peak_memory_gib`` (the highest rank),
         ``vs_1f1b`` (throughput over ``1f1b``'s, when it is a case) and ``note`` (why a shape
         was refused, e.g. torch's microbatch rule)), and the runs by label (``"zbv x2"``,
@@ -288,32 +335,44 @@ def compare_schedules(
     from planner.simulate import simulate_stages
 
     size = microbatch_size or profile.batch_size
+    ignored = _not_planned(profile)
+    work = [0.0 if i in ignored else x.compute_ms for i, x in enumerate(profile.layers)]
     rows, runs = [], {}
     for schedule, chunks in cases:
         label = f"{schedule} x{chunks}" if chunks > 1 else str(schedule)
         row: dict[str, object] = {"schedule": str(schedule), "chunks": chunks, "note": ""}
+        run = None
         try:
-            stages = virtual_stages(
-                profile,
-                schedule=schedule,
-                ranks=ranks,
-                chunks=chunks,
-                microbatch_size=size,
-                topology=topology,
-                optimizer=optimizer,
-            )
-            run = simulate_stages(
-                stages,
-                schedule=schedule,
-                microbatches=microbatches,
-                topology=topology,
-                microbatch_size=size,
-                chunks=chunks,
-            )
+            layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
+            cuts = {"stages": balanced_starts(work, len(layout))}
+            if chunks > 1:
+                cuts["ranks"] = rank_balanced_starts(work, layout)
+            for cut, starts in cuts.items():
+                stages = virtual_stages(
+                    profile,
+                    schedule=schedule,
+                    ranks=ranks,
+                    chunks=chunks,
+                    microbatch_size=size,
+                    starts=starts,
+                    topology=topology,
+                    optimizer=optimizer,
+                )
+                trial = simulate_stages(
+                    stages,
+                    schedule=schedule,
+                    microbatches=microbatches,
+                    topology=topology,
+                    microbatch_size=size,
+                    chunks=chunks,
+                )
+                if run is None or trial.minibatch_s < run.minibatch_s:
+                    run, row["cut"] = trial, cut
         except PlannerError as exc:
             row["note"] = str(exc)
             rows.append(row)
             continue
+        assert run is not None
         runs[label] = run
         row |= {
             "minibatch_ms": run.minibatch_s * 1e3,
@@ -327,6 +386,7 @@ def compare_schedules(
         columns=[
             "schedule",
             "chunks",
+            "cut",
             "minibatch_ms",
             "samples_per_s",
             "bubble",

@@ -40,7 +40,7 @@ from planner.simulate import (
     steady_window,
     virtual_stages,
 )
-from planner.simulate_costs import balanced_starts
+from planner.simulate_costs import balanced_starts, rank_balanced_starts
 from planner.topology import GB, Level, Topology
 
 ALL = list(Schedule)
@@ -914,14 +914,22 @@ def test_compare_schedules_tabulates_each_schedule_on_its_own_split() -> None:
     for label, run in runs.items():
         schedule = next(s for s in (*Schedule, *SimulatedSchedule) if label.split()[0] == str(s))
         chunks = 2 if label.endswith("x2") else 1
+        row = table[table["schedule"] == str(schedule)].iloc[0]
+        layout = stage_ranks(schedule, ranks=4, chunks=chunks)
+        work = [layer.compute_ms for layer in profile.layers]
+        starts = (
+            balanced_starts(work, 4 * chunks)
+            if row["cut"] == "stages"
+            else rank_balanced_starts(work, layout)
+        )
+        assert row["cut"] == "stages" or chunks > 1
         again = simulate_stages(
-            virtual_stages(profile, schedule=schedule, ranks=4, chunks=chunks),
+            virtual_stages(profile, schedule=schedule, ranks=4, chunks=chunks, starts=starts),
             schedule=schedule,
             microbatches=8,
             microbatch_size=4,
             chunks=chunks,
         )
-        row = table[table["schedule"] == str(schedule)].iloc[0]
         assert row["samples_per_s"] == again.samples_per_s == run.samples_per_s
         assert row["vs_1f1b"] == again.samples_per_s / runs["1f1b"].samples_per_s
     # equal layers, W half the backward: the zero-bubble schedules beat 1F1B by their bubble
@@ -948,3 +956,28 @@ def test_balanced_starts_equal_the_brute_force_min_max_cut(seed: int) -> None:
     assert len(found) == parts - 1 and found == sorted(set(found))
     assert all(0 < i < len(costs) for i in found)
     assert worst(found) == pytest.approx(best, rel=1e-8, abs=1e-12)
+
+
+def _busiest_rank(costs: Sequence[float], starts: Sequence[int], layout: Sequence[int]) -> float:
+    loads: dict[int, float] = {}
+    for s, (a, b) in enumerate(itertools.pairwise([0, *starts, len(costs)])):
+        loads[layout[s]] = loads.get(layout[s], 0.0) + sum(costs[a:b])
+    return max(loads.values())
+
+
+def test_rank_balanced_cut_never_loads_a_rank_more_than_the_min_max_cut() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        ranks, chunks = int(rng.integers(2, 5)), 2
+        costs = list(rng.choice([0.5, 1.0, 2.0, 9.0], size=int(rng.integers(ranks * chunks, 20))))
+        for schedule in (SimulatedSchedule.ZBV, SimulatedSchedule.INTERLEAVED_1F1B):
+            layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
+            mine = rank_balanced_starts(costs, layout)
+            assert len(mine) == len(layout) - 1 and mine == sorted(set(mine))
+            plain = balanced_starts(costs, len(layout))
+            assert _busiest_rank(costs, mine, layout) <= _busiest_rank(costs, plain, layout) + 1e-12
+    # one heavy last layer (an LM head) under the V: the min-max cut gives rank 0 far more
+    head = [1.0] * 12 + [4.5]
+    v_layout = stage_ranks(SimulatedSchedule.ZBV, ranks=4, chunks=2)
+    ours, plain = rank_balanced_starts(head, v_layout), balanced_starts(head, 8)
+    assert _busiest_rank(head, ours, v_layout) < _busiest_rank(head, plain, v_layout)
