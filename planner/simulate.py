@@ -26,10 +26,11 @@ compute, ZB-H1 ``(p - 1)(F + B - W)``, ZBV none in the steady state for ``F = B 
 
 What is not modelled: compute and communication overlap perfectly (sends use no compute time),
 the all-reduce does not share links with activation transfers, the optimizer step takes no time,
-and data loading is free; under ``zb-h1``/``zbv`` the tensors W still needs after B (the layer
-inputs of weight gradients) are not counted, as the ZB paper's "1F1B memory" does not. Links are full duplex, as the topology's per-direction bandwidths say;
+and data loading is free. Links are full duplex, as the topology's per-direction bandwidths say;
 the optimizer's cost model charges activations and their gradients to one link, so a plan bound
-by its transfers can simulate faster than predicted.
+by its transfers can simulate faster than predicted. Under ``zb-h1``/``zbv`` a microbatch keeps
+:attr:`SimStage.weight_held_bytes` from its B to its W (:func:`virtual_stages` counts the inputs
+of the layers with parameters); the closed forms' "1F1B memory" counts F to B only.
 
 Example:
     >>> r = simulate_stages(
@@ -128,6 +129,9 @@ class SimStage:
         backward_weight_s: The weight-gradient part (W) of ``backward_s``, seconds; schedules
             that split the backward (``zb-h1``, ``zbv``) run ``backward_s - backward_weight_s``
             as B and this as W; the others ignore it.
+        weight_held_bytes: Of ``activation_bytes``, what a split backward keeps from a
+            microbatch's B to its W (the inputs of the weight gradients); the rest is freed at
+            the B. Ignored by schedules that do not split the backward.
     """
 
     forward_s: float
@@ -140,6 +144,7 @@ class SimStage:
     backward_extra_bytes: float = 0.0
     stash_bytes: float = 0.0
     backward_weight_s: float = 0.0
+    weight_held_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.ranks:
@@ -154,10 +159,16 @@ class SimStage:
             "backward_extra_bytes",
             "stash_bytes",
             "backward_weight_s",
+            "weight_held_bytes",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise PlanError(f"stage {name} must be finite and >= 0, got {value!r}")
+        if self.weight_held_bytes > self.activation_bytes:
+            raise PlanError(
+                f"stage weight_held_bytes {self.weight_held_bytes!r} exceeds activation_bytes "
+                f"{self.activation_bytes!r}; W keeps part of what the forward saved"
+            )
         if self.backward_weight_s > self.backward_s:
             raise PlanError(
                 f"stage backward_weight_s {self.backward_weight_s!r} exceeds backward_s "

@@ -179,8 +179,19 @@ def virtual_stages(
     copies = 2 + _STATE_COPIES[optimizer]
     out = []
     for s in range(num):
-        layers = [scaled.layers[i] for i in range(bounds[s], bounds[s + 1]) if i not in ignored]
+        mine = [i for i in range(bounds[s], bounds[s + 1]) if i not in ignored]
+        layers = [scaled.layers[i] for i in mine]
         params = sum(layer.parameter_bytes for layer in layers)
+        saved = float(
+            sum(x.activation_bytes if x.saved_bytes is None else x.saved_bytes for x in layers)
+        )
+        # a weight gradient needs its layer's inputs: kept from the B to the W
+        held = sum(
+            scaled.layers[j].activation_bytes
+            for i in mine
+            if scaled.layers[i].parameter_bytes > 0
+            for j in scaled.layers[i].inputs
+        )
         out.append(
             SimStage(
                 forward_s=sum(layer.forward_ms for layer in layers) / 1e3,
@@ -193,12 +204,8 @@ def virtual_stages(
                 send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
                 allreduce_s=0.0,
                 static_bytes=float(copies * params + sum(x.buffer_bytes for x in layers)),
-                activation_bytes=float(
-                    sum(
-                        x.activation_bytes if x.saved_bytes is None else x.saved_bytes
-                        for x in layers
-                    )
-                ),
+                activation_bytes=saved,
+                weight_held_bytes=min(float(held), saved),
                 stash_bytes=float(params) if schedule is Schedule.PIPEDREAM else 0.0,
             )
         )

@@ -183,6 +183,9 @@ class Engine:
                 continue
             if kind == _W:  # the weight gradient follows this device's own B: no input
                 start, end = t, t + st.backward_weight_s
+                if st.weight_held_bytes:
+                    mem_t.append(end)
+                    mem_v.append(mem_v[-1] - st.weight_held_bytes)
                 ev.append((d, kind, g, g // self.M, start, end, -1, 0.0, s))
                 t = end
                 i += 1
@@ -208,8 +211,11 @@ class Engine:
                     mem_v.append(mem_v[-1] + st.backward_extra_bytes)
                     mem_t.append(end)
                     mem_v.append(mem_v[-1] - st.backward_extra_bytes)
+                held = st.weight_held_bytes if kind == _BI else 0.0  # kept until the W
                 mem_t.append(end)
-                mem_v.append(mem_v[-1] - st.activation_bytes - (st.stash_bytes if n else 0.0))
+                mem_v.append(
+                    mem_v[-1] - st.activation_bytes + held - (st.stash_bytes if n else 0.0)
+                )
                 self.in_flight[d] = n
                 if s > 0:
                     self._send(d, rank, s - 1, g, end, self.stages[s - 1].send_bytes, _B)

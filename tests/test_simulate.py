@@ -850,9 +850,8 @@ def test_virtual_stages_cost_a_cut_as_a_plan_does() -> None:
         ours = virtual_stages(
             profile, schedule=schedule, ranks=2, microbatch_size=4, starts=[2], topology=topo
         )
-        assert [dataclasses.replace(st, backward_weight_s=0.0) for st in ours] == plan_stages(
-            plan, profile
-        )
+        split = {"backward_weight_s": 0.0, "weight_held_bytes": 0.0}  # what a plan cannot say
+        assert [dataclasses.replace(st, **split) for st in ours] == plan_stages(plan, profile)
         a = simulate(plan, profile)
         b = simulate_stages(
             ours, schedule=schedule, microbatches=4, topology=topo, microbatch_size=4
@@ -981,3 +980,23 @@ def test_rank_balanced_cut_never_loads_a_rank_more_than_the_min_max_cut() -> Non
     v_layout = stage_ranks(SimulatedSchedule.ZBV, ranks=4, chunks=2)
     ours, plain = rank_balanced_starts(head, v_layout), balanced_starts(head, 8)
     assert _busiest_rank(head, ours, v_layout) < _busiest_rank(head, plain, v_layout)
+
+
+def test_a_split_backward_keeps_the_weight_inputs_until_w() -> None:
+    # rank 1 of ZB-H1 on 2 ranks defers one W: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3
+    stages = chunked(SimulatedSchedule.ZB_H1, 2, 1, 1.0, 1.0, 1.0, activation_bytes=1.0)
+    held = [dataclasses.replace(st, weight_held_bytes=0.5) for st in stages]
+    peaks = {}
+    for name, case in (("freed at B", stages), ("held to W", held)):
+        r = simulate_stages(case, schedule=SimulatedSchedule.ZB_H1, microbatches=4, minibatches=1)
+        peaks[name] = [d.peak_memory_bytes for d in r.devices]
+        assert r.memory.groupby("rank")["bytes"].last().tolist() == [0.0, 0.0]  # all freed
+    assert peaks == {"freed at B": [2.0, 1.0], "held to W": [2.0, 1.5]}
+    one_f_one_b = simulate_stages(held, schedule=Schedule.ONE_F_ONE_B, microbatches=4)
+    assert [d.peak_memory_bytes for d in one_f_one_b.devices] == [2.0, 1.0]  # ignored there
+    with pytest.raises(PlanError, match=r"weight_held_bytes 2\.0 exceeds activation_bytes 1\.0"):
+        dataclasses.replace(stages[0], weight_held_bytes=2.0)
+    # from a profile: the inputs of the layers with parameters
+    profile = chain_profile([(1.0, 2.0)] * 4, activation=1000, params=100)
+    (first, second) = virtual_stages(profile, schedule=SimulatedSchedule.ZB_H1, ranks=2)
+    assert (first.weight_held_bytes, second.weight_held_bytes) == (1000.0, 2000.0)
