@@ -139,3 +139,25 @@ def test_recomputation_leaves_batchnorm_statistics_alone() -> None:
     torch.testing.assert_close(net[1].running_mean, mean)
     torch.testing.assert_close(net[1].running_var, var)
     assert int(net[1].num_batches_tracked) == 1 and net[1].momentum == 0.1
+
+
+def test_weight_stash_keeps_weights_per_version_and_optimizer_state_once() -> None:
+    """What the cost model counts under pipedream: P per weight version, optimizer state once."""
+    from planner.runtime.pipedream import WeightStash
+
+    net = torch.nn.Linear(3, 2)
+    opt = OptimizerSettings(kind=TrainOptimizer.ADAM, lr=0.1).build(list(net.parameters()))
+    assert opt is not None
+    stash = WeightStash(net, limit=2)
+    w0 = stash.forward_weights(0)
+    torch.func.functional_call(net, w0, (torch.randn(4, 3),)).sum().backward()
+    stash.backward_done(0)
+    opt.step()
+    stash.updated()
+    stash.forward_weights(1)  # a new version after the update; version 0 was released
+    stash.forward_weights(2)
+    assert stash.versions == 1
+    held = [t for version in stash._versions.values() for t in version.values()]
+    assert sorted(t.numel() for t in held) == [2, 6]  # the weights, nothing else
+    assert set(opt.state) == set(net.parameters())  # one Adam state, for the live weights
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in opt.state.values())
