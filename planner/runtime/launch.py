@@ -8,6 +8,8 @@ torchrun's environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MA
   failed first (by time) is named, with its exit status or the signal that killed it;
 * when any rank fails, the others get SIGTERM and, after :data:`GRACE_S`, SIGKILL: every rank has
   ended within 5 s of the first death, also while the others wait in the rendezvous;
+* the store's socket is bound by the launcher on loopback and passed to rank 0 (see
+  :mod:`planner.runtime.rendezvous`), so its port cannot be taken in between;
 * each rank runs in its own process group, and the whole group is killed at the end, so nothing a
   rank started outlives the run;
 * SIGTERM, SIGINT or SIGHUP to the launcher is passed on to the ranks (as SIGTERM; a rank blocked
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from planner.runtime.config import RunConfig
+from planner.runtime.rendezvous import STORE_FD_ENV
 
 __all__ = [
     "GRACE_S",
@@ -155,22 +158,31 @@ def launch_local(
         world_size: Processes to start (the plan's highest rank plus one).
         python: The interpreter to start them with.
     """
-    port = free_port()
+    # rank 0 serves the store on this socket: bound here, on loopback, so the port stays ours
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(max(world_size, 128))
+    port = listener.getsockname()[1]
     # -P: the current folder is not on the ranks' import path (a model there runs only when
     # trusted, see planner.models.registry.check_trusted)
     argv = [python, "-P", "-m", "planner.runtime", *config.to_argv()]
     exits: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
     procs: list[subprocess.Popen[bytes]] = []
-    with _stop_signals() as stop:
+    with _stop_signals() as stop, listener:
         try:
             for rank in range(world_size):
                 env = rank_environment(rank, world_size, port=port, threads=config.threads)
-                proc = subprocess.Popen(argv, env=env, process_group=0)
+                fds: tuple[int, ...] = ()
+                if rank == 0:
+                    env[STORE_FD_ENV] = str(listener.fileno())
+                    fds = (listener.fileno(),)
+                proc = subprocess.Popen(argv, env=env, process_group=0, pass_fds=fds)
                 procs.append(proc)
                 waiter = threading.Thread(
                     target=_wait, args=(proc, rank, exits), name=f"rank-{rank}", daemon=True
                 )
                 waiter.start()
+            listener.close()  # rank 0 has it now
             first = _watch(len(procs), exits, stop)
         finally:
             _stop(procs)

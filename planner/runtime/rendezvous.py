@@ -4,7 +4,9 @@ torch's ``tcp://`` and ``env://`` rendezvous start the rank-0 :class:`torch.dist
 on every interface (``::``), whatever ``MASTER_ADDR`` says: during a local run anyone who can
 reach the machine could talk to the store. When ``MASTER_ADDR`` is a loopback address (``plan
 run`` sets ``127.0.0.1``) rank 0 therefore binds the listening socket itself, to that address,
-and hands it to the store (``master_listen_fd``); the other ranks connect as usual. Under
+and hands it to the store (``master_listen_fd``); the other ranks connect as usual. ``plan run``
+goes one step further: it binds the socket itself before starting the ranks and passes it to rank
+0 (``PLANNER_STORE_FD``), so no other process can take the port in between. Under
 torchrun the agent's store is used as is (``env://``); across machines (a routable
 ``MASTER_ADDR``) torch's own rendezvous is used, which needs rank 0 reachable from the others.
 
@@ -26,7 +28,16 @@ import torch.distributed as dist
 
 from planner.runtime.config import RunError
 
-__all__ = ["is_loopback", "join_process_group", "listening_addresses", "loopback_store"]
+__all__ = [
+    "STORE_FD_ENV",
+    "is_loopback",
+    "join_process_group",
+    "listening_addresses",
+    "loopback_store",
+]
+
+STORE_FD_ENV = "PLANNER_STORE_FD"
+"""Environment variable naming the listening socket ``plan run`` passes to rank 0."""
 
 
 def is_loopback(addr: str) -> bool:
@@ -39,16 +50,42 @@ def is_loopback(addr: str) -> bool:
 
 
 def loopback_store(
-    *, rank: int, world_size: int, addr: str, port: int, timeout_s: float
+    *,
+    rank: int,
+    world_size: int,
+    addr: str,
+    port: int,
+    timeout_s: float,
+    listen_fd: int | None = None,
 ) -> dist.TCPStore:
     """The run's store, rank 0's server listening on ``addr`` (a loopback address) only.
 
+    Args:
+        rank: This rank (0 serves the store).
+        world_size: Ranks in the run.
+        addr: The loopback address to listen on and connect to.
+        port: The port (0 on rank 0: any free one).
+        timeout_s: How long to wait for the others.
+        listen_fd: Rank 0 only: a socket already listening on ``addr:port`` to serve on.
+
     Raises:
-        RunError: Rank 0 cannot listen on ``addr:port`` (the port is taken).
+        RunError: Rank 0 cannot listen on ``addr:port`` (the port is taken), or ``listen_fd``
+            is not a socket listening there.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank != 0:
         return dist.TCPStore(addr, port, world_size, False, timeout=timeout)
+    sock = _listener(addr, port, world_size) if listen_fd is None else _given(listen_fd, port)
+    bound: int = sock.getsockname()[1]
+    fd = sock.detach()  # the store owns the socket from here on
+    try:
+        return dist.TCPStore(addr, bound, world_size, True, timeout=timeout, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _listener(addr: str, port: int, world_size: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -61,13 +98,27 @@ def loopback_store(
             f"rank 0 cannot listen on {addr}:{port} ({exc.strerror}); another run may hold the "
             "port: set MASTER_PORT to a free one"
         ) from None
-    bound: int = sock.getsockname()[1]
-    fd = sock.detach()  # the store owns the socket from here on
+    return sock
+
+
+def _given(fd: int, port: int) -> socket.socket:
+    """The listening socket the launcher passed, checked to be on ``port`` and loopback."""
     try:
-        return dist.TCPStore(addr, bound, world_size, True, timeout=timeout, master_listen_fd=fd)
-    except BaseException:
-        os.close(fd)
-        raise
+        sock = socket.socket(fileno=fd)
+        host, bound = sock.getsockname()[:2]
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        raise RunError(
+            f"{STORE_FD_ENV}={fd} is not a socket ({exc.strerror}); unset it, or start the run "
+            "with `plan run`"
+        ) from None
+    if not listening or bound != port or not ipaddress.ip_address(host).is_loopback:
+        sock.detach()
+        raise RunError(
+            f"{STORE_FD_ENV}={fd} is not a socket listening on loopback port {port}; unset it, "
+            "or start the run with `plan run`"
+        )
+    return sock
 
 
 def join_process_group(
@@ -87,8 +138,14 @@ def join_process_group(
         )
     elif is_loopback(master_addr):
         addr = str(socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)[0][4][0])
+        given = os.environ.pop(STORE_FD_ENV, None)  # plan run's socket, rank 0's alone
         store = loopback_store(
-            rank=rank, world_size=world_size, addr=addr, port=master_port, timeout_s=timeout_s
+            rank=rank,
+            world_size=world_size,
+            addr=addr,
+            port=master_port,
+            timeout_s=timeout_s,
+            listen_fd=int(given) if given and given.isdigit() and rank == 0 else None,
         )
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout

@@ -63,3 +63,33 @@ def test_a_taken_port_is_one_line() -> None:
 def test_is_loopback() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("192.0.2.7") and not is_loopback("no-such-host.invalid")
+
+
+@linux
+def test_rank_0_serves_on_the_socket_the_launcher_passed() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    store = loopback_store(
+        rank=0, world_size=1, addr="127.0.0.1", port=port, timeout_s=10, listen_fd=listener.detach()
+    )
+    assert store.port == port and listening_addresses(port) == ["127.0.0.1"]
+    store.set("k", "v")
+    client = loopback_store(rank=1, world_size=1, addr="127.0.0.1", port=port, timeout_s=10)
+    assert client.get("k") == b"v"
+
+
+def test_a_passed_socket_that_does_not_listen_is_refused() -> None:
+    with socket.socket() as idle:
+        idle.bind(("127.0.0.1", 0))
+        port = idle.getsockname()[1]
+        with pytest.raises(RunError, match="is not a socket listening on loopback port"):
+            loopback_store(
+                rank=0,
+                world_size=1,
+                addr="127.0.0.1",
+                port=port,
+                timeout_s=5,
+                listen_fd=idle.fileno(),
+            )
