@@ -462,7 +462,8 @@ def measure_backward_split(
     for a layer none of whose inputs needs a gradient, W for one without parameters. Measured
     apart the two add up to a little more than the joint backward (shared work runs twice);
     :meth:`LayerProfile.split_backward_ms` keeps only their ratio. One more recording step
-    (capture, forward and backward) is paid; the module's mode, buffers and threads are restored.
+    (capture, forward and backward) and one untimed split per layer (its first call pays one-off
+    costs) are paid; the module's mode, buffers and threads are restored.
 
     Example:
         >>> import torch
@@ -518,7 +519,7 @@ def measure_backward_split(
                 runner = LayerRunner(graph.module, layer, recording, ones)
                 b_ms: list[float] = []
                 w_ms: list[float] = []
-                for _ in range(reps):
+                for _ in range(reps + 1):  # the first, untimed, warms this layer's split
                     leaves: list[torch.Tensor] = []
                     get = functools.partial(fresh, runner, leaves)
                     args, kwargs = map_arg(runner.node.args, get), map_arg(runner.node.kwargs, get)
@@ -538,7 +539,7 @@ def measure_backward_split(
                         w = (timer() - t0) * 1e3
                     b_ms.append(b)
                     w_ms.append(w)
-                splits.append((statistics.median(b_ms), statistics.median(w_ms)))
+                splits.append((statistics.median(b_ms[1:]), statistics.median(w_ms[1:])))
             recording.values.clear()
     finally:
         torch.set_num_threads(old_threads)
