@@ -3,6 +3,8 @@ that torch's own runtime loads, validates and lowers to sends and receives."""
 
 from __future__ import annotations
 
+import datetime
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +128,13 @@ def _run_rank(rank: int, port: int, folder: str) -> None:
     from torch.distributed.pipelining import PipelineStage
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         x, y = _data()
         for schedule, chunks in RUN_CASES:
@@ -175,7 +183,13 @@ def test_torch_runs_the_exported_csv_with_single_process_gradients(tmp_path: Pat
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_run_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    context = mp.spawn(_run_rank, args=(port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 600  # generous: the machine is shared
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("torch's runtime did not finish the exported schedules in 600 s")
     blocks = _blocks()
     x, y = _data()
     out = x
