@@ -1000,3 +1000,30 @@ def test_a_split_backward_keeps_the_weight_inputs_until_w() -> None:
     profile = chain_profile([(1.0, 2.0)] * 4, activation=1000, params=100)
     (first, second) = virtual_stages(profile, schedule=SimulatedSchedule.ZB_H1, ranks=2)
     assert (first.weight_held_bytes, second.weight_held_bytes) == (1000.0, 2000.0)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "chunks"),
+    [
+        (SimulatedSchedule.INTERLEAVED_1F1B, 2),
+        (SimulatedSchedule.INTERLEAVED_1F1B, 3),
+        (SimulatedSchedule.ZB_H1, 1),
+        (SimulatedSchedule.ZBV, 2),
+    ],
+    ids=str,
+)
+def test_every_shape_torch_accepts_runs_to_the_end(
+    schedule: SimulatedSchedule, chunks: int
+) -> None:
+    kinds = 3 if schedule is not SimulatedSchedule.INTERLEAVED_1F1B else 2
+    for p, m in itertools.product(range(1, 6), range(1, 11)):
+        try:
+            stages = chunked(schedule, p, chunks, 1.0, 2.0, 1.0)
+            r = simulate_stages(
+                stages, schedule=schedule, microbatches=m, minibatches=2, chunks=chunks
+            )
+        except PlanError:
+            continue  # torch refuses the shape too (test_rank_schedules checks which)
+        compute = r.events[r.events["kind"].isin(COMPUTE_KINDS)]
+        assert len(compute) == 2 * m * p * chunks * kinds, (p, m)  # nothing deadlocked
+        assert compute.groupby(["stage", "microbatch", "kind"], observed=True).size().eq(1).all()
