@@ -85,11 +85,14 @@ def _plan(folder: Path) -> Path:
     return plan
 
 
-def _listening(port: int) -> bool:
+def _connected(port: int) -> bool:
+    """Whether a TCP connection to or from local ``port`` is established: rank 0 serves the
+    store and its own client has connected (rank 1, stopped, cannot have)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            ends = (fields[1], fields[2])
+            if fields[3] == "01" and any(int(e.rsplit(":", 1)[1], 16) == port for e in ends):
                 return True
     return False
 
@@ -137,7 +140,7 @@ def measure(plan: Path, fault: str) -> tuple[float, float, int, str]:
             os.kill(pids[1], signal.SIGSTOP)
             environ = Path(f"/proc/{pids[0]}/environ").read_bytes()
             port = int(environ.split(b"MASTER_PORT=")[1].split(b"\0")[0])
-            while not _listening(port):
+            while not _connected(port):
                 time.sleep(0.05)
             os.kill(pids[1], signal.SIGKILL)
         else:

@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 from runtime_helpers import HERE, REPO, make_plan
 
-from planner.runtime.rendezvous import listening_addresses
-
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.slow,
@@ -60,6 +58,28 @@ def _ranks(marker: str, launcher: int) -> dict[int, int]:
         for pid, info in _processes(marker).items()
         if info["rank"] and int(info["ppid"]) == launcher
     }
+
+
+def _connected(port: int) -> bool:
+    """Whether a TCP connection to or from local ``port`` is established (``/proc/net/tcp``)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            ends = (fields[1], fields[2])
+            if fields[3] == "01" and any(int(e.rsplit(":", 1)[1], 16) == port for e in ends):
+                return True
+    return False
+
+
+def _wait_in_rendezvous(pid: int, run: _Run, timeout: float = 180.0) -> None:
+    """Wait until rank ``pid`` serves the store and its own client is connected to it: it is in
+    the rendezvous (rank 1, stopped, cannot have connected)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    port = int(environ.split(b"MASTER_PORT=")[1].split(b"\0")[0])
+    end = time.monotonic() + timeout
+    while not _connected(port):
+        assert run.proc.poll() is None and time.monotonic() < end, run.finish()
+        time.sleep(0.05)
 
 
 def _left_after(marker: str, since: float) -> dict[int, dict[str, str]]:
@@ -166,15 +186,7 @@ def test_a_rank_killed_in_the_rendezvous_ends_the_run(plan2: Path) -> None:
     try:
         ranks = run.ranks()
         os.kill(ranks[1], signal.SIGSTOP)  # rank 1 never reaches the rendezvous
-        port = int(
-            (Path(f"/proc/{ranks[0]}/environ").read_bytes().split(b"MASTER_PORT=")[1])
-            .split(b"\0")[0]
-            .decode()
-        )
-        end = time.monotonic() + 120
-        while not listening_addresses(port):  # rank 0 waits in the rendezvous for rank 1
-            assert run.proc.poll() is None and time.monotonic() < end, run.finish()
-            time.sleep(0.05)
+        _wait_in_rendezvous(ranks[0], run)  # rank 0 waits there for rank 1
         os.kill(ranks[1], signal.SIGKILL)
         fault = time.monotonic()
         status, err = run.finish()
