@@ -198,19 +198,21 @@ def test_a_rank_killed_in_the_rendezvous_ends_the_run(plan2: Path) -> None:
     assert not left, f"processes left: {left}"
 
 
-def test_sigterm_to_the_launcher_ends_every_rank(plan2: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_ends_every_rank(plan2: Path, signum: signal.Signals) -> None:
     run = _Run(plan2, *LONG, world=2)
     try:
         run.wait_for_output("step 1/")
         run.ranks()
-        run.proc.send_signal(signal.SIGTERM)
+        run.proc.send_signal(signum)
         fault = time.monotonic()
         status, err = run.finish()
         left = _left_after(run.marker, fault)
     finally:
         run.cleanup()
-    assert status == 128 + signal.SIGTERM, err
-    assert "got SIGTERM; stopping the ranks" in err and "stopped by SIGTERM" in err, err
+    assert status == 128 + signum, err
+    assert f"got {signum.name}; stopping the ranks" in err, err
+    assert f"stopped by {signum.name}" in err, err
     assert "Traceback" not in err
     assert not left, f"processes left: {left}"
 
