@@ -27,6 +27,12 @@ retire: ``m`` for ``pipedream``, ``M / ceil(M / m)`` for ``1f1b``/``gpipe``):
 
   and the objective is minimised over ``S`` and ``m``: ``(M + S - 1) T + Z`` for flushed
   schedules, ``T`` for ``pipedream``.
+* **Sharing the all-reduce** (flushed schedules, up to 128 devices). Every replica vector
+  ``m_1..m_S`` gives at least ``(M + S - 1) W / sum f(m_s)`` plus ``P / sum 1 / a(m_s)`` (``a`` the
+  all-reduce seconds per byte: however the parameters split, some stage reduces its share that
+  slowly). Vectors with a single-replica stage only get the first term; for the others a line
+  ``F + λ H <= Φ(λ)`` over all vectors (a DP over devices) bounds both sums at once
+  (:func:`_shared_allreduce`). This is what catches "replicate everything 32 ways" at 64 devices.
 * **The ``pipedream`` cost model** (PipeDream's formulas, hierarchical): ``W / N``; every device
   retires at most its share of the compute.
 
@@ -271,5 +277,81 @@ def _many_stages(cost: CostModel, work: float, heaviest: float, most_stages: int
         t_big = largest[:, None] / cap[None, :]
         t = np.maximum(floor_t[:, None], t_big)
         value = (o.microbatches + stages[:, None] - 1) * t + ar
-    value = np.where(ok, value, np.inf)
-    return float(value.min())
+    per_stages = np.where(ok, value, np.inf).min(axis=1)  # (S,)
+    if o.schedule is not Schedule.PIPEDREAM and not o.straight and devices <= _SHARED_MAX_DEVICES:
+        shared = _shared_allreduce(cost, work, stages, devices)
+        per_stages = np.maximum(per_stages, shared)
+    return float(per_stages.min())
+
+
+#: The all-reduce sharing bound (a DP over devices) is computed up to this many devices.
+_SHARED_MAX_DEVICES = 128
+
+
+def _shared_allreduce(cost: CostModel, work: float, stages: np.ndarray, devices: int) -> np.ndarray:
+    """Per stage count ``S``: a bound from how the parameters share out among the stages.
+
+    Replicas ``m_s`` give a flushed pipeline at least ``(M + S - 1) W / F`` with
+    ``F = sum f(m_s)``, and a largest all-reduce of at least ``P / H`` with ``H = sum 1 / a(m_s)``
+    (``a(m)`` the all-reduce seconds per byte; the parameters, however split, leave some stage
+    with ``a(m_s) P_s >= P / H``). A plan with a single-replica stage may have ``H`` unbounded,
+    so it is only bounded by ``(M + S - 1) W / max F``. Otherwise, for every ``λ > 0``,
+    ``F + λ H <= Φ(λ) = max over vectors of sum (f(m) + λ / a(m))`` (a DP over devices), and
+    minimising ``α / F + P / H`` under that line gives ``(sqrt(α) + sqrt(λ P))^2 / Φ(λ)`` with
+    ``α = (M + S - 1) W``; the best ``λ`` of a grid counts.
+    """
+    o = cost.options
+    total_params = float(np.sum(cost.parameter_bytes))
+    reps = np.arange(1, devices + 1)
+    f = _capacity(o.schedule, o.microbatches, reps)
+    per_byte = _allreduce_per_byte(cost, reps)  # latency left out: still a lower bound
+    alpha = (o.microbatches + stages - 1) * work  # (S,)
+    most = int(stages.max())
+    # best F of a vector with a single-replica stage: that stage, then S - 1 on N - 1 devices
+    rest = _max_sum(f[: devices - 1], most - 1, devices - 1)
+    with_single = alpha / np.maximum(f[0] + rest[stages - 1], 1e-300)
+    if total_params <= 0:  # no all-reduce anywhere: the best F of any vector
+        return alpha / np.maximum(_max_sum(f, most, devices)[stages], 1e-300)
+    inv_a = np.where(reps >= 2, 1.0 / np.maximum(per_byte, 1e-300), -np.inf)
+    scale = float(np.max(f)) / float(np.max(inv_a[reps >= 2])) if devices >= 2 else 1.0
+    without = np.zeros(len(stages))
+    for lam in scale * np.logspace(-3, 3, 25):
+        values = np.where(reps >= 2, f + lam * inv_a, -np.inf)
+        phi = _max_sum(values, most, devices)[stages]  # (S,)
+        bound = (np.sqrt(alpha) + np.sqrt(lam * total_params)) ** 2 / phi
+        without = np.maximum(without, np.where(np.isfinite(phi) & (phi > 0), bound, np.inf))
+    return np.minimum(with_single, without)
+
+
+def _allreduce_per_byte(cost: CostModel, replicas: np.ndarray) -> np.ndarray:
+    """``a(m)``: the least ring all-reduce seconds per parameter byte among ``m`` replicas."""
+    topo = cost.topology
+    m = replicas.astype(float)
+    top = len(topo.levels) - 1
+    first = np.full(m.shape, top)
+    for level in range(top - 1, -1, -1):
+        first = np.where(m <= topo.block_size(level), level, first)
+    best = np.full(m.shape, np.inf)
+    for level, lv in enumerate(topo.levels):
+        value = 2.0 * (m - 1.0) / m / lv.bandwidth_bytes_per_s
+        best = np.where(level >= first, np.minimum(best, value), best)
+    return best
+
+
+def _max_sum(values: np.ndarray, most: int, devices: int) -> np.ndarray:
+    """``out[s]``: the largest ``sum values[m_i - 1]`` over ``s`` parts with ``sum m_i <= devices``.
+
+    ``-inf`` entries are replica counts not allowed.
+    """
+    best = np.full(devices + 1, -np.inf)
+    best[0] = 0.0  # best[d]: s parts on exactly d devices
+    out = np.full(most + 1, -np.inf)
+    out[0] = 0.0
+    d = np.arange(devices + 1)
+    for s in range(1, most + 1):
+        # new[d] = max over m of best[d - m] + values[m - 1]
+        m = d[:, None] - d[None, :]  # (d, d'): replicas m = d - d'
+        gain = np.where((m >= 1), values[np.clip(m, 1, devices) - 1], -np.inf)
+        best = np.max(best[None, :] + gain, axis=1)
+        out[s] = float(best.max())
+    return out
