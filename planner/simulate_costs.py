@@ -334,6 +334,7 @@ def compare_schedules(
         One row per case (``schedule``, ``chunks``, ``cut`` (``"stages"``: the min-max cut of
         the stages; ``"ranks"``: the cut balancing the ranks), ``minibatch_ms``, ``samples_per_s``,
         ``bubble`` (mean idle share of the ranks), ``peak_memory_gib`` (the highest rank),
+        ``fits`` (that peak within the topology's device memory; None without a topology),
         ``vs_1f1b`` (throughput over ``1f1b``'s, when it is a case) and ``note`` (why a shape
         was refused, e.g. torch's microbatch rule)), and the runs by label (``"zbv x2"``,
         ``"1f1b"``).
@@ -386,6 +387,9 @@ def compare_schedules(
             "samples_per_s": run.samples_per_s,
             "bubble": float(np.mean([d.idle_fraction for d in run.devices])),
             "peak_memory_gib": max(d.peak_memory_bytes for d in run.devices) / 2**30,
+            "fits": None
+            if topology is None
+            else max(d.peak_memory_bytes for d in run.devices) <= topology.memory_bytes,
         }
         rows.append(row)
     table = pd.DataFrame(
@@ -398,6 +402,7 @@ def compare_schedules(
             "samples_per_s",
             "bubble",
             "peak_memory_gib",
+            "fits",
             "vs_1f1b",
             "note",
         ],

@@ -934,6 +934,16 @@ def test_compare_schedules_tabulates_each_schedule_on_its_own_split() -> None:
     # equal layers, W half the backward: the zero-bubble schedules beat 1F1B by their bubble
     speedup = table.set_index("schedule")["vs_1f1b"]
     assert speedup["zb-h1"] > 1.1 and speedup["zbv"] > 1.1 and speedup["gpipe"] == 1.0
+    assert table["fits"].isna().all()  # no topology, no memory to fit in
+    peak = table.set_index("schedule")["peak_memory_gib"]
+    small = Topology(
+        levels=(Level(devices=4, bandwidth_bytes_per_s=1e10, latency_s=0.0),),
+        memory_bytes=float(peak["1f1b"] * 2**30),
+    )
+    fitting, _ = compare_schedules(profile, ranks=4, microbatches=8, topology=small)
+    fits = fitting.set_index("schedule")["fits"]
+    assert (fits == (peak * 2**30 <= small.memory_bytes)).all()
+    assert fits["1f1b"] and not fits["gpipe"]  # gpipe holds all M microbatches
     odd, odd_runs = compare_schedules(profile, ranks=4, microbatches=9)
     assert set(odd_runs) == {"gpipe", "1f1b", "zbv x2"}  # 9 is not a multiple of 2 rounds
     notes = odd.set_index("schedule")["note"]
