@@ -90,8 +90,9 @@ def torch_schedule(
     """torch's class and layout for ``schedule`` on ``ranks`` ranks.
 
     Raises:
-        PlanError: ``pipedream`` (torch has no asynchronous schedule with weight stashing), or a
-            shape torch refuses (:func:`planner.rank_schedules.check_schedule`).
+        PlanError: ``pipedream`` (torch has no asynchronous schedule with weight stashing), a
+            shape torch refuses (:func:`planner.rank_schedules.check_schedule`), or ``1f1b``
+            with fewer microbatches than ranks (``Schedule1F1B`` refuses them).
     """
     if schedule is Schedule.PIPEDREAM:
         raise PlanError(
@@ -99,6 +100,12 @@ def torch_schedule(
             "pipelining class; plan with --schedule 1f1b to run it with torch"
         )
     check_schedule(schedule, ranks=ranks, microbatches=microbatches, chunks=chunks)
+    if schedule is Schedule.ONE_F_ONE_B and microbatches < ranks:
+        raise PlanError(
+            f"torch's Schedule1F1B needs at least as many microbatches as stages ({ranks}), got "
+            f"{microbatches}; use {ranks} microbatches, or run the schedule CSV "
+            "(write_schedule_csv) with _PipelineScheduleRuntime, which has no such limit"
+        )
     return TorchSchedule(
         class_name=TORCH_SCHEDULE_CLASSES[schedule],
         ranks=ranks,
@@ -115,9 +122,12 @@ def schedule_actions(
     """Every rank's actions in torch's notation (``0F0``, ``1I0``, ``1W0``, ``3B2``).
 
     Raises:
-        PlanError: As :func:`torch_schedule`.
+        PlanError: ``pipedream``, or a shape :func:`planner.rank_schedules.check_schedule`
+            refuses (``1f1b`` with fewer microbatches than ranks is fine here:
+            ``_PipelineScheduleRuntime`` runs it, only ``Schedule1F1B`` refuses).
     """
-    torch_schedule(schedule, ranks=ranks, microbatches=microbatches, chunks=chunks)
+    if schedule is Schedule.PIPEDREAM:
+        torch_schedule(schedule, ranks=ranks, microbatches=microbatches)  # raises: no such class
     backward = "I" if splits_backward(schedule) else "B"
     return tuple(
         tuple(f"{op.stage}{backward if op.kind == 'B' else op.kind}{op.microbatch}" for op in ops)

@@ -82,6 +82,12 @@ def test_csv_text_and_split_backward_names() -> None:
 
 
 def test_what_torch_cannot_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"Schedule1F1B needs at least as many microbatches"):
+        torch_schedule(Schedule.ONE_F_ONE_B, ranks=4, microbatches=2)
+    path = tmp_path / "few.csv"  # the CSV itself runs: torch's generic runtime has no such limit
+    write_schedule_csv(path, Schedule.ONE_F_ONE_B, ranks=4, microbatches=2)
+    assert torch_runtime_loads(path, 4, 4, 2).pipeline_order_with_comms
+
     with pytest.raises(PlanError, match=r"pipedream .* has no torch.distributed.pipelining class"):
         torch_schedule(Schedule.PIPEDREAM, ranks=2, microbatches=4)
     with pytest.raises(PlanError, match="exactly 2 chunks"):
