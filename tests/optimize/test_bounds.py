@@ -196,3 +196,24 @@ def test_plans_record_and_print_the_certificate(tmp_path):
     old = {k: v for k, v in doc.items() if k not in ("gap", "note")}
     loaded = Plan.from_dict(old)
     assert loaded.gap is None and "lower bound" not in loaded.describe()
+
+
+def test_pipedream_cost_model_on_a_branchy_graph_says_which_space():
+    """googlenet's antichain DAG has 327k states: the bounded space is searched, and the plan
+    says so; the bound (total work over devices) still certifies the answer."""
+    from pathlib import Path
+
+    from planner.optimize import dp
+    from planner.optimize.bounds import certify_plan
+
+    profile = Profile.load(Path(__file__).resolve().parents[2] / "profiles" / "googlenet.json")
+    topology = Topology.from_args(gpus=2)
+    cost = CostModel(
+        profile,
+        topology,
+        SolverOptions(cost_model=CostModelKind.PIPEDREAM, allow_fewer_devices=False),
+    )
+    part = certify_plan(dp.solve(cost), profile, topology)
+    assert "bounded space" in part.note and "antichain" in part.note
+    assert part.gap is not None and 0.0 <= part.gap < 0.05
+    assert part.objective_s >= lower_bound(cost)
