@@ -1,4 +1,4 @@
-"""Choosing stages and replicas: the cost model, the hierarchical DP, and the solvers' contract.
+"""Choosing stages and replicas: the cost model, the exact DP, the ILP, and the solvers' contract.
 
 Every solver is ``solve(cost: CostModel) -> Partition`` (see :mod:`planner.optimize.cost`);
 :func:`optimize` is the one entry point the CLI calls.

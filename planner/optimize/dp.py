@@ -1,29 +1,47 @@
-"""PipeDream's dynamic program over DAG states, hierarchical over topology levels, vectorised.
+"""The exact DP for the planner cost model, on any number of topology levels, vectorised.
 
-PipeDream's recurrence (SOSP'19 §3.1): the best pipeline over a prefix on ``m`` devices is the
-best split into a shorter pipeline on ``m - m'`` devices followed by one stage replicated ``m'``
-times; the objective is the slowest stage. Here a "prefix" is a downset of the layer DAG (see
-:mod:`planner.optimize.states`), and the program runs over suffixes instead of prefixes, so that
-each stage knows how many devices run it and every later stage: that is what sets its microbatches
-in flight, hence its memory (:func:`planner.optimize.cost.in_flight`).
+A plan is a chain of downsets ``∅ = D_0 ⊂ D_1 ⊂ ... ⊂ D_S`` (stage ``s`` is ``D_s \\ D_{s-1}``,
+see :mod:`planner.optimize.states`) with stage ``s`` on ``m_s`` *contiguous* ranks, stage after
+stage from rank 0 (:func:`~planner.optimize.cost.contiguous_ranks`): the space the ILP and the
+brute-force oracle search. Contiguity is what makes the program exact on every topology: the
+ranks used so far fix where a stage lies in the hierarchy, hence which level its all-reduce spans
+and which levels its boundary links cross.
 
-``V[k, d]`` is the best slowest-stage time of a pipeline covering every layer outside ``D_k`` on
-exactly ``d`` devices; ``V[k, d] = min over D_j ⊋ D_k, m' <= d`` of
-``max(t(k -> j, m'), V[j, d - m'])`` over stages that fit in memory. For ``1f1b``/``gpipe`` a
-third index counts the stages (the bubble is ``S - 1`` slots) and the largest gradient all-reduce
-is capped and lowered until it no longer pays (the objective is ``(M + S - 1) x slowest + largest
-all-reduce``; :func:`planner.optimize.cost.schedule_objective`).
+The program runs over *suffixes* with ``T`` devices used in all: ``V[k, r, v, c]`` is the best
+pipeline covering every layer outside ``D_k`` on the last ``r`` ranks ``T - r .. T - 1`` with
+``c`` stages (``c`` only for ``1f1b``/``gpipe``, whose bubble is ``S - 1`` slots); its value is
+the slowest stage. ``r`` is also what sets a stage's microbatches in flight, hence its memory
+(:func:`~planner.optimize.cost.in_flight`).
 
-Speed: each state's row is one batch of numpy operations over (next state, replicas, devices);
-and the search is *bounded*: for a trial bound ``T`` on the slowest stage, a stage needs at least
-``compute / T`` devices, so the devices a suffix can use lie in a narrow window
-``[work after / T, N - work before / T]``. Cells outside it and candidates slower than ``T`` are
-never built. Trial bounds start at 1.1 x the perfect-balance bound ``total work / N`` and grow by 1.1x
-until a plan is found; since every pruned candidate is slower than ``T`` and a plan at most ``T``
-exists, the result is exactly optimal.
+Links. Between stage ``A`` on ``[a, d)`` and ``B`` on ``[d, e)`` microbatches travel round-robin
+over rank pairs; the outermost level they use is the level spanned by ``[a, e)``, which is
+``max(α, β)`` with ``α`` = level of ranks ``(a, d)`` (known to ``A``) and ``β`` = level of ranks
+``(d - 1, e - 1)`` (known to ``B``). So ``A`` *promises* the level ``ℓ`` its outgoing link is
+charged at and the suffix state carries it: ``v = (ℓ, exact)`` where ``exact`` says ``α = ℓ``
+(then ``B`` needs ``β <= ℓ``) or ``α < ℓ`` (then ``B`` needs ``β = ℓ``). Each stage then charges
+``max(compute (+ all-reduce), link in, link out) x share(m)`` exactly as
+:meth:`~planner.optimize.cost.CostModel.evaluate` does. On one level there is one variant.
 
-Multi-level topologies follow PipeDream's hierarchy (:mod:`planner.optimize.hierarchy`): the
-innermost level's best sub-pipelines become the stages of the next level.
+Objective. ``pipedream``: the slowest stage. ``1f1b``/``gpipe``: ``(M + S - 1) x slowest +
+largest all-reduce`` (:func:`~planner.optimize.cost.schedule_objective`): the program minimises
+the slowest stage per stage count, and the all-reduce term is handled by capping the stages'
+all-reduce strictly below the last plan's largest and solving again until the rest of the
+objective alone can no longer improve (each plan found is the best with all-reduces below the
+cap; the optimum's largest all-reduce is below every earlier cap).
+
+Speed: the search is *bounded*. For a trial bound ``b`` on the slowest stage, a stage of compute
+``C`` needs ``m >= C / b`` devices, so the devices a suffix can use lie in the window
+``[work after / b, T - work before / b]`` and only those cells are stored (flat, per state).
+``pipedream``: ``b`` starts at 1.1 x the perfect balance ``total work / N`` and grows by 1.1x
+until a plan is found; that plan is optimal (every plan not searched has a stage slower than
+``b``). ``1f1b``/``gpipe``: a plan of objective ``F`` found under ``b`` is optimal once
+``F <= M b`` (a plan with a stage slower than ``b`` costs more than ``M b``); otherwise ``b``
+becomes ``F / M`` and one more search certifies it. Stage counts that cannot beat the best
+objective found, ``(M + S - 1) x total work / N > F``, are not tracked.
+
+With idle devices allowed, multi-level topologies solve one program per total ``T`` modulo the
+devices of one outermost unit (levels only see positions modulo that size), largest first,
+skipping totals whose perfect balance cannot beat the best found.
 
 Example:
     >>> from planner.profile import LayerProfile, Profile
@@ -42,23 +60,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from planner.errors import InfeasibleError
-from planner.optimize.cost import (
-    OPTIMIZER_STATE_FACTOR,
-    CostModel,
-    CostModelKind,
-    DownsetTables,
-    in_flight,
-)
+from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, CostModelKind, DownsetTables
+from planner.optimize.dp_pipedream import solve_pipedream
+from planner.optimize.feasibility import check_fits, explain_infeasible
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
 from planner.schedules import Schedule
 
-__all__ = ["flight_table", "search", "solve", "solve_flat"]
+__all__ = ["solve"]
 
 _REL = 1e-9  # relative slack for float comparisons against trial bounds
 
@@ -71,433 +85,436 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
         states: A state space to search; default :func:`build_states` of ``options.state_space``
             (``auto``, or PipeDream's antichains for the ``pipedream`` cost model).
 
+    Returns:
+        The optimum over the state space and contiguous ranks, scored by
+        :meth:`CostModel.evaluate` (``solver="dp"``, ``optimal=True``).
+
     Raises:
         InfeasibleError: No partition fits in memory; the message names what would fit.
     """
     options = cost.options
     if options.cost_model is CostModelKind.PIPEDREAM:
-        from planner.optimize.dp_pipedream import solve_pipedream
-
         kind = "antichain" if options.state_space == "auto" else options.state_space
         return solve_pipedream(cost, states or build_states(cost.profile, kind))
+    check_fits(cost)  # lower bounds first: "does not fit" without any search
     space = states or build_states(cost.profile, options.state_space)
-    if len(cost.topology.levels) == 1:
-        return solve_flat(cost, space)
-    return _solve_levels(cost, space, explain=True)
-
-
-def _solve_levels(cost: CostModel, space: StateSpace, *, explain: bool) -> Partition:
-    """The hierarchical DP, never worse than a baseline that fits.
-
-    Across levels the DP plans on upper bounds of group costs (:mod:`planner.optimize.hierarchy`),
-    so a baseline scored exactly can beat it (e.g. data parallelism, whose ring all-reduce over
-    every device costs less than the DP's bound of one ring per level): the fitting baselines are
-    candidates too, and the best objective wins.
-    """
-    from planner.optimize.baselines import baselines
-    from planner.optimize.hierarchy import solve_hierarchical
-
-    candidates = [p for p in baselines(cost).values() if p.fits and _allowed(cost, p)]
-    try:
-        candidates.append(solve_hierarchical(cost, space))
-    except InfeasibleError:
-        if not candidates:
-            if explain:
-                raise _infeasible(cost, space) from None
-            raise
-    return min(candidates, key=lambda p: p.objective_s)
-
-
-# --- the single-level program ------------------------------------------------------------------
-
-
-def flight_table(cost: CostModel, devices: int) -> np.ndarray:
-    """``F[m, d]``: microbatches in flight per replica for ``m`` replicas, ``d`` devices from here."""
-    o = cost.options
-    table = np.zeros((devices + 1, devices + 1))
-    for m in range(1, devices + 1):
-        for d in range(1, devices + 1):
-            table[m, d] = in_flight(o.schedule, d, m, o.microbatches)
-    return table
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Flat:
-    """Everything the single-level kernel reads, as arrays."""
-
-    t: DownsetTables
-    succ: list[np.ndarray]
-    devices: int
-    bandwidth: float
-    latency: float
-    max_replicas: int
-    flights: np.ndarray
-    memory_cap: float
-    pipedream: bool
-    microbatches: int
-    optimizer_factor: int
-    recompute: bool
-
-
-def _stage_arrays(f: _Flat, k: int, js: np.ndarray, reps: np.ndarray, sync_cap: float):
-    """Time, all-reduce, memory base and per-in-flight memory of stages ``k -> js`` on ``reps``."""
-    t = f.t
-    c = t.compute_s[js] - t.compute_s[k]
-    p = t.parameter_bytes[js] - t.parameter_bytes[k]
-    saved = t.saved_bytes[js] - t.saved_bytes[k]
-    buffers = t.buffer_bytes[js] - t.buffer_bytes[k]
-    m = reps.astype(float)  # (j, r)
-    # ring all-reduce, cost.allreduce_s: nothing to reduce (no latency either) without parameters
-    ar = np.where(
-        (m > 1) & (p[:, None] > 0),
-        2 * (m - 1) / m * p[:, None] / f.bandwidth + 2 * (m - 1) * f.latency,
-        0.0,
-    )
-    x_in = t.cut_bytes[k]
-    link_in = 2 * (f.latency + x_in / f.bandwidth) if x_in > 0 else 0.0
-    x_out = t.cut_bytes[js]
-    link_out = np.where(x_out > 0, 2 * (f.latency + x_out / f.bandwidth), 0.0)
-    work = c[:, None] + (ar if f.pipedream else 0.0)
-    # cost.replica_share: 1 / m in steady state; ceil(M / m) / M on the busiest replica of a flush
-    share = 1.0 / m if f.pipedream else (-(-f.microbatches // reps)) / f.microbatches
-    time = np.maximum(np.maximum(work, link_in), link_out[:, None]) * share
-    if np.isfinite(sync_cap):  # only stages whose all-reduce is below the cap
-        time = np.where(ar < sync_cap, time, np.inf)
-    # cost.stage_memory_bytes: weights x versions + gradients + optimizer state + buffers + ...
-    versions_fixed = 0 if f.pipedream else 1  # pipedream: one version per microbatch in flight
-    base = p * (1 + versions_fixed + f.optimizer_factor) + buffers + (saved if f.recompute else 0.0)
-    per_flight = (p if f.pipedream else np.zeros_like(p)) + (x_in if f.recompute else saved)
-    return time, ar, base, per_flight
-
-
-def _flat_stage_fn(f: _Flat):
-    """Stage costs for the single-level kernel: ``(time (j, r), fits (j, r, d))``."""
-
-    def stage(k, js, reps, ds, sync_cap):
-        time, _, base, per_flight = _stage_arrays(f, k, js, reps, sync_cap)
-        flights = f.flights[reps[:, :, None], ds[None, None, :]]  # (j, r, d)
-        fits = base[:, None, None] + per_flight[:, None, None] * flights <= f.memory_cap
-        return time, fits
-
-    return stage
-
-
-def _kernel(succ, devices, max_replicas, work, stage, bound, count_stages, sync_cap):
-    """Fill ``V`` under a trial bound; returns (V, arg_next, arg_reps).
-
-    ``work[k]``: compute of ``D_k`` in seconds of one device (for the pruning window);
-    ``stage(k, js, reps, ds, sync_cap)``: for next states ``js``, replica counts ``reps`` (one row
-    per next state) and devices-from-here ``ds``, the stage times ``(j, r)`` and whether the stage
-    fits in memory ``(j, r, d)``.
-    """
-    n_states = len(work)
-    last = n_states - 1
-    n = devices
-    stages_dim = n + 1 if count_stages else 1
-    value = np.full((n_states, n + 1, stages_dim), np.inf)
-    arg_j = np.full((n_states, n + 1, stages_dim), -1, dtype=np.int64)
-    arg_m = np.zeros((n_states, n + 1, stages_dim), dtype=np.int64)
-    value[last, 0, 0] = 0.0
-    total = work[last]
-    limit = bound * (1 + _REL)
-    if np.isfinite(bound):
-        scale = 1.0 / limit
-        lo_all = np.ceil((total - work) * scale - _REL).astype(int)
-        hi_all = n - np.ceil(work * scale - _REL).astype(int)
-    else:
-        scale = 0.0
-        lo_all = np.zeros(n_states, dtype=int)
-        hi_all = np.full(n_states, n)
-    # devices the rest after state j may use: none after the last state, else at least one
-    lo_rest = np.maximum(lo_all, 1)
-    lo_rest[last] = 0
-    for k in range(last - 1, -1, -1):
-        lo, hi = max(1, lo_all[k]), min(n, hi_all[k])
-        js = succ[k]
-        if lo > hi or len(js) == 0:
-            continue
-        # replicas of stage k -> j: enough for its compute within the bound, and leaving the rest
-        # after j at least its own minimum
-        r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - _REL).astype(int))
-        r_hi = np.minimum(max_replicas, hi - lo_rest[js])
-        keep = r_lo <= r_hi
-        if not keep.any():
-            continue
-        js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
-        width = int((r_hi - r_lo).max()) + 1
-        reps = r_lo[:, None] + np.arange(width)[None, :]  # (j, r)
-        r_ok = reps <= r_hi[:, None]
-        reps = np.where(r_ok, reps, r_lo[:, None])
-        ds = np.arange(lo, hi + 1)
-        time, fits = stage(k, js, reps, ds, sync_cap)
-        time = np.where(r_ok & (time <= limit), time, np.inf)
-        live = np.isfinite(time).any(axis=1)
-        if not live.any():
-            continue
-        js, reps, time, fits = js[live], reps[live], time[live], fits[live]
-        rest = ds[None, None, :] - reps[:, :, None]  # (j, r, d): devices left for the rest
-        ok = fits & (rest >= 0)
-        rest = np.maximum(rest, 0)
-        if count_stages:
-            nxt = value[js[:, None, None], rest, :-1]  # (j, r, d, c-1)
-            cand = np.maximum(time[:, :, None, None], nxt)
-            cand = np.where(ok[..., None], cand, np.inf)
-            flat3 = cand.reshape(-1, len(ds), stages_dim - 1)
-            best = flat3.argmin(axis=0)
-            value[k, lo : hi + 1, 1:] = np.take_along_axis(flat3, best[None], axis=0)[0]
-            bj, br = np.unravel_index(best, reps.shape)
-            arg_j[k, lo : hi + 1, 1:] = js[bj]
-            arg_m[k, lo : hi + 1, 1:] = reps[bj, br]
-        else:
-            nxt = value[js[:, None, None], rest, 0]  # (j, r, d)
-            cand = np.where(ok, np.maximum(time[:, :, None], nxt), np.inf)
-            flat = cand.reshape(-1, len(ds))
-            best = flat.argmin(axis=0)
-            value[k, lo : hi + 1, 0] = flat[best, np.arange(len(ds))]
-            bj, br = np.unravel_index(best, reps.shape)
-            arg_j[k, lo : hi + 1, 0] = js[bj]
-            arg_m[k, lo : hi + 1, 0] = reps[bj, br]
-    return value, arg_j, arg_m
-
-
-def _flat_inputs(cost: CostModel, space: StateSpace, level: int, devices: int) -> _Flat:
-    o = cost.options
-    lv = cost.topology.levels[level]
-    tables = DownsetTables.from_masks(cost, space.masks)
-    inc = space.includes
-    return _Flat(
-        t=tables,
-        succ=[np.flatnonzero(inc[k]) for k in range(len(space))],
-        devices=devices,
-        bandwidth=lv.bandwidth_bytes_per_s,
-        latency=lv.latency_s,
-        max_replicas=1 if o.straight else devices,
-        flights=flight_table(cost, devices),
-        memory_cap=cost.memory_limit_bytes if o.memory_constraint else np.inf,
-        pipedream=o.schedule is Schedule.PIPEDREAM,
-        microbatches=o.microbatches,
-        optimizer_factor=OPTIMIZER_STATE_FACTOR[o.optimizer],
-        recompute=o.recompute,
-    )
-
-
-def _walk(arg_j, arg_m, d: int, c: int) -> list[tuple[int, int, int]]:
-    """Stages ``(start state, end state, replicas)`` from the root with ``d`` devices."""
-    out, k = [], 0
-    while d > 0:
-        j, m = int(arg_j[k, d, c]), int(arg_m[k, d, c])
-        out.append((k, j, m))
-        k, d, c = j, d - m, max(c - 1, 0)
-    return out
-
-
-def _root_choice(
-    value: np.ndarray, devices: int, allow_fewer: bool, microbatches: int, count_stages: bool
-) -> tuple[float, int, int]:
-    """(objective without sync, devices, stage count) at the root, or inf."""
-    ds = range(1, devices + 1) if allow_fewer else [devices]
-    best = (np.inf, 0, 0)
-    for d in ds:
-        if count_stages:
-            for c in range(1, d + 1):
-                v = value[0, d, c]
-                if np.isfinite(v) and (microbatches + c - 1) * v < best[0] * (1 - 1e-12):
-                    best = ((microbatches + c - 1) * v, d, c)
-        elif value[0, d, 0] < best[0] * (1 - 1e-12):
-            best = (value[0, d, 0], d, 0)
-    return best
-
-
-def solve_flat(
-    cost: CostModel,
-    space: StateSpace,
-    *,
-    level: int = 0,
-    devices: int | None = None,
-    explain: bool = True,
-) -> Partition:
-    """Exact DP on one level of the topology (all links and all-reduces at ``level``).
-
-    Example:
-        >>> from planner.profile import LayerProfile, Profile
-        >>> from planner.topology import Topology
-        >>> from planner.optimize.cost import CostModel
-        >>> la = [LayerProfile(name=f"l{i}", op="", forward_ms=1, backward_ms=1, output_bytes=(0,),
-        ...                    parameter_bytes=0, inputs=(i - 1,) if i else ()) for i in range(4)]
-        >>> c = CostModel(Profile(model="m", batch_size=1, layers=tuple(la)), Topology.from_args(gpus=2))
-        >>> solve_flat(c, build_states(c.profile)).bottleneck_s
-        0.004
-    """
-    o = cost.options
-    n = devices or cost.topology.levels[level].devices
-    f = _flat_inputs(cost, space, level, n)
-    path = search(
-        succ=f.succ,
-        devices=n,
-        max_replicas=f.max_replicas,
-        work=f.t.compute_s,
-        stage=_flat_stage_fn(f),
-        sync=lambda k, j, m: _sync_of(f, k, j, m),
-        options=o,
-    )
-    if path is None:
-        raise _infeasible(cost, space) if explain else InfeasibleError("does not fit")
+    found = search(cost, space)
+    if found is None:
+        raise explain_infeasible(cost, lambda c: search(c, space) is not None)
+    path, _ = found
     stages = [space.stage(k, j).tolist() for k, j, _ in path]
     replicas = [m for _, _, m in path]
     return cost.evaluate(stages, replicas, solver="dp", optimal=True)
 
 
-def _allowed(cost: CostModel, part: Partition) -> bool:
-    """Whether a baseline lies in the plan space the options allow (straight, idle devices)."""
+# --- inputs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Problem:
+    """Everything the kernel reads, as arrays."""
+
+    t: DownsetTables
+    succ: list[np.ndarray]
+    devices: int
+    blocks: tuple[int, ...]  # devices per unit of every level but the outermost
+    bandwidth: np.ndarray  # per level
+    latency: np.ndarray
+    max_replicas: int
+    memory_cap: float
+    schedule: Schedule
+    microbatches: int
+    optimizer_factor: int
+    recompute: bool
+    allow_fewer: bool
+
+    @property
+    def levels(self) -> int:
+        return len(self.bandwidth)
+
+    @property
+    def pipedream(self) -> bool:
+        return self.schedule is Schedule.PIPEDREAM
+
+    @property
+    def variants(self) -> int:
+        return 1 if self.levels == 1 else 2 * self.levels
+
+
+def _problem(cost: CostModel, space: StateSpace) -> _Problem:
     o = cost.options
-    replicas = [s.replicas for s in part.stages]
-    if o.straight and max(replicas) > 1:
-        return False
-    return o.allow_fewer_devices or sum(replicas) == cost.topology.num_devices
+    topo = cost.topology
+    n = topo.num_devices
+    return _Problem(
+        t=DownsetTables.from_masks(cost, space.masks),
+        succ=[np.flatnonzero(space.includes[k]) for k in range(len(space))],
+        devices=n,
+        blocks=tuple(topo.block_size(lv) for lv in range(len(topo.levels) - 1)),
+        bandwidth=np.array([lv.bandwidth_bytes_per_s for lv in topo.levels]),
+        latency=np.array([lv.latency_s for lv in topo.levels]),
+        max_replicas=1 if o.straight else n,
+        memory_cap=cost.memory_limit_bytes if o.memory_constraint else np.inf,
+        schedule=o.schedule,
+        microbatches=o.microbatches,
+        optimizer_factor=OPTIMIZER_STATE_FACTOR[o.optimizer],
+        recompute=o.recompute,
+        allow_fewer=o.allow_fewer_devices,
+    )
 
 
-def search(
-    *, succ, devices, max_replicas, work, stage, sync, options, start_bound: float | None = None
-) -> list | None:
-    """Bounded search (module docstring): the optimal path ``[(k, j, m'), ...]`` or None.
+def _level(x, y, blocks: tuple[int, ...]):
+    """Level of the link between ranks ``x != y`` (arrays broadcast): levels whose units differ."""
+    out = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), dtype=np.int64)
+    for b in blocks:
+        out += (np.asarray(x) // b) != (np.asarray(y) // b)
+    return out
 
-    ``start_bound``: a value some plan is known to reach (skips the failing small trials).
+
+def _exact(p: _Problem, level: int) -> int:
+    return 0 if p.levels == 1 else 2 * level
+
+
+def _loose(level: int) -> int:
+    return 2 * level + 1
+
+
+def _link(p: _Problem, nbytes, level: int):
+    """cost.link_s at ``level`` (0 without bytes), vectorised over ``nbytes``."""
+    nbytes = np.asarray(nbytes, dtype=float)
+    return np.where(nbytes > 0, 2 * (p.latency[level] + nbytes / p.bandwidth[level]), 0.0)
+
+
+def _share(p: _Problem, reps: np.ndarray) -> np.ndarray:
+    """cost.replica_share: 1 / m in steady state; ceil(M / m) / M on a flush's busiest replica."""
+    if p.pipedream:
+        return 1.0 / reps
+    return (-(-p.microbatches // reps)) / p.microbatches
+
+
+def _flights(p: _Problem, reps: np.ndarray, from_here: np.ndarray) -> np.ndarray:
+    """cost.in_flight, vectorised (``reps`` and ``from_here`` broadcast)."""
+    total = -(-p.microbatches // reps)
+    if p.schedule is Schedule.GPIPE:
+        return np.broadcast_to(total, np.broadcast_shapes(reps.shape, from_here.shape))
+    depth = -(-from_here // reps)
+    return np.minimum(depth, total) if p.schedule is Schedule.ONE_F_ONE_B else depth
+
+
+def _allreduce(p: _Problem, params: np.ndarray, reps: np.ndarray, first, last):
+    """cost.allreduce_s of ``params`` bytes over ranks ``first .. last`` (``reps`` of them)."""
+    m = reps.astype(float)
+    level = _level(first, last, p.blocks) if p.levels > 1 else 0
+    out = np.zeros(np.broadcast_shapes(np.shape(params), m.shape, np.shape(level)))
+    for lv in range(p.levels):
+        ring = 2 * (m - 1) / m * params / p.bandwidth[lv] + 2 * (m - 1) * p.latency[lv]
+        out = np.where(np.asarray(level) == lv, ring, out) if p.levels > 1 else ring + out
+    return np.where((m > 1) & (params > 0), out, 0.0)
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tables:
+    """Values and choices of every (state, devices from here) cell inside the windows."""
+
+    lo: np.ndarray  # per state: fewest devices from here
+    hi: np.ndarray
+    offset: np.ndarray  # per state: first row in the flat arrays
+    value: np.ndarray  # (cells, variants, counts)
+    arg_j: np.ndarray
+    arg_m: np.ndarray
+    arg_l: np.ndarray
+
+    def rows(self, states: np.ndarray, rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat rows of cells ``(states, rs)`` (broadcast) and whether they are in the window."""
+        lo, hi = self.lo[states], self.hi[states]
+        ok = (rs >= lo) & (rs <= hi)
+        return np.where(ok, self.offset[states] + rs - lo, 0), ok
+
+
+def _kernel(p: _Problem, total: int, bound: float, counts: int, sync_cap: float) -> _Tables:
+    """Fill the suffix values for ``total`` devices under a trial bound and an all-reduce cap.
+
+    ``counts``: stage counts tracked (``1f1b``/``gpipe``), 0 for the ``pipedream`` objective.
     """
-    count = options.schedule is not Schedule.PIPEDREAM
-    total = work[-1]
-    bound = total / devices * 1.1 if total > 0 and not count else np.inf
-    if start_bound is not None and not count and np.isfinite(start_bound):
-        bound = max(bound, start_bound)
-    sync_cap = np.inf
-    best: tuple[float, list] | None = None
-    while True:
-        value, arg_j, arg_m = _kernel(
-            succ, devices, max_replicas, work, stage, bound, count, sync_cap
-        )
-        obj, d, c = _root_choice(
-            value, devices, options.allow_fewer_devices, options.microbatches, count
-        )
-        if not np.isfinite(obj):
-            if np.isfinite(bound):
-                bound *= 1.1  # small steps keep the windows of the successful trial narrow
-                if bound > total:  # beyond a one-device plan's time: search everything
-                    bound = np.inf
-                continue
-            break
-        path = _walk(arg_j, arg_m, d, c)
-        if not count:
-            return path
-        # 1f1b / gpipe: add the largest all-reduce; lower its cap while that can still pay
-        syncs = [sync(k, j, m) for k, j, m in path]
-        total_obj = obj + max(syncs)
-        if best is None or total_obj < best[0]:
-            best = (total_obj, path)
-        if max(syncs) <= 0 or obj >= best[0]:
-            break
-        sync_cap = max(syncs)
-    return None if best is None else best[1]
+    t = p.t
+    work = t.compute_s
+    n_states = len(work)
+    last = n_states - 1
+    limit = bound * (1 + _REL)
+    scale = 1.0 / limit if np.isfinite(bound) and limit > 0 else 0.0
+    lo = np.maximum(np.ceil((work[last] - work) * scale - _REL).astype(np.int64), 1)
+    hi = np.minimum(total - np.ceil(work * scale - _REL).astype(np.int64), total)
+    hi[1:] = np.minimum(hi[1:], total - 1)  # a stage before it needs a device
+    lo[last] = hi[last] = 0
+    width = np.maximum(hi - lo + 1, 0)
+    offset = np.concatenate([[0], np.cumsum(width)[:-1]])
+    cols = counts + 1 if counts else 1
+    shape = (int(width.sum()), p.variants, cols)
+    tab = _Tables(
+        lo=lo,
+        hi=hi,
+        offset=offset,
+        value=np.full(shape, np.inf),
+        arg_j=np.full(shape, -1, dtype=np.int32),
+        arg_m=np.zeros(shape, dtype=np.int32),
+        arg_l=np.zeros(shape, dtype=np.int8),
+    )
+    tab.value[offset[last]] = np.inf
+    tab.value[offset[last], :, 0] = 0.0
+    o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
+    for k in range(last - 1, -1, -1):
+        if width[k] == 0 or len(p.succ[k]) == 0:
+            continue
+        if k == 0 and hi[0] < lo[0]:
+            continue
+        _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac)
+    return tab
 
 
-def _sync_of(f: _Flat, k: int, j: int, m: int) -> float:
-    _, ar, _, _ = _stage_arrays(f, k, np.array([j]), np.array([[m]]), np.inf)
-    return float(ar[0, 0])
+def _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac) -> None:
+    """One state's row: every (devices from here, incoming variant, stage count) cell."""
+    t = p.t
+    work = t.compute_s
+    js = p.succ[k]
+    rs = np.arange(tab.lo[k], tab.hi[k] + 1)
+    # replicas: enough for the stage's compute within the bound, leaving the rest its minimum
+    r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - _REL).astype(np.int64))
+    r_hi = np.minimum(p.max_replicas, rs[-1] - tab.lo[js])
+    keep = r_lo <= r_hi
+    if not keep.any():
+        return
+    js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
+    w = int((r_hi - r_lo).max()) + 1
+    reps = r_lo[:, None] + np.arange(w)[None, :]  # (j, w)
+    r_ok = reps <= r_hi[:, None]
+    reps = np.where(r_ok, reps, r_lo[:, None])
+    m3 = reps[:, :, None]  # (j, w, 1)
+    first = total - rs  # (d,) first rank of the stage
+    end = first[None, None, :] + m3  # (j, w, d): one past its last rank
+    rest = rs[None, None, :] - m3
+    share = _share(p, reps)[:, :, None]
+    c = work[js] - work[k]
+    params = t.parameter_bytes[js] - t.parameter_bytes[k]
+    ar = _allreduce(p, params[:, None, None], m3, first[None, None, :], end - 1)
+    body = c[:, None, None] + (ar if p.pipedream else 0.0)
+    if np.isfinite(sync_cap):
+        body = np.where(ar < sync_cap, body, np.inf)
+    # memory (cost.stage_memory_bytes): weights x versions + gradients + optimizer state + ...
+    saved = t.saved_bytes[js] - t.saved_bytes[k]
+    base = params * o_fac + (t.buffer_bytes[js] - t.buffer_bytes[k])
+    base = base + (saved if p.recompute else 0.0)
+    per_flight = (params if p.pipedream else 0.0) + (t.cut_bytes[k] if p.recompute else saved)
+    per_flight = np.broadcast_to(per_flight, js.shape)
+    flights = _flights(p, m3, rs[None, None, :])
+    fits = base[:, None, None] + per_flight[:, None, None] * flights <= p.memory_cap
+    alive = fits & (rest >= 0) & r_ok[:, :, None]
+    # the rest after j: its value under each outgoing level, the best level kept
+    rows, in_window = tab.rows(js[:, None, None], np.maximum(rest, 0))
+    nxt = np.where(
+        (in_window & alive)[..., None, None], tab.value[rows], np.inf
+    )  # (j, w, d, variants, cols)
+    nxt = nxt[..., :-1] if counts else nxt  # the rest has one stage fewer
+    if p.levels == 1:
+        out = _link(p, t.cut_bytes[js], 0)[:, None, None] * share
+        tail = np.maximum(out[..., None], nxt[..., 0, :])
+        tail_l = np.zeros(tail.shape, dtype=np.int8)
+    else:
+        alpha = _level(first[None, None, :], end, p.blocks)  # (j, w, d)
+        options = []
+        for lv in range(p.levels):
+            pick = np.where(
+                (alpha == lv)[..., None],
+                nxt[..., _exact(p, lv), :],
+                np.where((alpha < lv)[..., None], nxt[..., _loose(lv), :], np.inf),
+            )
+            out = _link(p, t.cut_bytes[js], lv)[:, None, None] * share
+            options.append(np.maximum(out[..., None], pick))
+        stacked = np.stack(options)
+        tail_l = stacked.argmin(axis=0).astype(np.int8)
+        tail = np.take_along_axis(stacked, tail_l[None].astype(np.int64), axis=0)[0]
+    n_d = len(rs)
+    base_row = tab.offset[k]
+    variants = [0] if k == 0 else range(p.variants)
+    beta = _level(first[None, None, :] - 1, end - 1, p.blocks) if p.levels > 1 and k > 0 else None
+    for v in variants:
+        if k == 0:
+            link_in = 0.0
+            valid = alive
+        else:
+            level_in = v // 2 if p.levels > 1 else 0
+            if p.levels > 1 and v == 1:
+                continue  # level 0 cannot be promised loosely
+            link_in = float(_link(p, t.cut_bytes[k], level_in))
+            valid = alive
+            if beta is not None:
+                valid = valid & ((beta <= level_in) if v % 2 == 0 else (beta == level_in))
+        time = np.maximum(body, link_in) * share
+        time = np.where(valid & (time <= limit), time, np.inf)
+        cand = np.maximum(time[..., None], tail)  # (j, w, d, cols)
+        cand = np.where(cand <= limit, cand, np.inf)  # the link out counts towards the bound too
+        flat = cand.reshape(-1, n_d, cand.shape[-1])
+        best = flat.argmin(axis=0)  # (d, cols)
+        value = np.take_along_axis(flat, best[None], axis=0)[0]
+        bj, bw = np.unravel_index(best, reps.shape)
+        chosen_l = tail_l.reshape(-1, n_d, cand.shape[-1])
+        chosen_l = np.take_along_axis(chosen_l, best[None], axis=0)[0]
+        sl = slice(base_row, base_row + n_d)
+        cols = slice(1, None) if counts else slice(0, 1)
+        tab.value[sl, v, cols] = value
+        tab.arg_j[sl, v, cols] = js[bj]
+        tab.arg_m[sl, v, cols] = reps[bj, bw]
+        tab.arg_l[sl, v, cols] = chosen_l
 
 
-# --- explaining infeasibility ------------------------------------------------------------------
+# --- the search ----------------------------------------------------------------------------------
 
 
-def _infeasible(cost: CostModel, space: StateSpace) -> InfeasibleError:
-    """An error naming the smallest device count, or the change, that would fit."""
-    import dataclasses
+@dataclass(frozen=True)
+class _Found:
+    objective: float
+    path: list[tuple[int, int, int]]
+    total: int
 
-    from planner.topology import GIB
+
+def search(cost: CostModel, space: StateSpace) -> tuple[list[tuple[int, int, int]], float] | None:
+    """The optimal stages ``[(start state, end state, replicas), ...]`` and objective, or None.
+
+    Stages take contiguous ranks in order from rank 0 (module docstring).
+    """
+    p = _problem(cost, space)
+    found = _search(p, _incumbent(cost))
+    return None if found is None else (found.path, found.objective)
+
+
+def _incumbent(cost: CostModel) -> float:
+    """The best objective of a fitting baseline the options allow (every baseline is a plan of the
+    DP's space), or inf: trial bounds never need to exceed what it implies."""
+    from planner.optimize.baselines import baselines
 
     o = cost.options
-    n = cost.topology.num_devices
-    need = _lightest_stage_bytes(cost)
-    lines = [
-        f"{cost.profile.model!r} does not fit on {n} device(s) of "
-        f"{cost.memory_limit_bytes / GIB:.3g} GiB under schedule {o.schedule}"
-        + (" with recomputation" if o.recompute else "")
-        + f" and optimizer {o.optimizer}"
-    ]
-    fixes = []
-    trials = []
-    if not o.recompute:
-        trials.append(("--recompute", dataclasses.replace(o, recompute=True)))
-    if o.schedule is Schedule.PIPEDREAM:
-        trials.append(("--schedule 1f1b", dataclasses.replace(o, schedule=Schedule.ONE_F_ONE_B)))
-    if o.optimizer != "sgd":
-        from planner.schedules import OptimizerKind
+    best = np.inf
+    for part in baselines(cost).values():
+        replicas = [s.replicas for s in part.stages]
+        if not part.fits or (o.straight and max(replicas) > 1):
+            continue
+        if not o.allow_fewer_devices and sum(replicas) != cost.topology.num_devices:
+            continue
+        best = min(best, part.objective_s)
+    return float(best)
 
-        trials.append(("--optimizer sgd", dataclasses.replace(o, optimizer=OptimizerKind.SGD)))
-    for flag, opts in trials:
-        if _fits(CostModel(cost.profile, cost.topology, opts), space):
-            fixes.append(flag)
-    # more devices of the same machine: one level grows its devices, two levels add nodes
-    step = cost.topology.levels[0].devices if len(cost.topology.levels) > 1 else 1
 
-    def grown(devices: int) -> CostModel:
-        levels = list(cost.topology.levels)
-        levels[-1] = dataclasses.replace(levels[-1], devices=devices // (n // levels[-1].devices))
-        return CostModel(cost.profile, dataclasses.replace(cost.topology, levels=tuple(levels)), o)
+def _search(p: _Problem, incumbent: float) -> _Found | None:
+    work = float(p.t.compute_s[-1])
+    n = p.devices
+    per_bound = 1 if p.pipedream else p.microbatches  # objective >= per_bound x slowest stage
+    # Positions matter modulo the devices of one outermost unit only (levels are translation
+    # invariant by whole units), so one run per residue of the total covers every total.
+    period = p.blocks[-1] if p.blocks else 1
+    totals = list(range(n, max(n - period, 0), -1)) if p.allow_fewer else [n]
+    ceiling = incumbent / per_bound * (1 + 1e-6) if np.isfinite(incumbent) else np.inf
+    bound = min(1.1 * work / n, ceiling) if work > 0 else ceiling
+    best: _Found | None = None
+    while True:
+        best = _under(p, bound, totals, best)
+        if best is not None and best.objective <= per_bound * bound * (1 + _REL):
+            return best
+        if best is not None:  # anything better has every stage faster than F (1f1b/gpipe: F / M)
+            bound = best.objective / per_bound
+            continue
+        if not np.isfinite(bound):
+            return None
+        if bound >= ceiling:  # the incumbent lies outside the space searched: search everything
+            ceiling = np.inf
+        bound = min(bound * 1.25 if bound > 0 else np.inf, ceiling)
+        if bound > max(work, 1e-300) * 1e3:  # links can be slower than all compute: no bound
+            bound = np.inf
 
-    for more in (2 * n, 4 * n, 8 * n):
-        if _fits(grown(more), space):
-            lo, hi = n // step + 1, more // step
-            while lo < hi:  # smallest device count that fits, in whole nodes
-                mid = (lo + hi) // 2
-                if _fits(grown(mid * step), space):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            fixes.append(f"--gpus {lo * step}")
+
+def _under(p: _Problem, bound: float, totals: list[int], best: _Found | None) -> _Found | None:
+    """The best plan with every stage at most ``bound`` (or ``best`` if that is better)."""
+    work = float(p.t.compute_s[-1])
+    m_count = p.microbatches
+    n_states = len(p.t.compute_s)
+    period = p.blocks[-1] if p.blocks else 1
+    for total in totals:
+        floor = work / total  # the slowest stage of any plan on ``total`` devices or fewer
+        if floor > bound * (1 + _REL):
             break
-    lines.append(
-        f"the smallest stage (one layer) needs {need / GIB:.3g} GiB"
-        if need > cost.memory_limit_bytes
-        else f"the whole model needs {_whole_bytes(cost) / GIB:.3g} GiB on one device"
-    )
-    if fixes:
-        lines.append("it fits with " + ", or with ".join(fixes))
-    else:
-        lines.append("no single change fits it: use devices with more memory or a smaller batch")
-    return InfeasibleError("; ".join(lines))
+        if best is not None and floor * (1 if p.pipedream else m_count) >= best.objective:
+            break
+        counts = 0
+        if not p.pipedream:
+            counts = min(total, n_states - 1)
+            if best is not None and floor > 0:
+                counts = min(counts, max(1, math.floor(best.objective / floor) - m_count + 1))
+        sync_cap = np.inf
+        while True:
+            tab = _kernel(p, total, bound, counts, sync_cap)
+            root = _root(p, tab, total, counts, period)
+            if root is None:
+                break
+            g, r, c = root
+            path = _walk(p, tab, total, r, c, counts)
+            syncs = [] if p.pipedream else _syncs(p, path, total - r)
+            y = max(syncs, default=0.0)
+            if best is None or g + y < best.objective:
+                best = _Found(g + y, path, total)
+            if p.pipedream or y <= 0 or g >= best.objective:
+                break
+            sync_cap = y
+    return best
 
 
-def _fits(cost: CostModel, space: StateSpace) -> bool:
-    """Whether :func:`solve` finds a plan (the same solver and topology shape, no explanation)."""
-    try:
-        if len(cost.topology.levels) == 1:
-            solve_flat(cost, space, explain=False)
-        else:
-            _solve_levels(cost, space, explain=False)
-    except InfeasibleError:
-        return False
-    return True
+def _root(
+    p: _Problem, tab: _Tables, total: int, counts: int, period: int
+) -> tuple[float, int, int] | None:
+    """(objective without the all-reduce term, devices, stage count) of the best root cell: a
+    plan starting at rank 0 up to translation by whole outermost units."""
+    lo, hi = int(tab.lo[0]), int(tab.hi[0])
+    if not p.allow_fewer:
+        lo = max(lo, total)
+    if lo > hi:
+        return None
+    rs = np.arange(lo, hi + 1)
+    values = tab.value[tab.offset[0] + rs - tab.lo[0], 0]  # (r, cols)
+    values = np.where(((total - rs) % period == 0)[:, None], values, np.inf)
+    if counts:
+        slots = p.microbatches + np.arange(values.shape[1]) - 1
+        with np.errstate(invalid="ignore"):
+            values = np.where(np.isfinite(values), values * slots[None, :], np.inf)
+        values[:, 0] = np.inf
+    flat = int(np.argmin(values))
+    r, c = divmod(flat, values.shape[1])
+    best = float(values[r, c])
+    return None if not np.isfinite(best) else (best, lo + r, c)
 
 
-def _whole_bytes(cost: CostModel) -> float:
-    return cost.stage_memory_bytes(
-        parameter_bytes=float(cost.parameter_bytes.sum()),
-        buffer_bytes=float(cost.buffer_bytes.sum()),
-        saved_bytes=float(cost.saved_bytes.sum()),
-        input_bytes=0.0,
-        replicas=1,
-        devices_from_here=1,
-    )
+def _walk(p: _Problem, tab: _Tables, total: int, r: int, c: int, counts: int):
+    """Stages ``(start state, end state, replicas)`` from the root cell ``(r, c)``."""
+    last = len(p.t.compute_s) - 1
+    out: list[tuple[int, int, int]] = []
+    k, v = 0, 0
+    while k != last:
+        row = tab.offset[k] + r - tab.lo[k]
+        col = c if counts else 0
+        j, m, lv = (int(x[row, v, col]) for x in (tab.arg_j, tab.arg_m, tab.arg_l))
+        out.append((k, j, m))
+        first = total - r
+        if p.levels > 1 and j != last:
+            alpha = int(_level(first, first + m, p.blocks))
+            v = _exact(p, lv) if lv == alpha else _loose(lv)
+        k, r, c = j, r - m, c - 1
+    return out
 
 
-def _lightest_stage_bytes(cost: CostModel) -> float:
-    """Memory of the heaviest single layer with one microbatch in flight: a floor for any plan."""
-    return max(
-        cost.stage_memory_bytes(
-            parameter_bytes=float(cost.parameter_bytes[i]),
-            buffer_bytes=float(cost.buffer_bytes[i]),
-            saved_bytes=float(cost.saved_bytes[i]),
-            input_bytes=0.0,
-            replicas=1,
-            devices_from_here=1,
-        )
-        for i in range(len(cost.profile))
-    )
+def _syncs(p: _Problem, path: list[tuple[int, int, int]], first: int) -> list[float]:
+    """Each stage's all-reduce, computed as the kernel does (same floats for the cap)."""
+    out = []
+    for k, j, m in path:
+        params = np.array([p.t.parameter_bytes[j] - p.t.parameter_bytes[k]])[:, None, None]
+        reps = np.array([[[m]]])
+        out.append(float(_allreduce(p, params, reps, np.array([first]), first + reps - 1)[0, 0, 0]))
+        first += m
+    return out

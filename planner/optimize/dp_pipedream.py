@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +33,9 @@ from planner.errors import InfeasibleError
 from planner.optimize.cost import CostModel, DownsetTables
 from planner.optimize.result import Partition, StageAssignment
 from planner.optimize.states import StateSpace
+from planner.topology import Topology
 
-__all__ = ["solve_pipedream"]
+__all__ = ["nested_ranks", "solve_pipedream"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,8 +159,6 @@ def _solve_level(
                     v = block[ks, np.arange(n_states)][None, :]
                     ks = ks[None, :]
                 else:
-                    from planner.optimize.hierarchy import _minmax_product
-
                     v, ks = _minmax_product(prev, last_t)
                 # PipeDream scans k, then m': keep the smallest k among equal times
                 take = (v < best_v) | ((v == best_v) & (ks < best_k) & np.isfinite(v))
@@ -216,8 +216,6 @@ def _expand(levels: list[_Level], li: int, i: int, j: int, m: int) -> list:
 def _partition(
     cost: CostModel, space: StateSpace, tree: list, best: float, t: DownsetTables
 ) -> Partition:
-    from planner.optimize.hierarchy import nested_ranks
-
     leaves, ranks = nested_ranks(cost.topology, tree)
     o = cost.options
     topo = cost.topology
@@ -264,3 +262,74 @@ def _partition(
         optimal=True,
         cost_model=str(o.cost_model),
     )
+
+
+# --- PipeDream's nested plans --------------------------------------------------------------------
+
+
+def nested_ranks(topology: Topology, tree: list) -> tuple[list[tuple], list[tuple[int, ...]]]:
+    """Flatten a nested plan into stages and their ranks.
+
+    ``tree`` is the top level's pipeline: a list of groups ``(units, sub, start, end)`` where
+    ``sub`` is the next level's pipeline, or None for a level-0 stage of ``units`` devices.
+
+    Returns:
+        ``leaves``: ``(start, end, replicas, devices per unit)`` per stage in pipeline order, and
+        the ranks of each.
+    """
+    depth = _depth(tree)
+    leaves: list[tuple] = []
+    ranks: list[tuple[int, ...]] = []
+
+    def place(pipeline: list, level: int, fixed: dict[int, tuple[int, int]]) -> None:
+        pos = 0
+        for units, sub, start, end in pipeline:
+            here = {**fixed, level: (pos, units)}
+            pos += units
+            if sub is None:
+                ranges = [
+                    range(here.get(lv, (0, 1))[0], sum(here.get(lv, (0, 1)))) for lv in range(depth)
+                ]
+                rs = []
+                for coords in itertools.product(*ranges):  # outermost level varies fastest
+                    rank = sum(
+                        c * (topology.block_size(lv - 1) if lv else 1)
+                        for lv, c in enumerate(coords)
+                    )
+                    rs.append(rank)
+                replicas = len(rs)
+                leaves.append((start, end, replicas, units))
+                ranks.append(tuple(rs))
+            else:
+                place(sub, level - 1, here)
+
+    place(tree, depth - 1, {})
+    return leaves, ranks
+
+
+def _depth(pipeline: list) -> int:
+    sub = pipeline[0][1]
+    return 1 if sub is None else 1 + _depth(sub)
+
+
+def _minmax_product(first: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``out[i, j] = min_k max(first[i, k], rest[k, j])`` and its argmin, for ``i <= k < j``.
+
+    States are sorted by size, so a stage ``i -> k`` needs ``k > i`` and the rest ``k -> j``
+    needs ``j > k``: blocks of ``(i, j)`` only visit ``k`` between them (a sixth of the cube),
+    with ``k`` innermost so the reduction runs over contiguous memory.
+    """
+    n = len(first)
+    out = np.full((n, n), np.inf)
+    arg = np.zeros((n, n), dtype=np.int64)
+    rest_t = np.ascontiguousarray(rest.T)  # rest_t[j, k]
+    size = 64
+    for i0 in range(0, n, size):
+        i1 = min(n, i0 + size)
+        for j0 in range(i0, n, size):
+            j1 = min(n, j0 + size)
+            block = np.maximum(first[i0:i1, None, i0:j1], rest_t[None, j0:j1, i0:j1])
+            pick = block.argmin(axis=2)
+            out[i0:i1, j0:j1] = np.take_along_axis(block, pick[:, :, None], axis=2)[..., 0]
+            arg[i0:i1, j0:j1] = pick + i0
+    return out, arg

@@ -7,13 +7,11 @@ stage ``s`` runs on ``m_s`` replicas, ranks are contiguous (:func:`~planner.opti
 at most all devices are used (exactly all unless ``allow_fewer_devices``), and every stage fits in
 memory when the memory constraint is on. Used as ``--solver ilp`` and to cross-check the DP.
 
-Where the two spaces differ. On one level every placement is equivalent and the ILP, the DP and
-the brute-force oracle agree exactly (``tests/optimize/test_properties.py``). On several levels
-the DP follows PipeDream's hierarchy (sub-pipelines per server, replicas on nested ranks) while
-this model searches every partition on contiguous ranks; neither space contains the other, so
-their optima may differ either way. With the ``pipedream`` cost model this model uses the flat
-reading of PipeDream's formulas that :meth:`CostModel.evaluate` implements, not PipeDream's
-level-by-level program.
+The DP and this model search the same space on any number of levels (chains of downsets, replicas
+on contiguous ranks, every level a boundary or an all-reduce crosses known from the ranks), so
+the ILP, the DP and the brute-force oracle agree exactly (``tests/optimize/test_properties.py``).
+With the ``pipedream`` cost model this model uses the flat reading of PipeDream's formulas that
+:meth:`CostModel.evaluate` implements, not PipeDream's level-by-level program.
 
 Formulation. Stage slots ``s = 0..S_max-1`` (``S_max`` = min(devices, layers)); binaries:
 

@@ -1,9 +1,13 @@
 """Property tests: the DP and the ILP against the brute-force oracle on random small problems.
 
-Random DAGs of 2-7 layers (skip edges and several sources included), topologies of one or two
-levels with up to 6 devices, every schedule, optimizer, memory limits that sometimes bind,
-recomputation, straight pipelines and using fewer devices. The oracle (``bruteforce.py``) scores
-every partition of the solver's state space and every replication with ``CostModel.evaluate``.
+Random DAGs of 2-7 layers (skip edges and several sources included), topologies of one, two or
+three levels with up to 8 devices, every schedule, optimizer, memory limits that bind or no memory
+constraint, recomputation, straight pipelines and using fewer devices. The oracle
+(``bruteforce.py``) enumerates every chain of the state space, every replication and the
+contiguous ranks, and scores each with ``CostModel.evaluate``: the DP and the ILP must EQUAL it.
+
+Each (levels, schedule, memory) combination gets its own examples: 84 in the slow tier (504 per
+level count), 8 in the quick tier.
 """
 
 from __future__ import annotations
@@ -65,39 +69,44 @@ def profiles(draw: st.DrawFn, max_layers: int = 7) -> Profile:
 
 @st.composite
 def topologies(draw: st.DrawFn, levels: tuple[int, ...] = (1, 2)) -> Topology:
-    """One or two levels, at most 6 devices, sometimes with latency, memory from tight to ample."""
-    two = draw(st.sampled_from(levels)) == 2
-    inner = draw(st.integers(2, 3) if two else st.integers(1, 6))
+    """One, two or three levels, at most 8 devices, sometimes with latency (inner levels are not
+    always the faster ones), memory from tight to ample."""
+    count = draw(st.sampled_from(levels))
+    if count == 1:
+        sizes = [draw(st.integers(1, 6))]
+    elif count == 2:
+        inner = draw(st.integers(2, 3))
+        sizes = [inner, draw(st.integers(2, 6 // inner))]
+    else:
+        sizes = [2, 2, draw(st.integers(1, 2))]
+    bandwidths = ([1e9, 1e10, 1e11], [1e8, 1e9], [1e7, 1e8, 1e9])
+    latencies = ([0.0, 0.0, 1e-4], [0.0, 1e-3], [0.0, 1e-4, 1e-3])
     tiers = [
         Level(
-            devices=inner,
-            bandwidth_bytes_per_s=draw(st.sampled_from([1e9, 1e10, 1e11])),
-            latency_s=draw(st.sampled_from([0.0, 0.0, 1e-4])),
+            devices=size,
+            bandwidth_bytes_per_s=draw(st.sampled_from(bandwidths[i])),
+            latency_s=draw(st.sampled_from(latencies[i])),
         )
+        for i, size in enumerate(sizes)
     ]
-    if two:
-        tiers.append(
-            Level(
-                devices=draw(st.integers(2, 6 // inner)),
-                bandwidth_bytes_per_s=draw(st.sampled_from([1e8, 1e9])),
-                latency_s=draw(st.sampled_from([0.0, 1e-3])),
-            )
-        )
     memory = draw(st.sampled_from([60e6, 150e6, 400e6, 1e9, 1e12]))
     return Topology(levels=tuple(tiers), memory_bytes=memory)
 
 
 @st.composite
 def options(
-    draw: st.DrawFn, cost_models: tuple[CostModelKind, ...] = (CostModelKind.PLANNER,)
+    draw: st.DrawFn,
+    cost_models: tuple[CostModelKind, ...] = (CostModelKind.PLANNER,),
+    schedules: tuple[Schedule, ...] = tuple(Schedule),
+    memory: tuple[bool, ...] = (True, True, True, False),
 ) -> SolverOptions:
     return SolverOptions(
-        schedule=draw(st.sampled_from(list(Schedule))),
+        schedule=draw(st.sampled_from(schedules)),
         microbatches=draw(st.integers(1, 8)),
         optimizer=draw(st.sampled_from(list(OptimizerKind))),
         straight=draw(st.integers(0, 5)) == 0,
         allow_fewer_devices=draw(st.booleans()),
-        memory_constraint=draw(st.integers(0, 3)) > 0,
+        memory_constraint=draw(st.sampled_from(memory)),
         recompute=draw(st.integers(0, 3)) == 0,
         cost_model=draw(st.sampled_from(cost_models)),
     )
@@ -194,10 +203,7 @@ def test_dp_parameter_free_stage_pays_no_allreduce() -> None:
     assert _same(dp.solve(cost, states=space), brute_force(cost, space))
 
 
-@settings(max_examples=500, **_SETTINGS)
-@given(profiles(), topologies(levels=(1,)), options())
-def test_dp_equals_brute_force(profile: Profile, topology: Topology, opts: SolverOptions) -> None:
-    """One level: the DP is exact over its state space."""
+def _dp_equals_brute_force(profile: Profile, topology: Topology, opts: SolverOptions) -> None:
     cost, space = _problem(profile, topology, opts)
     oracle = brute_force(cost, space)
     found = _solve_or_none(dp.solve, cost, space)
@@ -207,34 +213,54 @@ def test_dp_equals_brute_force(profile: Profile, topology: Topology, opts: Solve
         _consistent(cost, found)
 
 
-@settings(max_examples=150, **_SETTINGS)
-@given(profiles(max_layers=5), topologies(levels=(2,)), options())
-def test_dp_two_levels_is_never_below_the_optimum(
-    profile: Profile, topology: Topology, opts: SolverOptions
-) -> None:
-    """Two levels: the DP searches PipeDream's hierarchical plans (nested ranks) with bounded
-    group costs, so it may miss the flat optimum, but its plan is scored exactly and can never
-    beat the best of every partition, replication and placement."""
-    cost, space = _problem(profile, topology, opts, all_placements=True)
-    oracle = brute_force(cost, space, all_placements=True)
-    found = _solve_or_none(dp.solve, cost, space)
-    if found is None:
-        return
-    assert oracle is not None, f"dp found {_describe(found)} where nothing fits"
-    assert found.objective_s >= oracle.objective_s * (1 - 1e-9)
-    _consistent(cost, found)
+_COMBINATIONS = [
+    pytest.param(levels, schedule, memory, id=f"{levels}-level-{schedule}-{memory}")
+    for levels in (1, 2, 3)
+    for schedule in Schedule
+    for memory in ("limited", "unlimited")
+]
+
+
+@pytest.mark.parametrize(("levels", "schedule", "memory"), _COMBINATIONS)
+def test_dp_equals_brute_force(levels: int, schedule: Schedule, memory: str) -> None:
+    """The DP is exact over its state space and contiguous ranks, on every topology (quick tier)."""
+    _check_combination(levels, schedule, memory, examples=8)
 
 
 @pytest.mark.slow
-@settings(max_examples=40, **_SETTINGS)
+@pytest.mark.parametrize(("levels", "schedule", "memory"), _COMBINATIONS)
+def test_dp_equals_brute_force_many(levels: int, schedule: Schedule, memory: str) -> None:
+    """As above, 84 examples per combination: 504 per level count."""
+    _check_combination(levels, schedule, memory, examples=84)
+
+
+def _check_combination(levels: int, schedule: Schedule, memory: str, *, examples: int) -> None:
+    limited = memory == "limited"
+
+    @settings(max_examples=examples, **_SETTINGS)
+    @given(
+        profiles(max_layers=7 if levels == 1 else 6),
+        topologies(levels=(levels,)),
+        options(schedules=(schedule,), memory=(limited,)),
+    )
+    def check(profile: Profile, topology: Topology, opts: SolverOptions) -> None:
+        _dp_equals_brute_force(profile, topology, opts)
+
+    check()
+
+
+@pytest.mark.slow
+@settings(max_examples=60, **_SETTINGS)
 @given(
-    profiles(max_layers=6), topologies(), options((CostModelKind.PLANNER, CostModelKind.PIPEDREAM))
+    profiles(max_layers=6),
+    topologies(levels=(1, 2, 3)),
+    options((CostModelKind.PLANNER, CostModelKind.PIPEDREAM)),
 )
 def test_ilp_equals_brute_force_and_dp(
     profile: Profile, topology: Topology, opts: SolverOptions
 ) -> None:
     """The ILP is exact over its space (the state space, contiguous ranks) for both cost models,
-    and equals the DP where the DP is exact (one level, the planner cost model)."""
+    and equals the DP (planner cost model) on one, two and three levels."""
     cost, space = _problem(profile, topology, opts)
     oracle = brute_force(cost, space)
     found = _solve_or_none(ilp.solve, cost, space, time_limit_s=60)
@@ -242,6 +268,6 @@ def test_ilp_equals_brute_force_and_dp(
     if found is not None:
         assert found.solver == "ilp" and found.optimal
         _consistent(cost, found)
-    if opts.cost_model is CostModelKind.PLANNER and len(topology.levels) == 1:
+    if opts.cost_model is CostModelKind.PLANNER:
         planned = _solve_or_none(dp.solve, cost, space)
         assert _same(planned, found), f"dp {_describe(planned)} vs ilp {_describe(found)}"

@@ -1,8 +1,8 @@
-"""The hierarchical DP against the baselines on PipeDream's shared profiles.
+"""The DP against the baselines on PipeDream's shared profiles, on one and two levels.
 
-The two-level DP is approximate (group costs are bounds), but it must never report a model as
-infeasible when a baseline partition fits under the same cost model, nor return a plan whose
-objective is worse than a fitting baseline's.
+Every baseline is a plan of the DP's space (prefixes of the profile's order on contiguous ranks),
+so the exact DP must never report a model as infeasible when a baseline fits, nor return a plan
+whose objective is worse than a fitting baseline's.
 """
 
 from __future__ import annotations
