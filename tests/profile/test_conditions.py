@@ -125,3 +125,16 @@ def test_profiling_options_with_a_shipped_profile_say_they_do_nothing(
     assert line.startswith("--threads only matter when profiling and the shipped profile")
     assert main(["--model", "resnet50", "--gpus", "2", "-o", out]) == 0
     assert "only matter when profiling" not in capsys.readouterr().err
+
+
+def test_cuda_timer_synchronises_before_every_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planner.profile.timing import Timer
+
+    calls: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    ticks = iter([1.0, 2.5])
+    timer = Timer(lambda: next(ticks), torch.device("cuda", 1))
+    assert (timer(), timer()) == (1.0, 2.5)
+    assert calls == [torch.device("cuda", 1)] * 2
+    Timer(lambda: 0.0, torch.device("cpu"))()
+    assert len(calls) == 2  # the CPU clock needs no synchronisation
