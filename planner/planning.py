@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,12 @@ from planner.schedules import OptimizerKind, Schedule
 from planner.topology import Topology
 
 __all__ = [
+    "MAX_MICROBATCH_CANDIDATES",
     "PlanOptions",
     "draw_plan",
     "make_plan",
     "plan_from_partition",
+    "planner_memory_note",
     "shipped_profile",
     "solve",
 ]
@@ -47,10 +50,14 @@ class PlanOptions:
         minibatch_size: Samples per optimizer step. None: the profile's batch size times the
             device count for ``1f1b``/``gpipe`` (so data parallelism keeps the profiled batch per
             device), the profile's batch size for ``pipedream`` (PipeDream updates per microbatch).
-        microbatches: Microbatches per minibatch. None: the divisor of the minibatch whose
-            microbatch is closest to the profiled batch size (costs are measured, not scaled).
-        auto_microbatches: Search the divisors of the minibatch whose microbatch size lies within
-            a quarter and four times the profiled batch, and keep the fastest plan.
+        microbatches: Microbatches per minibatch. None: ``1f1b``/``gpipe`` try the divisors of the
+            minibatch whose microbatch lies within a quarter and four times the profiled batch
+            (at most :data:`MAX_MICROBATCH_CANDIDATES`, closest first) and keep the fastest plan,
+            so an awkward batch size never silently leaves devices idle; ``pipedream`` takes the
+            divisor whose microbatch is closest to the profiled batch.
+        auto_microbatches: Also search for ``pipedream`` (the synchronous schedules always do).
+        allow_fewer_devices: The plan may leave devices idle. None: yes for the planner cost
+            model, no for ``pipedream`` (PipeDream's optimizer uses every device).
         optimizer: Training optimizer (its state counts towards memory).
         solver: ``dp`` (dynamic program) or ``ilp`` (exact MILP, with ``time_limit_s``).
         straight: One device per stage, no replication.
@@ -64,6 +71,7 @@ class PlanOptions:
     minibatch_size: int | None = None
     microbatches: int | None = None
     auto_microbatches: bool = False
+    allow_fewer_devices: bool | None = None
     optimizer: OptimizerKind = OptimizerKind.SGD
     solver: Literal["dp", "ilp"] = "dp"
     straight: bool = False
@@ -86,36 +94,37 @@ def shipped_profile(model: str) -> Path | None:
     return None
 
 
+#: Microbatch counts the default search tries at most (each is one solver run).
+MAX_MICROBATCH_CANDIDATES = 6
+
+
 def _sizes(profile: Profile, topology: Topology, options: PlanOptions) -> tuple[int, list[int]]:
     """The minibatch size and the microbatch counts to try (the best one wins)."""
+    from planner.optimize import divisors
+
+    b = profile.batch_size
     if options.schedule is Schedule.PIPEDREAM:
-        minibatch = options.minibatch_size or profile.batch_size * (options.microbatches or 1)
-        default = max(1, minibatch // profile.batch_size)
+        minibatch = options.minibatch_size or b * (options.microbatches or 1)
     else:
-        minibatch = options.minibatch_size or profile.batch_size * topology.num_devices
-        default = max(1, minibatch // profile.batch_size)
+        minibatch = options.minibatch_size or b * topology.num_devices
     if options.microbatches is not None:
         counts = [options.microbatches]
-    elif options.auto_microbatches:
-        # Linear rescaling is a fair estimate near the measured batch size only, so the search
-        # keeps microbatches between a quarter and four times the profiled batch.
-        low, high = profile.batch_size / 4, profile.batch_size * 4
-        counts = [
-            m
-            for m in range(1, minibatch + 1)
-            if minibatch % m == 0 and low <= minibatch // m <= high
-        ] or [default]
-    else:
-        # Plan at the measured batch size (no extrapolation): the divisor of the minibatch whose
-        # microbatch is closest to the profiled batch.
-        divisors = [m for m in range(1, minibatch + 1) if minibatch % m == 0]
-        counts = [min(divisors, key=lambda m: (abs(minibatch / m - profile.batch_size), m))]
-    if minibatch % counts[0]:
-        raise PlannerError(
-            f"--batch-size {minibatch} does not split into {counts[0]} equal microbatches; "
-            f"use a multiple of {counts[0]} or other --microbatches"
-        )
-    return minibatch, counts
+        if minibatch % counts[0]:
+            raise PlannerError(
+                f"--batch-size {minibatch} does not split into {counts[0]} equal microbatches; "
+                f"use a multiple of {counts[0]} or other --microbatches"
+            )
+        return minibatch, counts
+    # Divisors of the minibatch by factorisation (never a loop over the minibatch), ordered by
+    # how far their microbatch lies from the measured batch size.
+    counts = sorted(divisors(minibatch), key=lambda m: (abs(math.log(minibatch / m / b)), m))
+    if options.schedule is Schedule.PIPEDREAM and not options.auto_microbatches:
+        return minibatch, counts[:1]  # PipeDream updates per microbatch: plan at the measured size
+    # Search the counts whose microbatch is within 1/4..4x the profiled batch (linear rescaling is
+    # a fair estimate near the measured size only), the closest first, at most a few; else the
+    # closest one alone.
+    near = [m for m in counts if b / 4 <= minibatch / m <= b * 4]
+    return minibatch, sorted(near[:MAX_MICROBATCH_CANDIDATES] or counts[:1])
 
 
 def solve(
@@ -138,6 +147,11 @@ def solve(
         optimizer=options.optimizer,
         solver=options.solver,
         straight=options.straight,
+        allow_fewer_devices=(
+            options.cost_model != "pipedream"
+            if options.allow_fewer_devices is None
+            else options.allow_fewer_devices
+        ),
         memory_constraint=options.memory_constraint,
         recompute=options.recompute,
         cost_model=options.cost_model,
@@ -307,6 +321,49 @@ def plan_from_partition(
         baselines=tuple(scores),
         planner_version=__version__,
     )
+
+
+def planner_memory_note(plan: Plan, profile: Profile) -> str:
+    """For a plan made under ``--cost-model pipedream``: each stage's memory under the planner's
+    model (weights, gradients, optimizer state, stashed versions, activations in flight), with a
+    warning when a stage does not fit; "" for other plans.
+
+    PipeDream's formula counts nothing for its last stage, so its memory column can say 0 GiB for a
+    stage that needs tens of GiB (``plan simulate`` counts like the planner's model).
+    """
+    from planner.errors import PlanError
+    from planner.optimize.cost import CostModel, SolverOptions
+    from planner.topology import GIB
+
+    if plan.cost_model != "pipedream":
+        return ""
+    planned = _planning_profile(profile).rescale(plan.microbatch_size)
+    index = {layer.name: i for i, layer in enumerate(planned.layers)}
+    stages = [[index[name] for name in st.layers if name in index] for st in plan.stages]
+    options = SolverOptions(
+        schedule=plan.schedule,
+        microbatches=plan.microbatches,
+        optimizer=plan.optimizer,
+        recompute=plan.recompute,
+        memory_constraint=False,
+    )
+    try:
+        part = CostModel(planned, plan.topology, options).evaluate(
+            stages, [st.replicas for st in plan.stages], [st.ranks for st in plan.stages]
+        )
+    except PlanError:
+        return ""
+    cap = plan.topology.memory_bytes
+    values = ", ".join(f"{s}: {st.memory_bytes / GIB:.2f}" for s, st in enumerate(part.stages))
+    line = f"memory per stage under the planner's model, GiB: {values}"
+    over = [s for s, st in enumerate(part.stages) if st.memory_bytes > cap]
+    if over:
+        line += (
+            f"\nwarning: under the planner's model stage(s) {', '.join(map(str, over))} do not fit "
+            f"in {cap / GIB:.3g} GiB (PipeDream's formula undercounts); check with plan simulate, "
+            "or plan with the default --cost-model planner"
+        )
+    return line
 
 
 def draw_plan(plan: Plan, profile: Profile, path: str | os.PathLike[str]) -> None:

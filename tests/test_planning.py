@@ -6,7 +6,13 @@ import pytest
 from conftest import pipedream_graph
 
 from planner.errors import PlannerError
-from planner.planning import PlanOptions, _sizes, make_plan, shipped_profile
+from planner.planning import (
+    MAX_MICROBATCH_CANDIDATES,
+    PlanOptions,
+    _sizes,
+    make_plan,
+    shipped_profile,
+)
 from planner.profile import LayerProfile, Profile
 from planner.profile.pipedream import read_graph_txt
 from planner.schedules import Schedule
@@ -32,8 +38,10 @@ def _chain(batch: int = 32, n: int = 6) -> Profile:
 @pytest.mark.parametrize(
     ("options", "devices", "expected"),
     [
-        (PlanOptions(), 8, (256, [8])),  # 1f1b: profile batch per device, microbatch = profiled
-        (PlanOptions(schedule=Schedule.GPIPE, minibatch_size=64), 8, (64, [2])),
+        # 1f1b: profile batch per device; the counts whose microbatch is within 1/4..4x the
+        # profiled batch are searched (8 microbatches of 32, 4 of 64, 16 of 16, ...)
+        (PlanOptions(), 8, (256, [2, 4, 8, 16, 32])),
+        (PlanOptions(schedule=Schedule.GPIPE, minibatch_size=64), 8, (64, [1, 2, 4, 8])),
         (PlanOptions(schedule=Schedule.PIPEDREAM), 8, (32, [1])),
         (PlanOptions(minibatch_size=96, microbatches=3), 4, (96, [3])),
     ],
@@ -44,10 +52,36 @@ def test_sizes(options, devices, expected):
 
 def test_sizes_pick_the_divisor_closest_to_the_profiled_batch():
     minibatch, counts = _sizes(
-        _chain(), Topology.from_args(gpus=4), PlanOptions(minibatch_size=100)
+        _chain(),
+        Topology.from_args(gpus=4),
+        PlanOptions(schedule=Schedule.PIPEDREAM, minibatch_size=100),
     )
     assert minibatch == 100 and counts == [4]  # 25 per microbatch: the divisor nearest 32
     assert 100 % counts[0] == 0
+
+
+def test_sizes_are_bounded_and_never_loop_over_the_minibatch():
+    # 10^12 samples: divisors by factorisation, at most a few counts near the profiled batch
+    minibatch, counts = _sizes(
+        _chain(), Topology.from_args(gpus=8), PlanOptions(minibatch_size=10**12)
+    )
+    assert minibatch == 10**12
+    assert 1 <= len(counts) <= MAX_MICROBATCH_CANDIDATES
+    assert all(8 <= minibatch // m <= 128 and minibatch % m == 0 for m in counts)
+    _, prime = _sizes(_chain(), Topology.from_args(gpus=8), PlanOptions(minibatch_size=1009))
+    assert prime == [1]  # no divisor near 32: the closest alone (one microbatch of 1009)
+
+
+def test_an_awkward_batch_size_does_not_leave_devices_idle():
+    """The issue's case: resnet50, 8 devices, --batch-size 30 planned 1 stage on 1 device (30 = 1
+    microbatch of 30); the default search finds the pipeline (3 microbatches of 10)."""
+    path = shipped_profile("resnet50")
+    assert path is not None
+    plan = make_plan(
+        Profile.load(path), path, Topology.from_args(gpus=8), PlanOptions(minibatch_size=30)
+    )
+    assert plan.microbatches > 1
+    assert sum(stage.replicas for stage in plan.stages) > 1
 
 
 def test_auto_microbatches_stay_near_the_profiled_batch():

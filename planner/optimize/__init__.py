@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from planner.errors import InfeasibleError, PlanError
@@ -49,6 +50,7 @@ __all__ = [
     "allreduce_s",
     "boundary_link_level",
     "contiguous_ranks",
+    "divisors",
     "in_flight",
     "link_s",
     "optimize",
@@ -147,9 +149,14 @@ def _solve(cost: CostModel, solver: str, time_limit_s: float | None = None) -> P
             start: Partition | None = dp.solve(cost)
         except InfeasibleError:
             start = None
-        if time_limit_s is None:
-            return ilp.solve(cost, warm_start=start)
-        return ilp.solve(cost, warm_start=start, time_limit_s=time_limit_s)
+        try:
+            if time_limit_s is None:
+                return ilp.solve(cost, warm_start=start)
+            return ilp.solve(cost, warm_start=start, time_limit_s=time_limit_s)
+        except PlanError as exc:  # CBC crashed or found nothing in time: the DP is exact too
+            if start is None:
+                raise
+            return dataclasses.replace(start, note=f"{exc}; this is the DP's plan, also exact")
     from planner.optimize import dp
 
     return dp.solve(cost)
@@ -181,5 +188,31 @@ def _candidates(
     total = minibatch or b
     if total < 1:
         raise PlanError(f"minibatch size must be positive, got {total}")
-    sizes = [s for s in range(1, total + 1) if total % s == 0]
-    return [(total // s, s, profile.rescale(s)) for s in sizes]
+    # microbatch sizes dividing the minibatch, the closest to the profiled batch first (at most 8:
+    # rescaling is a fair estimate near the measured size only), then smallest size first
+    sizes = sorted(divisors(total), key=lambda s: (abs(math.log(s / b)), s))[:8]
+    return [(total // s, s, profile.rescale(s)) for s in sorted(sizes)]
+
+
+def divisors(n: int) -> list[int]:
+    """Every divisor of ``n``, ascending, by trial division up to its square root.
+
+    Example:
+        >>> divisors(30)
+        [1, 2, 3, 5, 6, 10, 15, 30]
+    """
+    if n < 1:
+        raise PlanError(f"need a positive whole number, got {n}")
+    factors: dict[int, int] = {}
+    rest, d = n, 2
+    while d * d <= rest:  # factorise: divide out each prime, so the loop stops at sqrt(rest)
+        while rest % d == 0:
+            factors[d] = factors.get(d, 0) + 1
+            rest //= d
+        d += 1 if d == 2 else 2
+    if rest > 1:
+        factors[rest] = factors.get(rest, 0) + 1
+    out = [1]
+    for prime, power in factors.items():
+        out = [x * prime**e for x in out for e in range(power + 1)]
+    return sorted(out)

@@ -111,7 +111,8 @@ def solve(
 
     Raises:
         InfeasibleError: CBC proved that no partition fits (usually memory).
-        PlanError: No solution was found within the time limit; raise it or use the DP.
+        PlanError: No solution was found within the time limit, or CBC failed
+            (``pulp.PulpSolverError``); raise the limit or use the DP.
 
     Example:
         >>> from planner.profile import LayerProfile, Profile
@@ -138,7 +139,13 @@ def solve(
             gapAbs=0.0,
             warmStart=started,
         )
-    model.prob.solve(solver)
+    try:
+        model.prob.solve(solver)
+    except pulp.PulpSolverError as exc:  # CBC crashed or could not run: one line, not a traceback
+        detail = " ".join(str(exc).split())[:200]
+        raise PlanError(
+            f"the ILP solver (CBC) failed: {detail}; use --solver dp (exact on the same plan space)"
+        ) from None
     status = model.prob.sol_status
     if status == pulp.LpSolutionInfeasible or (
         status == pulp.LpSolutionNoSolutionFound and model.prob.status == pulp.LpStatusInfeasible
