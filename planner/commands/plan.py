@@ -12,7 +12,8 @@ from planner._io import Outputs, check_outputs, printable
 from planner.commands._args import positive_float, positive_int
 from planner.commands.profile import add_profiling_arguments, measure
 from planner.errors import PlannerError, ProfileError
-from planner.planning import PlanOptions, make_plan, shipped_profile
+from planner.optimize.cost import PIPEDREAM_DEFAULT_MEMORY_BYTES
+from planner.planning import PlanOptions, make_plan, planner_memory_note, shipped_profile
 from planner.profile.format import Profile
 from planner.schedules import OptimizerKind, Schedule
 from planner.topology import (
@@ -80,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-gb",
         type=positive_float,
         default=None,
-        help=f"memory per device in GiB (default {DEFAULT_MEMORY_GB:g})",
+        help=f"memory per device in GiB (default {DEFAULT_MEMORY_GB:g}; under --cost-model "
+        "pipedream PipeDream's own default, 16e9 bytes)",
     )
 
     how = parser.add_argument_group("how to train")
@@ -102,9 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_microbatches,
         default=None,
         metavar="M|auto",
-        help="microbatches per minibatch (default: the divisor of the minibatch whose "
-        "microbatch is closest to the profiled batch; auto: try the divisors whose "
-        "microbatch is within 1/4..4x the profiled batch and keep the fastest)",
+        help="microbatches per minibatch (default for 1f1b/gpipe, and auto: try up to 6 "
+        "divisors of the minibatch whose microbatch is within 1/4..4x the profiled batch, "
+        "closest first, and keep the fastest; pipedream: the divisor whose microbatch is "
+        "closest to the profiled batch)",
     )
     how.add_argument(
         "--optimizer",
@@ -282,7 +285,13 @@ def _topology(args: argparse.Namespace) -> Topology:
             args.inter_node_bandwidth or DEFAULT_INTER_NODE_BANDWIDTH_GBPS * 1e9
         )
         / 1e9,
-        memory_gb=args.memory_gb or DEFAULT_MEMORY_GB,
+        # PipeDream's optimizer defaults to 16e9 bytes, not 16 GiB: its numbers need its default
+        memory_gb=args.memory_gb
+        or (
+            PIPEDREAM_DEFAULT_MEMORY_BYTES / 1024**3
+            if args.cost_model == "pipedream"
+            else DEFAULT_MEMORY_GB
+        ),
     )
 
 
@@ -399,10 +408,11 @@ def run(args: argparse.Namespace) -> int:
 
         draw_plan(plan, profile, args.png)
     written = outputs.announce(output, *([args.png] if args.png else []))
+    note = planner_memory_note(plan, profile)  # --cost-model pipedream: the planner's memory too
     if args.json:
         print(plan.to_json())
-        print(written, file=sys.stderr)
+        print(*([note] if note else []), written, sep="\n", file=sys.stderr)
     else:
         print(plan.describe())
-        print(f"\n{written}")
+        print(*([note] if note else []), f"\n{written}", sep="\n")
     return 0

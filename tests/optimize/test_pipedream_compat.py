@@ -103,3 +103,35 @@ def test_pipedream_model_two_levels_on_resnet50():
     flat = dp.solve(_pipedream_cost("resnet50", (8,), (10e9,)))
     assert part.num_devices_used == 8
     assert part.bottleneck_s <= flat.bottleneck_s * 1.2  # faster links inside the servers help
+
+
+@pytest.mark.parametrize(("model", "devices", "bandwidths", "expected", "replicas"), REFERENCE)
+def test_reproduces_pipedream_from_the_cli_without_a_memory_option(
+    tmp_path, capsys, model, devices, bandwidths, expected, replicas
+):
+    """``plan --cost-model pipedream`` alone takes PipeDream's defaults (16e9 bytes, every device
+    used), so its own numbers come out of the command line."""
+    from planner.cli import main
+    from planner.plan import Plan
+
+    profile = tmp_path / f"{model}.json"
+    graph = str(pipedream_graph(model))
+    assert (
+        main(["import-pipedream", graph, "-o", str(profile), "--batch-size", str(BATCH[model])])
+        == 0
+    )
+    topology = ["--gpus", str(math.prod(devices)), "--bandwidth", f"{bandwidths[0] / 1e9:g}"]
+    if len(devices) > 1:
+        topology += ["--gpus-per-node", str(devices[0])]
+        topology += ["--inter-node-bandwidth", f"{bandwidths[1] / 1e9:g}"]
+    out = tmp_path / "plan.json"
+    argv = ["--profile", str(profile), *topology, "--schedule", "pipedream"]
+    assert main([*argv, "--cost-model", "pipedream", "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.predicted.bottleneck_s == pytest.approx(expected, rel=1e-5)
+    assert sum(s.replicas for s in plan.stages) == math.prod(devices)
+    assert plan.topology.memory_bytes == PIPEDREAM_DEFAULT_MEMORY_BYTES
+    if replicas is not None:
+        assert [s.replicas for s in plan.stages] == replicas
+    printed = capsys.readouterr().out
+    assert "memory per stage under the planner's model" in printed
