@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_BANDWIDTH_GBPS",
     "DEFAULT_INTER_NODE_BANDWIDTH_GBPS",
     "DEFAULT_MEMORY_GB",
+    "MAX_FILE_DEVICES",
     "PRESETS",
     "Level",
     "Topology",
@@ -41,6 +42,9 @@ GIB = 1024**3
 DEFAULT_BANDWIDTH_GBPS = 25.0
 DEFAULT_INTER_NODE_BANDWIDTH_GBPS = 10.0
 DEFAULT_MEMORY_GB = 16.0
+MAX_FILE_DEVICES = 2**20
+"""The most devices a topology file may describe (a guard against absurd counts, not a promise
+that the solvers are fast at this size)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,6 +234,12 @@ class Topology:
                     f"{what}: levels/{index}/devices must be a whole number of devices, got "
                     f"{printable(repr(devices), limit=40)}; fix the file"
                 )
+        total = math.prod(lv["devices"] for lv in doc["levels"])
+        if total > MAX_FILE_DEVICES:
+            raise TopologyError(
+                f"{what} has {total} devices, more than the {MAX_FILE_DEVICES} a topology file "
+                "may describe; check the 'devices' of each level"
+            )
         try:
             levels = tuple(
                 Level(

@@ -98,6 +98,14 @@ def test_parse_bandwidth_rejects(text):
         ({"levels": '[{"devices": 2, "bandwidth_bytes_per_s": 0}]'}, "bandwidth must be positive"),
         ({"levels": '[{"devices": 2, "bandwidth_bytes_per_s": 1, "latency_s": -1}]'}, "latency"),
         ({"levels": "[]"}, "at least one level"),
+        ({"levels": '[{"devices": 1099511627776, "bandwidth_bytes_per_s": 1e9}]'}, "more than"),
+        (
+            {
+                "levels": '[{"devices": 1024, "bandwidth_bytes_per_s": 1e9}, '
+                '{"devices": 2048, "bandwidth_bytes_per_s": 1e9}]'
+            },
+            "has 2097152 devices, more than the 1048576",
+        ),
     ],
 )
 def test_topology_file_values_are_checked_with_the_field(tmp_path, change, needle):
