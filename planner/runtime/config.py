@@ -19,7 +19,7 @@ from pathlib import Path
 
 from planner.errors import PlannerError
 
-__all__ = ["Backend", "RunConfig", "RunError", "add_run_arguments", "resolve_backend"]
+__all__ = ["Backend", "Engine", "RunConfig", "RunError", "add_run_arguments", "resolve_backend"]
 
 _OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
@@ -34,6 +34,13 @@ class Backend(StrEnum):
     AUTO = "auto"
     GLOO = "gloo"
     NCCL = "nccl"
+
+
+class Engine(StrEnum):
+    """Which pipeline engine trains: ours, or torch.distributed.pipelining's (same stages)."""
+
+    OURS = "ours"
+    TORCH = "torch"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +76,9 @@ class RunConfig:
             must be this one, and then its code is trusted (see
             :func:`planner.models.registry.check_trusted`).
         trust_model: Run the plan's model even if it is code from a file (``--trust-model``).
+        engine: ``ours`` (the bundled runtime) or ``torch`` (torch.distributed.pipelining's
+            ``PipelineStage`` and schedules on the same stage cut; see
+            :mod:`planner.runtime.torch_engine`).
     """
 
     plan_path: str
@@ -91,6 +101,7 @@ class RunConfig:
     resume: bool = False
     model: str | None = None
     trust_model: bool = False
+    engine: Engine = Engine.OURS
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -184,6 +195,8 @@ class RunConfig:
             argv += ["--model", self.model]
         if self.trust_model:
             argv.append("--trust-model")
+        if self.engine is not Engine.OURS:
+            argv += ["--engine", str(self.engine)]
         return argv
 
     @classmethod
@@ -209,6 +222,7 @@ class RunConfig:
             resume=args.resume,
             model=args.model,
             trust_model=args.trust_model,
+            engine=Engine(getattr(args, "engine", Engine.OURS)),
         )
 
     @classmethod
@@ -325,6 +339,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--trust-model",
         action="store_true",
         help="run the plan's model even if it is code from a file (like trust_remote_code)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=[e.value for e in Engine],
+        default=str(Engine.OURS),
+        help="ours (default), or torch: torch.distributed.pipelining's PipelineStage and "
+        "ScheduleGPipe/Schedule1F1B on the same stages",
     )
 
 

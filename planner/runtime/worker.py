@@ -46,7 +46,7 @@ from planner.runtime.comm import (
     make_groups,
 )
 from planner.runtime.compare import compare_run
-from planner.runtime.config import Backend, RunConfig, RunError, resolve_backend
+from planner.runtime.config import Backend, Engine, RunConfig, RunError, resolve_backend
 from planner.runtime.data import DataSource, ModelLike, data_source, microbatch
 from planner.runtime.loops import SCHEDULE_LOOPS, StageContext, merge_losses
 from planner.runtime.rendezvous import join_process_group
@@ -235,6 +235,10 @@ def train(
         env: This process's rank and the rendezvous address.
         return_state: Put the stage's final parameters in the result (tests compare them).
     """
+    if config.engine is Engine.TORCH:  # torch.distributed.pipelining on the same stages
+        from planner.runtime.torch_engine import train_torch
+
+        return train_torch(plan, model_factory, config, env, return_state=return_state)
     # threads as the profiler assumed: the cores one of this machine's ranks gets
     config = config.with_threads(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     torch.set_num_threads(config.threads)
