@@ -355,3 +355,50 @@ def test_rank_0_under_torchrun_holds_the_checkpoint_folder(
         assert rank_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is in use by another run" in err[0], err
+
+
+# --- the launcher alone, with fake ranks (shell scripts instead of python) ---------------------
+
+_FAKE_RANKS = """#!/bin/sh
+# started as: fake-python -P -m planner.runtime PLAN ...; behaves by $RANK
+case "$RANK" in
+  0) trap '' TERM                      # deaf to SIGTERM: needs the SIGKILL after the grace period
+     sleep 600 &                       # a grandchild: ends with the rank's process group
+     echo $! > "$FAKE_DIR/grandchild"
+     while :; do sleep 0.1; done ;;
+  1) while [ ! -s "$FAKE_DIR/grandchild" ]; do sleep 0.05; done
+     exit 3 ;;                         # fails first
+  *) while :; do sleep 0.1; done ;;   # an ordinary rank: ends at the SIGTERM
+esac
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_the_launcher_names_the_first_failure_and_ends_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from planner.runtime.config import RunConfig
+    from planner.runtime.launch import GRACE_S, launch_local
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(_FAKE_RANKS)
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    result = launch_local(RunConfig(plan_path="plan.json"), world_size=3, python=str(fake))
+    err = capsys.readouterr().err
+    assert result.first_failure == 1 and result.status == 3, (result, err)
+    assert result.returncodes == (-signal.SIGKILL, 3, -signal.SIGTERM), (result, err)
+    assert result.describe() == "rank 1 failed first: it exited with status 3"
+    assert "rank 1 exited with status 3; stopping the other ranks" in err, err
+    assert _gone(int((tmp_path / "grandchild").read_text()), timeout=GRACE_S + 20)
+
+
+def test_the_launcher_reports_success(tmp_path: Path) -> None:
+    from planner.runtime.config import RunConfig
+    from planner.runtime.launch import launch_local
+
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    result = launch_local(RunConfig(plan_path="plan.json"), world_size=2, python=str(fake))
+    assert result.status == 0 and result.first_failure is None and result.returncodes == (0, 0)
