@@ -139,7 +139,7 @@ def check_state_shapes(
     """Refuse a saved ``state_dict`` whose tensors are not exactly the module's, naming one.
 
     Raises:
-        RunError: A tensor missing, unexpected, or of another shape or dtype.
+        RunError: A tensor missing, unexpected, or of another shape.
     """
     own = module.state_dict()
     for name, tensor in own.items():
