@@ -1,15 +1,21 @@
 """Writing a plan in the forms other pipeline systems take, saying what each cannot express.
 
-- ``torch-pipelining``: a ``split_spec`` for ``torch.distributed.pipelining.pipeline`` (module
-  names mapped to ``SplitPoint.BEGINNING``), one split per stage boundary.
-- ``deepspeed``: DeepSpeed ``PipelineModule``'s ``parts`` (stage boundaries over the layer list).
+- ``torch-pipelining``: for ``torch.distributed.pipelining.pipeline``, a ``split_policy``
+  (companion ``.py``) that gives exactly the plan's stages, a ``split_spec`` where module names
+  suffice, and torchtitan's ``module_fqns_per_model_part`` for transformers
+  (:mod:`planner.export_torch`).
+- ``deepspeed``: a ``PipelineModule`` with one ``LayerSpec`` per stage that DeepSpeed partitions
+  as planned, and its config (companion ``.py``; :mod:`planner.export_deepspeed`).
 - ``pipedream``: PipeDream's stage-annotated graph (``-- stage_id=K`` on each node line) and its
   runtime configuration (``module_to_stage_map``, ``stage_to_rank_map``).
 
+The first two name the model's modules, so they need the model (``model=``); a plan made from
+an imported PipeDream profile has none, and the error names the command that profiles it.
+
 Example:
-    >>> exported = export_plan(plan, profile, ExportFormat.DEEPSPEED)   # doctest: +SKIP
-    >>> exported.notes                                                   # doctest: +SKIP
-    ['DeepSpeed runs every stage on the same number of devices; ...']
+    >>> exported = export_plan(plan, profile, ExportFormat.DEEPSPEED, model=spec)  # doctest: +SKIP
+    >>> sorted(exported.companions)                                                 # doctest: +SKIP
+    ['.py']
 """
 
 from __future__ import annotations
@@ -48,27 +54,27 @@ class ExportedPlan:
 
 
 def export_plan(
-    plan: Plan, profile: Profile, fmt: ExportFormat, *, model: ModelSpec | None = None
+    plan: Plan,
+    profile: Profile,
+    fmt: ExportFormat,
+    *,
+    model: ModelSpec | None = None,
+    plan_path: str | None = None,
 ) -> ExportedPlan:
     """Translate ``plan`` (checked against ``profile``) into ``fmt``.
 
     ``model`` is the plan's model (``planner.models.load_model(profile.model, ...)``); the
-    torch-pipelining and DeepSpeed exports name its modules, so they need it.
+    torch-pipelining and DeepSpeed exports name its modules, so they need it; the DeepSpeed
+    export's companion file loads the plan from ``plan_path``.
     """
     plan.check_profile(profile)
     stages = plan.stage_layer_indices(profile)
     notes: list[str] = []
-    contiguous = _contiguous(stages)
     if fmt is ExportFormat.TORCH_PIPELINING:
         return _torch_pipelining(plan, profile, model, notes)
     if fmt is ExportFormat.DEEPSPEED:
-        return _deepspeed(plan, profile, stages, contiguous, notes)
+        return _deepspeed(plan, profile, model, plan_path, notes)
     return _pipedream(plan, profile, stages)
-
-
-def _contiguous(stages: list[list[int]]) -> bool:
-    order = [i for stage in stages for i in sorted(stage)]
-    return order == list(range(len(order)))
 
 
 def _replication_note(plan: Plan, system: str) -> str | None:
@@ -184,36 +190,71 @@ def _captured(
 
 
 def _deepspeed(
-    plan: Plan, profile: Profile, stages: list[list[int]], contiguous: bool, notes: list[str]
+    plan: Plan, profile: Profile, model: ModelSpec | None, plan_path: str | None, notes: list[str]
 ) -> ExportedPlan:
-    if not contiguous:
+    from planner.export_deepspeed import deepspeed_source
+    from planner.runtime.stage import cut_graph, shared_parameters
+
+    captured, _ = _captured(plan, profile, model, "deepspeed")
+    replicas = {stage.replicas for stage in plan.stages}
+    if len(replicas) > 1:
         raise PlanError(
-            "DeepSpeed's parts are ranges of the layer list, but this plan's stages are not "
-            "contiguous in the profile's order; re-plan with a straight order or export torch-pipelining"
+            "DeepSpeed runs every stage on the same number of devices; this plan replicates "
+            f"stages {'-'.join(str(s.replicas) for s in plan.stages)}: re-plan with --straight, "
+            "or train it with plan run"
         )
-    parts = [0]
-    for stage in stages:
-        parts.append(parts[-1] + len(stage))
-    note = _replication_note(plan, "DeepSpeed")
-    if note:
-        notes.append(note)
+    (copies,) = replicas
+    if plan.microbatches % copies:
+        raise PlanError(
+            f"DeepSpeed splits the {plan.microbatches} microbatches evenly over {copies} "
+            f"data-parallel copies; re-plan with --microbatches a multiple of {copies}"
+        )
+    shared = shared_parameters(captured, cut_graph(captured, [s.layers for s in plan.stages]))
+    if shared:
+        raise PlanError(
+            f"parameters are shared by stages {list(shared[0].stages)} ({shared[0].names[0]}); "
+            "DeepSpeed ties them only through TiedLayerSpec: train this plan with plan run"
+        )
+    if copies > 1:
+        notes.append(f"run on {len(plan.stages) * copies} ranks: {copies} data-parallel copies")
     if plan.schedule is not Schedule.ONE_F_ONE_B:
         notes.append(f"DeepSpeed always runs 1F1B with a flush; this plan assumed {plan.schedule}")
-    notes.append(
-        "parts index the profile's layers in order; build PipelineModule(layers=...) from "
-        "the same layer list and set its parts to these boundaries (partition_method "
-        "computes them otherwise)"
-    )
+    config = {
+        "train_batch_size": plan.minibatch_size,
+        "train_micro_batch_size_per_gpu": plan.microbatch_size,
+        "gradient_accumulation_steps": plan.microbatches // copies,
+        "optimizer": {
+            "type": "SGD" if str(plan.optimizer) in ("sgd", "momentum") else "Adam",
+            "params": {"lr": 0.01},
+        },
+        "steps_per_print": 10,
+    }
+    path = str(Path(plan_path).resolve()) if plan_path else plan.profile.path
     doc = {
         "format": "deepspeed",
-        "num_stages": len(stages),
-        "parts": parts,
-        "layers": [layer.name for layer in profile.layers],
-        "micro_batch_size": plan.microbatch_size,
-        "gradient_accumulation_steps": plan.microbatches,
+        "model": profile.model,
+        "num_stages": len(plan.stages),
+        "data_parallel_copies": copies,
+        "partition_method": "type:PlannedStage",
+        "layers": [
+            {
+                "layer": s,
+                "spec": f"LayerSpec(PlannedStage, PLAN, {s})",
+                "stage_layers": list(st.layers),
+            }
+            for s, st in enumerate(plan.stages)
+        ],
+        "config": config,
+        "usage": "pipeline_module() and DS_CONFIG from the companion .py; "
+        "deepspeed.initialize(model=..., config=DS_CONFIG); engine.train_batch(data_iter)",
         "notes": notes,
     }
-    return ExportedPlan(text=json.dumps(doc, indent=1) + "\n", companions={}, notes=tuple(notes))
+    source = deepspeed_source(
+        plan_path=path, model=profile.model, num_stages=len(plan.stages), config=config
+    )
+    return ExportedPlan(
+        text=json.dumps(doc, indent=1) + "\n", companions={".py": source}, notes=tuple(notes)
+    )
 
 
 def _pipedream(plan: Plan, profile: Profile, stages: list[list[int]]) -> ExportedPlan:
@@ -241,7 +282,3 @@ def _pipedream(plan: Plan, profile: Profile, stages: list[list[int]]) -> Exporte
         companions={".conf.json": json.dumps(conf, indent=4) + "\n"},
         notes=tuple(notes),
     )
-
-
-def _is_module(op: str) -> bool:
-    return "(" in op and not op.startswith((".", "getattr"))

@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     check_outputs([("-o", args.output)], inputs=inputs, error=PlanError)  # before any work
     fmt = ExportFormat(args.format)
-    exported = export_plan(plan, profile, fmt, model=_model(plan, profile, fmt, args))
+    exported = export_plan(
+        plan, profile, fmt, model=_model(plan, profile, fmt, args), plan_path=args.plan
+    )
     out = Path(args.output)
     files = {out: exported.text} | {
         out.with_name(out.stem + suffix): text for suffix, text in exported.companions.items()
