@@ -251,7 +251,10 @@ def run_pipedream(ctx: StageContext) -> LoopResult:
     m_count, replicas = plan.microbatches, ctx.placement.replicas
     total = m_count * ctx.config.steps
     stash = WeightStash(
-        ctx.module, limit=PipeDreamSchedule.version_limit(replicas, ctx.stage, total)
+        ctx.module,
+        limit=PipeDreamSchedule.version_limit(replicas, ctx.stage, total),
+        # a resumed run continues the version count its checkpoint saved
+        version=int(ctx.saved.get("stash_version", 0)) if ctx.saved is not None else 0,
     )
     executor = ctx.executor(loss_divisor=1, weights=stash)
     runner = PipeDreamSchedule(

@@ -62,6 +62,7 @@ __all__ = [
     "capture_for_plan",
     "cut_graph",
     "propagate",
+    "release_other_stages",
     "shared_parameters",
 ]
 
@@ -213,6 +214,35 @@ def build_stage_module(captured: CapturedGraph, cut: StageCut, stage: int) -> fx
         graph.output(tuple(env[name] for name in cut.stage_outputs(stage)))
     graph.lint()
     return fx.GraphModule(captured.module, graph, f"Stage{stage}")
+
+
+def release_other_stages(model: torch.nn.Module, keep: torch.nn.Module | None) -> int:
+    """Free the memory of every parameter and buffer of ``model`` that ``keep`` does not use.
+
+    Every rank builds the whole model (same seed, same weights) and keeps one stage; without
+    this the other stages' weights stay allocated for the whole run, and a rank holds the whole
+    model instead of the stage the plan budgeted. The tensors are emptied in place (shapes
+    become ``(0,)``), so ``model`` must not run again. Returns the bytes released.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> release_other_stages(net, net[1]), net[0].weight.shape, net[1].weight.shape
+        (80, torch.Size([0]), torch.Size([2, 4]))
+    """
+    kept = set()
+    if keep is not None:
+        kept = {id(t) for t in (*keep.parameters(), *keep.buffers())}
+    released = 0
+    seen: set[int] = set()
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if id(t) in kept or id(t) in seen:
+                continue
+            seen.add(id(t))
+            released += t.numel() * t.element_size()
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return released
 
 
 def shared_parameters(captured: CapturedGraph, cut: StageCut) -> tuple[SharedParameter, ...]:

@@ -58,6 +58,7 @@ from planner.runtime.stage import (
     capture_for_plan,
     cut_graph,
     propagate,
+    release_other_stages,
     shared_parameters,
 )
 from planner.schedules import Schedule
@@ -244,6 +245,8 @@ def train(
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
+    # keep only this stage's weights: the plan budgets a stage per rank, not the whole model
+    release_other_stages(prep.spec.module, prep.module)
     digest = plan_digest(plan.to_json())
     start, saved = 0, None
     if config.resume:

@@ -69,11 +69,6 @@ def test_resumed_run_equals_uninterrupted_run(runs: dict, name: str) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner/runtime/loops.py must build WeightStash(..., version=saved stash_version) "
-    "on resume (WeightStash takes it; the call site is helper E's)",
-)
 def test_pipedream_resume_restores_the_stash_version(runs: dict) -> None:
     for rank in range(3):
         full = load_rank(runs["tmp"] / "pipedream-a", step=4, rank=rank)

@@ -178,3 +178,25 @@ def _split(captured, cuts: list[str]) -> list[list[str]]:
     names = [layer.name for layer in captured.layers]
     starts = [0, *(names.index(c) for c in cuts), len(names)]
     return [names[a:b] for a, b in itertools.pairwise(starts)]
+
+
+def test_release_other_stages_keeps_the_stage_and_frees_the_rest() -> None:
+    import torch
+
+    from planner.runtime.stage import release_other_stages
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+    )
+    captured = capture(net)
+    cut = cut_graph(captured, [["_0", "_1"], ["_2", "_3"]])
+    stage = build_stage_module(captured, cut, 1)
+    x = torch.randn(3, 8)
+    before = stage(x).detach()
+    released = release_other_stages(net, stage)
+    # Linear(4, 8) weights and bias, BatchNorm's weight, bias, two statistics and its counter
+    assert released == (4 * 8 + 8) * 4 + 4 * 8 * 4 + 8
+    assert net[0].weight.numel() == 0 and net[1].running_mean.numel() == 0
+    torch.testing.assert_close(stage(x), before)
+    assert release_other_stages(net, None) == (8 * 2 + 2) * 4  # an idle rank keeps nothing
