@@ -1,143 +1,191 @@
-"""Wall time of the DP (planner.optimize.dp.solve) on the issue's three cases, with peak memory.
+"""Planner speed and memory at scale, every schedule, plus "does not fit" answers.
 
-* PipeDream's ResNet-50 profile on 4 x 2 GPUs (25 GB/s inside a server, 10 GB/s across); goal
-  0.2 s (PipeDream's optimizer: 44 s). Solved twice: with the PipeDream-compatible cost model on
-  its antichain states (the problem PipeDream's optimizer solves), and with the planner's cost
-  model (32 GiB devices: at 16 GiB no plan of its batch-128 microbatches fits the pipedream
-  schedule's activation stash);
-* a synthetic branched 1,500-layer profile (:func:`planner.optimize.synthetic.branched_profile`)
-  on 16 GPUs, one level (goal 0.5 s), and on 2 x 8;
-* the same on 1,024 GPUs, 128 x 8 (goal 10 s).
+Each case runs in its own process (so its peak RSS, ``resource.getrusage``, is its own) with a
+time limit; one line per case: wall seconds, peak RSS, the goal, and the plan found.
 
-Each time covers everything ``solve`` does: building the state space and its tables, the DP,
-ranks, and scoring the plan. The median of ``--runs`` runs is printed, wall clock and this
-process's CPU time (steadier on a shared machine); peak Python memory (tracemalloc) comes from one
-extra run, as tracing slows the run down.
+* the synthetic branched 1,500-layer profile (:func:`planner.optimize.synthetic.branched_profile`,
+  seed 0) on 16, 2x8 and 128x8 devices, schedules pipedream, 1f1b and gpipe (``M`` = devices);
+  goal 10 s and 2 GiB each, 1 s at 16 devices;
+* gpt2-tiny (profiled here at batch 8, once, with ``plan profile``) on 32, 128 and 1,024 devices,
+  every schedule; goal 10 s and 2 GiB, 1 s at 32 devices (the issue's 16-device figure);
+* infeasible or absurd requests through the CLI (``planner.cli.main``, one line and exit 2, or a
+  plan): resnet50 on 8 devices of 1 GiB, ``--gpus 1000000000``, ``--batch-size 10**12``;
+  goal 2 s and 2 GiB. These include the command's imports.
 
-    python benchmarks/planner_speed.py [--runs 3]
+    python benchmarks/planner_speed.py [--timeout 120] [--only SUBSTRING]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
-import resource
-import statistics
+import subprocess
+import sys
+import tempfile
 import time
-import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+ROOT = Path(__file__).resolve().parents[1]
 
+_SOLVE = """
+import json, resource, sys, time
 from planner.optimize import dp
-from planner.optimize.cost import (
-    PIPEDREAM_DEFAULT_MEMORY_BYTES,
-    CostModel,
-    CostModelKind,
-    SolverOptions,
-)
+from planner.optimize.cost import CostModel, SolverOptions
 from planner.optimize.synthetic import branched_profile
-from planner.profile.pipedream import pipedream_preprocess, read_graph_txt
-from planner.topology import Level, Topology
+from planner.profile import Profile
+from planner.schedules import Schedule
+from planner.topology import Topology
+kind, source, gpus, per_node, schedule = sys.argv[1:6]
+gpus, per_node = int(gpus), int(per_node) or None
+profile = branched_profile(1500, seed=0) if kind == "synthetic" else Profile.load(source)
+topology = Topology.from_args(gpus=gpus, gpus_per_node=per_node)
+m = 1 if schedule == "pipedream" else gpus
+cost = CostModel(profile, topology, SolverOptions(schedule=Schedule(schedule), microbatches=m))
+start = time.perf_counter()
+part = dp.solve(cost)
+wall = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall": wall, "rss": rss, "stages": len(part.stages),
+                  "devices": part.num_devices_used, "objective_ms": part.objective_s * 1e3}))
+"""
 
-PROFILES = Path(__file__).resolve().parents[1] / ".." / "shared" / "pipedream-profiles"
+_CLI = """
+import json, resource, sys, time
+start = time.perf_counter()
+from planner.cli import main
+code = main(sys.argv[1:])
+wall = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall": wall, "rss": rss, "exit": code}))
+"""
 
 
-def _resnet50_cases() -> list[tuple[str, float, Callable[[], CostModel], bool]]:
-    graph = PROFILES / "resnet50" / "graph.txt"
-    if not graph.is_file():
-        print(f"(skipping ResNet-50: {graph} is absent)")
-        return []
-    profile = pipedream_preprocess(read_graph_txt(graph, model="resnet50", batch_size=128))
-    pd_topology = Topology(
-        levels=(
-            Level(devices=4, bandwidth_bytes_per_s=25e9),
-            Level(devices=2, bandwidth_bytes_per_s=10e9),
-        ),
-        memory_bytes=PIPEDREAM_DEFAULT_MEMORY_BYTES,
+def _run(code: str, args: list[str], timeout: float) -> tuple[dict | None, str]:
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"killed after {timeout:g} s"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"failed in {time.perf_counter() - start:.1f} s: {tail[:150]}"
+    result = json.loads(lines[-1])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("plan:")]
+    return result, errors[-1][:160] if errors else ""
+
+
+def _gpt2_tiny(folder: Path) -> Path:
+    path = folder / "gpt2-tiny.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "planner.cli",
+            "profile",
+            "--model",
+            "gpt2-tiny",
+            "--batch-size",
+            "8",
+            "-o",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
     )
-    pd_options = SolverOptions(cost_model=CostModelKind.PIPEDREAM, allow_fewer_devices=False)
-    ours = Topology.from_args(
-        gpus=8, gpus_per_node=4, bandwidth_gbps=25, inter_node_bandwidth_gbps=10, memory_gb=32
-    )
-    return [
-        (
-            "ResNet-50 (PipeDream), 4x2, PipeDream-compatible model",
-            0.2,
-            lambda: CostModel(profile, pd_topology, pd_options),
-            False,
-        ),
-        (
-            "ResNet-50 (PipeDream), 4x2, planner model, 32 GiB",
-            0.2,
-            lambda: CostModel(profile, ours),
-            False,
-        ),
-    ]
-
-
-def _synthetic_cases() -> list[tuple[str, float, Callable[[], CostModel], bool]]:
-    profile = branched_profile(1500, seed=0)
-    return [
-        (
-            "synthetic 1,500 layers, 16 GPUs (one level)",
-            0.5,
-            lambda: CostModel(profile, Topology.from_args(gpus=16)),
-            True,
-        ),
-        (
-            "synthetic 1,500 layers, 2x8 GPUs",
-            0.5,
-            lambda: CostModel(profile, Topology.from_args(gpus=16, gpus_per_node=8)),
-            True,
-        ),
-        (
-            "synthetic 1,500 layers, 1,024 GPUs (128x8)",
-            10.0,
-            lambda: CostModel(profile, Topology.from_args(gpus=1024, gpus_per_node=8)),
-            True,
-        ),
-    ]
+    return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     args = parser.parse_args()
     load = os.getloadavg()
     print(
-        f"{datetime.date.today()}  {platform.machine()}, {os.cpu_count()} cores, load "
-        f"{load[0]:.1f}, Python {platform.python_version()}, numpy {np.__version__}"
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  {platform.machine()}, "
+        f"{os.cpu_count()} cores, load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, "
+        f"Python {platform.python_version()}"
     )
-    for name, goal, build, trace in _resnet50_cases() + _synthetic_cases():
-        times, cpu = [], []
-        for _ in range(args.runs):
-            cost = build()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            part = dp.solve(cost)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-        peak = ""
-        if trace:
-            cost = build()
-            tracemalloc.start()
-            dp.solve(cost)
-            peak = f", peak {tracemalloc.get_traced_memory()[1] / 2**20:.0f} MiB (tracemalloc)"
-            tracemalloc.stop()
-        median = statistics.median(times)
-        verdict = "ok" if median <= goal else "over goal"
-        print(
-            f"{name}: median {median:.3f} s (min {min(times):.3f}, CPU "
-            f"{statistics.median(cpu):.3f}) over {args.runs} runs, goal "
-            f"{goal:g} s: {verdict}; {len(part.stages)} stages on {part.num_devices_used} "
-            f"devices, {part.bottleneck_s * 1e3:.4g} ms per stage{peak}"
-        )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"process peak RSS {rss:.0f} MiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        solves = []
+        for gpus, per in ((16, 0), (16, 8), (1024, 8)):
+            for schedule in ("pipedream", "1f1b", "gpipe"):
+                shape = f"{gpus // per}x{per}" if per else str(gpus)
+                goal = 1.0 if gpus <= 16 and not per else 10.0
+                solves.append(
+                    (
+                        f"synthetic 1,500 layers, {shape}, {schedule}",
+                        goal,
+                        ["synthetic", "-", str(gpus), str(per), schedule],
+                    )
+                )
+        tiny: Path | None = None
+        for gpus in (32, 128, 1024):
+            for schedule in ("pipedream", "1f1b", "gpipe"):
+                goal = 1.0 if gpus <= 32 else 10.0
+                solves.append(
+                    (f"gpt2-tiny, {gpus}, {schedule}", goal, ["gpt2", "", str(gpus), "0", schedule])
+                )
+        for name, goal, case in solves:
+            if args.only not in name:
+                continue
+            if case[0] == "gpt2":
+                tiny = tiny or _gpt2_tiny(folder)
+                case[1] = str(tiny)
+            result, note = _run(_SOLVE, case, args.timeout)
+            _report(
+                name,
+                goal,
+                result,
+                note,
+                lambda r: (
+                    f"{r['stages']} stages on {r['devices']} devices, {r['objective_ms']:.4g} ms"
+                ),
+            )
+        out = str(folder / "plan.json")
+        clis = [
+            (
+                "infeasible: resnet50, 8 devices of 1 GiB",
+                ["--model", "resnet50", "--gpus", "8", "--memory-gb", "1", "-o", out],
+            ),
+            (
+                "absurd: resnet50, --gpus 1000000000",
+                ["--model", "resnet50", "--gpus", "1000000000", "-o", out],
+            ),
+            (
+                "absurd: resnet50, --batch-size 10**12",
+                ["--model", "resnet50", "--gpus", "8", "--batch-size", str(10**12), "-o", out],
+            ),
+        ]
+        for name, argv in clis:
+            if args.only not in name:
+                continue
+            result, note = _run(_CLI, argv, args.timeout)
+            _report(name, 2.0, result, note, lambda r: f"exit {r['exit']}")
     return 0
+
+
+def _report(name, goal, result, note, what) -> None:
+    if result is None:
+        print(f"{name}: {note}; goal {goal:g} s: NOT MET")
+        return
+    ok = result["wall"] <= goal and result["rss"] <= 2048
+    print(
+        f"{name}: {result['wall']:.2f} s, peak RSS {result['rss']:.0f} MiB, goal {goal:g} s / "
+        f"2 GiB: {'met' if ok else 'NOT MET'}; {what(result)}" + (f"; {note}" if note else "")
+    )
 
 
 if __name__ == "__main__":

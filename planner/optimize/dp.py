@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.errors import PlanError
 from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, CostModelKind, DownsetTables
 from planner.optimize.dp_pipedream import solve_pipedream
 from planner.optimize.feasibility import check_fits, explain_infeasible
@@ -72,9 +73,13 @@ from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
 from planner.schedules import Schedule
 
-__all__ = ["solve"]
+__all__ = ["MAX_DEVICES", "search", "solve"]
 
 _REL = 1e-9  # relative slack for float comparisons against trial bounds
+_CHUNK_CELLS = 4_000_000  # candidate cells (next state x replicas x devices x ...) per batch
+#: Devices the DP plans for at most; beyond, its tables would not fit in memory anyway.
+MAX_DEVICES = 65_536
+_TABLE_CELLS = 40_000_000  # stored (state, devices, variant, stage count) cells at most
 
 
 def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
@@ -96,6 +101,13 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
     if options.cost_model is CostModelKind.PIPEDREAM:
         kind = "antichain" if options.state_space == "auto" else options.state_space
         return solve_pipedream(cost, states or build_states(cost.profile, kind))
+    n = cost.topology.num_devices
+    if n > MAX_DEVICES:
+        raise PlanError(
+            f"{n} devices is more than the planner handles ({MAX_DEVICES}); plan one replica "
+            f"group of at most {MAX_DEVICES} devices and replicate the whole plan (data "
+            "parallelism across groups)"
+        )
     check_fits(cost)  # lower bounds first: "does not fit" without any search
     space = states or build_states(cost.profile, options.state_space)
     found = search(cost, space)
@@ -252,6 +264,13 @@ def _kernel(p: _Problem, total: int, bound: float, counts: int, sync_cap: float)
     offset = np.concatenate([[0], np.cumsum(width)[:-1]])
     cols = counts + 1 if counts else 1
     shape = (int(width.sum()), p.variants, cols)
+    if shape[0] * shape[1] * shape[2] > _TABLE_CELLS:
+        raise PlanError(
+            f"the DP's table for {p.devices} devices, {n_states} states and {cols} stage counts "
+            f"has {shape[0] * shape[1] * shape[2]:,} cells, more than it keeps "
+            f"({_TABLE_CELLS:,}); use fewer devices per plan, fewer microbatches, or "
+            "--state-space profile"
+        )
     tab = _Tables(
         lo=lo,
         hi=hi,
@@ -286,6 +305,20 @@ def _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac) -> None:
     if not keep.any():
         return
     js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
+    # bounded memory: next states in chunks of at most _CHUNK_CELLS candidate cells
+    per_j = (int((r_hi - r_lo).max()) + 1) * len(rs) * p.variants * tab.value.shape[2]
+    size = max(1, _CHUNK_CELLS // max(per_j, 1))
+    for start in range(0, len(js), size):
+        part = slice(start, start + size)
+        _fill_chunk(
+            p, tab, k, js[part], r_lo[part], r_hi[part], rs, total, limit, counts, sync_cap, o_fac
+        )
+
+
+def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o_fac) -> None:
+    """The cells of state ``k`` reachable through next states ``js``, merged into the table."""
+    t = p.t
+    work = t.compute_s
     w = int((r_hi - r_lo).max()) + 1
     reps = r_lo[:, None] + np.arange(w)[None, :]  # (j, w)
     r_ok = reps <= r_hi[:, None]
@@ -362,10 +395,14 @@ def _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac) -> None:
         chosen_l = np.take_along_axis(chosen_l, best[None], axis=0)[0]
         sl = slice(base_row, base_row + n_d)
         cols = slice(1, None) if counts else slice(0, 1)
-        tab.value[sl, v, cols] = value
-        tab.arg_j[sl, v, cols] = js[bj]
-        tab.arg_m[sl, v, cols] = reps[bj, bw]
-        tab.arg_l[sl, v, cols] = chosen_l
+        better = value < tab.value[sl, v, cols]  # earlier chunks may hold better cells
+        for array, new in (
+            (tab.value, value),
+            (tab.arg_j, js[bj]),
+            (tab.arg_m, reps[bj, bw]),
+            (tab.arg_l, chosen_l),
+        ):
+            array[sl, v, cols] = np.where(better, new, array[sl, v, cols])
 
 
 # --- the search ----------------------------------------------------------------------------------

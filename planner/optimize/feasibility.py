@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -203,7 +204,7 @@ def explain_infeasible(
             fixes.append(flag)
     memory = _smallest_memory(cost, space)
     if memory is not None and memory > cap:
-        fixes.append(f"--memory-gb {memory / GIB:.3g}")
+        fixes.append(f"--memory-gb {math.ceil(memory / GIB * 100) / 100:g}")
     lines = [head, why]
     if fixes:
         lines.append("it fits with " + ", or with ".join(fixes))
@@ -225,23 +226,26 @@ def _fits_on(cost: CostModel, space: StateSpace, fits: Callable[[CostModel], boo
 
 
 def _smallest_memory(cost: CostModel, space: StateSpace) -> float | None:
-    """The smallest device memory (to 3 digits) on which some plan fits the devices, by bisection."""
+    """The smallest device memory (within 1%, rounded up) on which some plan fits the devices:
+    bisection between the memory floors (no plan needs less) and a fitting size."""
     n = cost.topology.num_devices
-    lo = cost.memory_limit_bytes
-    hi = max(lo, 1.0) * 2
-    for _ in range(60):
-        need = fewest_devices(_with(cost, memory_bytes=hi), space)
-        if need is not None and need <= n:
+    layer, whole = memory_floor_bytes(cost)
+    lo = max(cost.memory_limit_bytes, layer, whole / n)
+
+    def fits(memory: float) -> bool:
+        need = fewest_devices(_with(cost, memory_bytes=memory), space)
+        return need is not None and need <= n
+
+    hi = lo * 1.25
+    for _ in range(40):
+        if fits(hi):
             break
-        hi *= 2
+        lo, hi = hi, hi * 2
     else:
         return None
-    for _ in range(30):
-        if hi - lo <= hi * 1e-3:
-            break
+    while hi - lo > hi * 0.01:
         mid = (lo + hi) / 2
-        need = fewest_devices(_with(cost, memory_bytes=mid), space)
-        if need is not None and need <= n:
+        if fits(mid):
             hi = mid
         else:
             lo = mid
