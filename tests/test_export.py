@@ -279,3 +279,19 @@ def test_deepspeed_builds_and_trains_the_export_with_the_plans_partition(tmp_pat
     got = torch.tensor(results[1]["losses"])
     torch.testing.assert_close(got[:1], torch.tensor(expected[:1]))
     torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_running_a_pipedream_plan_names_the_command_that_profiles_the_model(tmp_path, shared_dir):
+    from planner.profile.pipedream import read_graph_txt
+    from planner.runtime.stage import capture_for_plan
+
+    profile = read_graph_txt(shared_dir / "vgg16" / "graph.txt")
+    profile.save(tmp_path / "vgg-pd.profile.json")
+    plan = make_plan(
+        profile, tmp_path / "vgg-pd.profile.json", Topology.from_args(gpus=4), PlanOptions()
+    )
+    spec = load_model("vgg16", batch_size=1, input_shape=(3, 32, 32))
+    with pytest.raises(PlanError, match=r"imported from PipeDream") as info:
+        capture_for_plan(plan, spec.module)
+    assert "plan profile --model vgg16 --batch-size 128 -o vgg16.json" in str(info.value)
+    assert "changed since profiling" not in str(info.value)

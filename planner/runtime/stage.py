@@ -122,6 +122,15 @@ def capture_for_plan(plan: Plan, module: torch.nn.Module) -> CapturedGraph:
     """
     captured = capture(module, plan.profile.leaf_modules)
     expected = plan.profile.graph_hash
+    if expected is not None and captured.graph_hash != expected and _imported(plan):
+        model = plan.profile.model
+        raise PlanError(
+            f"this plan was made from a profile imported from PipeDream ({plan.profile.path}), "
+            f"whose layers are PipeDream's graph nodes, not {model}'s modules, so it cannot run; "
+            f"profile the real model (plan profile --model {model} --batch-size "
+            f"{plan.profile.batch_size} -o {model}.json), re-plan with --profile {model}.json, "
+            "then plan run"
+        )
     if expected is not None and captured.graph_hash != expected:
         raise PlanError(
             f"model {plan.profile.model!r} traces to graph hash {captured.graph_hash} but the plan's "
@@ -130,6 +139,21 @@ def capture_for_plan(plan: Plan, module: torch.nn.Module) -> CapturedGraph:
         )
     cut_graph(captured, [stage.layers for stage in plan.stages])  # validates the assignment
     return captured
+
+
+def _imported(plan: Plan) -> bool:
+    """Whether the plan's profile was imported from PipeDream (it has no model to run)."""
+    from planner.errors import PlannerError
+    from planner.profile.format import Profile
+
+    try:
+        return Profile.load(plan.profile.path).source == "pipedream"
+    except PlannerError:  # the profile file is gone: PipeDream's layers are node1, node2, ...
+        return all(
+            name.startswith("node") and name[4:].isdigit()
+            for stage in plan.stages
+            for name in stage.layers
+        )
 
 
 def cut_graph(captured: CapturedGraph, stage_layers: Sequence[Sequence[str]]) -> StageCut:
