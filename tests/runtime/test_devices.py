@@ -82,3 +82,40 @@ def test_run_conditions_against_a_recorded_profile(gpus, tmp_path: Path) -> None
     assert condition_notes(plan, same, backend="gloo") == []
     (note,) = condition_notes(plan, dataclasses.replace(same, threads=2), backend="gloo")
     assert "measured with 1 threads per process, this run uses 2" in note
+
+
+@pytest.mark.distributed
+def test_plan_run_says_how_it_differs_before_training(tmp_path: Path) -> None:
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from planner.plan import file_sha256
+    from planner.profile.format import Profile
+
+    here = Path(__file__).resolve().parent
+    plan = with_profile(make_plan("runtime_models:mlp", cuts=["_3"], replicas=[1, 1]), tmp_path)
+    profile = dataclasses.replace(
+        Profile.load(tmp_path / "profile.json"), threads=1, timer="cpu", allocator="keep-freed"
+    )
+    profile.save(tmp_path / "profile.json")
+    ref = dataclasses.replace(plan.profile, sha256=file_sha256(tmp_path / "profile.json"))
+    dataclasses.replace(plan, profile=ref).save(tmp_path / "plan.json")
+    path = os.pathsep.join([str(here), str(here.parent.parent), os.environ.get("PYTHONPATH", "")])
+    argv = ["plan.json", "--steps", "2", "--threads", "2", "--optimizer", "adam"]
+    ran = subprocess.run(
+        [sys.executable, "-m", "planner.commands.run", *argv, "--trust-model", "--backend", "gloo"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step 1/2"))
+    notes = [line for line in lines[:first_step] if line.startswith("plan run: the ")]
+    assert len(notes) == 2, lines[:first_step]
+    assert "the plan assumed optimizer sgd; training with adam" in notes[0]
+    assert "measured with 1 threads per process, this run uses 2" in notes[1]
