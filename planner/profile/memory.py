@@ -18,7 +18,7 @@ Example:
     >>> est = estimate_profiling_memory(net, (torch.randn(8, 100),))
     >>> est.parameter_bytes, est.activation_bytes >= 8 * 1000 * 4
     (404000, True)
-    >>> est.largest_batch(est.total_bytes)
+    >>> est.largest_batch(est.new_bytes)  # the room gradients and activations need
     8
 """
 
