@@ -1,0 +1,318 @@
+"""The DP's kernel: one trial bound, one total, every (state, devices from here, incoming link
+variant, stage count) cell of the suffix program described in :mod:`planner.optimize.dp`.
+
+Pure numpy: each state's row is a few batches of array operations over (next state, replicas,
+devices from here), in chunks of bounded size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.errors import PlanError
+from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, DownsetTables
+from planner.optimize.states import StateSpace
+from planner.schedules import Schedule
+
+__all__ = [
+    "REL",
+    "Problem",
+    "Tables",
+    "allreduce_seconds",
+    "build_problem",
+    "exact_variant",
+    "kernel",
+    "link_level",
+    "loose_variant",
+]
+
+REL = 1e-9  # relative slack for float comparisons against trial bounds
+_CHUNK_CELLS = 4_000_000  # candidate cells (next state x replicas x devices x ...) per batch
+_TABLE_CELLS = 40_000_000  # stored (state, devices, variant, stage count) cells at most
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """Everything the kernel reads, as arrays."""
+
+    t: DownsetTables
+    succ: list[np.ndarray]
+    devices: int
+    blocks: tuple[int, ...]  # devices per unit of every level but the outermost
+    bandwidth: np.ndarray  # per level
+    latency: np.ndarray
+    max_replicas: int
+    memory_cap: float
+    schedule: Schedule
+    microbatches: int
+    optimizer_factor: int
+    recompute: bool
+    allow_fewer: bool
+
+    @property
+    def levels(self) -> int:
+        return len(self.bandwidth)
+
+    @property
+    def pipedream(self) -> bool:
+        return self.schedule is Schedule.PIPEDREAM
+
+    @property
+    def variants(self) -> int:
+        return 1 if self.levels == 1 else 2 * self.levels
+
+
+def build_problem(cost: CostModel, space: StateSpace) -> Problem:
+    o = cost.options
+    topo = cost.topology
+    n = topo.num_devices
+    return Problem(
+        t=DownsetTables.from_masks(cost, space.masks),
+        succ=[np.flatnonzero(space.includes[k]) for k in range(len(space))],
+        devices=n,
+        blocks=tuple(topo.block_size(lv) for lv in range(len(topo.levels) - 1)),
+        bandwidth=np.array([lv.bandwidth_bytes_per_s for lv in topo.levels]),
+        latency=np.array([lv.latency_s for lv in topo.levels]),
+        max_replicas=1 if o.straight else n,
+        memory_cap=cost.memory_limit_bytes if o.memory_constraint else np.inf,
+        schedule=o.schedule,
+        microbatches=o.microbatches,
+        optimizer_factor=OPTIMIZER_STATE_FACTOR[o.optimizer],
+        recompute=o.recompute,
+        allow_fewer=o.allow_fewer_devices,
+    )
+
+
+def link_level(x, y, blocks: tuple[int, ...]):
+    """Level of the link between ranks ``x != y`` (arrays broadcast): levels whose units differ."""
+    out = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), dtype=np.int64)
+    for b in blocks:
+        out += (np.asarray(x) // b) != (np.asarray(y) // b)
+    return out
+
+
+def exact_variant(p: Problem, level: int) -> int:
+    return 0 if p.levels == 1 else 2 * level
+
+
+def loose_variant(level: int) -> int:
+    return 2 * level + 1
+
+
+def _link(p: Problem, nbytes, level: int):
+    """cost.link_s at ``level`` (0 without bytes), vectorised over ``nbytes``."""
+    nbytes = np.asarray(nbytes, dtype=float)
+    return np.where(nbytes > 0, 2 * (p.latency[level] + nbytes / p.bandwidth[level]), 0.0)
+
+
+def _share(p: Problem, reps: np.ndarray) -> np.ndarray:
+    """cost.replica_share: 1 / m in steady state; ceil(M / m) / M on a flush's busiest replica."""
+    if p.pipedream:
+        return 1.0 / reps
+    return (-(-p.microbatches // reps)) / p.microbatches
+
+
+def _flights(p: Problem, reps: np.ndarray, from_here: np.ndarray) -> np.ndarray:
+    """cost.in_flight, vectorised (``reps`` and ``from_here`` broadcast)."""
+    total = -(-p.microbatches // reps)
+    if p.schedule is Schedule.GPIPE:
+        return np.broadcast_to(total, np.broadcast_shapes(reps.shape, from_here.shape))
+    depth = -(-from_here // reps)
+    return np.minimum(depth, total) if p.schedule is Schedule.ONE_F_ONE_B else depth
+
+
+def allreduce_seconds(p: Problem, params: np.ndarray, reps: np.ndarray, first, last):
+    """cost.allreduce_s of ``params`` bytes over ranks ``first .. last`` (``reps`` of them)."""
+    m = reps.astype(float)
+    level = link_level(first, last, p.blocks) if p.levels > 1 else 0
+    out = np.zeros(np.broadcast_shapes(np.shape(params), m.shape, np.shape(level)))
+    for lv in range(p.levels):
+        ring = 2 * (m - 1) / m * params / p.bandwidth[lv] + 2 * (m - 1) * p.latency[lv]
+        out = np.where(np.asarray(level) == lv, ring, out) if p.levels > 1 else ring + out
+    return np.where((m > 1) & (params > 0), out, 0.0)
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tables:
+    """Values and choices of every (state, devices from here) cell inside the windows."""
+
+    lo: np.ndarray  # per state: fewest devices from here
+    hi: np.ndarray
+    offset: np.ndarray  # per state: first row in the flat arrays
+    value: np.ndarray  # (cells, variants, counts)
+    arg_j: np.ndarray
+    arg_m: np.ndarray
+    arg_l: np.ndarray
+
+    def rows(self, states: np.ndarray, rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat rows of cells ``(states, rs)`` (broadcast) and whether they are in the window."""
+        lo, hi = self.lo[states], self.hi[states]
+        ok = (rs >= lo) & (rs <= hi)
+        return np.where(ok, self.offset[states] + rs - lo, 0), ok
+
+
+def kernel(p: Problem, total: int, bound: float, counts: int, sync_cap: float) -> Tables:
+    """Fill the suffix values for ``total`` devices under a trial bound and an all-reduce cap.
+
+    ``counts``: stage counts tracked (``1f1b``/``gpipe``), 0 for the ``pipedream`` objective.
+    """
+    t = p.t
+    work = t.compute_s
+    n_states = len(work)
+    last = n_states - 1
+    limit = bound * (1 + REL)
+    scale = 1.0 / limit if np.isfinite(bound) and limit > 0 else 0.0
+    lo = np.maximum(np.ceil((work[last] - work) * scale - REL).astype(np.int64), 1)
+    hi = np.minimum(total - np.ceil(work * scale - REL).astype(np.int64), total)
+    hi[1:] = np.minimum(hi[1:], total - 1)  # a stage before it needs a device
+    lo[last] = hi[last] = 0
+    width = np.maximum(hi - lo + 1, 0)
+    offset = np.concatenate([[0], np.cumsum(width)[:-1]])
+    cols = counts + 1 if counts else 1
+    shape = (int(width.sum()), p.variants, cols)
+    if shape[0] * shape[1] * shape[2] > _TABLE_CELLS:
+        raise PlanError(
+            f"the DP's table for {p.devices} devices, {n_states} states and {cols} stage counts "
+            f"has {shape[0] * shape[1] * shape[2]:,} cells, more than it keeps "
+            f"({_TABLE_CELLS:,}); use fewer devices per plan, fewer microbatches, or "
+            "--state-space profile"
+        )
+    tab = Tables(
+        lo=lo,
+        hi=hi,
+        offset=offset,
+        value=np.full(shape, np.inf),
+        arg_j=np.full(shape, -1, dtype=np.int32),
+        arg_m=np.zeros(shape, dtype=np.int32),
+        arg_l=np.zeros(shape, dtype=np.int8),
+    )
+    tab.value[offset[last]] = np.inf
+    tab.value[offset[last], :, 0] = 0.0
+    o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
+    for k in range(last - 1, -1, -1):
+        if width[k] == 0 or len(p.succ[k]) == 0:
+            continue
+        if k == 0 and hi[0] < lo[0]:
+            continue
+        _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac)
+    return tab
+
+
+def _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac) -> None:
+    """One state's row: every (devices from here, incoming variant, stage count) cell."""
+    t = p.t
+    work = t.compute_s
+    js = p.succ[k]
+    rs = np.arange(tab.lo[k], tab.hi[k] + 1)
+    # replicas: enough for the stage's compute within the bound, leaving the rest its minimum
+    r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - REL).astype(np.int64))
+    r_hi = np.minimum(p.max_replicas, rs[-1] - tab.lo[js])
+    keep = r_lo <= r_hi
+    if not keep.any():
+        return
+    js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
+    # bounded memory: next states in chunks of at most _CHUNK_CELLS candidate cells
+    per_j = (int((r_hi - r_lo).max()) + 1) * len(rs) * p.variants * tab.value.shape[2]
+    size = max(1, _CHUNK_CELLS // max(per_j, 1))
+    for start in range(0, len(js), size):
+        part = slice(start, start + size)
+        _fill_chunk(
+            p, tab, k, js[part], r_lo[part], r_hi[part], rs, total, limit, counts, sync_cap, o_fac
+        )
+
+
+def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o_fac) -> None:
+    """The cells of state ``k`` reachable through next states ``js``, merged into the table."""
+    t = p.t
+    work = t.compute_s
+    w = int((r_hi - r_lo).max()) + 1
+    reps = r_lo[:, None] + np.arange(w)[None, :]  # (j, w)
+    r_ok = reps <= r_hi[:, None]
+    reps = np.where(r_ok, reps, r_lo[:, None])
+    m3 = reps[:, :, None]  # (j, w, 1)
+    first = total - rs  # (d,) first rank of the stage
+    end = first[None, None, :] + m3  # (j, w, d): one past its last rank
+    rest = rs[None, None, :] - m3
+    share = _share(p, reps)[:, :, None]
+    c = work[js] - work[k]
+    params = t.parameter_bytes[js] - t.parameter_bytes[k]
+    ar = allreduce_seconds(p, params[:, None, None], m3, first[None, None, :], end - 1)
+    body = c[:, None, None] + (ar if p.pipedream else 0.0)
+    if np.isfinite(sync_cap):
+        body = np.where(ar < sync_cap, body, np.inf)
+    # memory (cost.stage_memory_bytes): weights x versions + gradients + optimizer state + ...
+    saved = t.saved_bytes[js] - t.saved_bytes[k]
+    base = params * o_fac + (t.buffer_bytes[js] - t.buffer_bytes[k])
+    base = base + (saved if p.recompute else 0.0)
+    per_flight = (params if p.pipedream else 0.0) + (t.cut_bytes[k] if p.recompute else saved)
+    per_flight = np.broadcast_to(per_flight, js.shape)
+    flights = _flights(p, m3, rs[None, None, :])
+    fits = base[:, None, None] + per_flight[:, None, None] * flights <= p.memory_cap
+    alive = fits & (rest >= 0) & r_ok[:, :, None]
+    # the rest after j: its value under each outgoing level, the best level kept
+    rows, in_window = tab.rows(js[:, None, None], np.maximum(rest, 0))
+    nxt = np.where(
+        (in_window & alive)[..., None, None], tab.value[rows], np.inf
+    )  # (j, w, d, variants, cols)
+    nxt = nxt[..., :-1] if counts else nxt  # the rest has one stage fewer
+    if p.levels == 1:
+        out = _link(p, t.cut_bytes[js], 0)[:, None, None] * share
+        tail = np.maximum(out[..., None], nxt[..., 0, :])
+        tail_l = np.zeros(tail.shape, dtype=np.int8)
+    else:
+        alpha = link_level(first[None, None, :], end, p.blocks)  # (j, w, d)
+        options = []
+        for lv in range(p.levels):
+            pick = np.where(
+                (alpha == lv)[..., None],
+                nxt[..., exact_variant(p, lv), :],
+                np.where((alpha < lv)[..., None], nxt[..., loose_variant(lv), :], np.inf),
+            )
+            out = _link(p, t.cut_bytes[js], lv)[:, None, None] * share
+            options.append(np.maximum(out[..., None], pick))
+        stacked = np.stack(options)
+        tail_l = stacked.argmin(axis=0).astype(np.int8)
+        tail = np.take_along_axis(stacked, tail_l[None].astype(np.int64), axis=0)[0]
+    n_d = len(rs)
+    base_row = tab.offset[k]
+    variants = [0] if k == 0 else range(p.variants)
+    beta = (
+        link_level(first[None, None, :] - 1, end - 1, p.blocks) if p.levels > 1 and k > 0 else None
+    )
+    for v in variants:
+        if k == 0:
+            link_in = 0.0
+            valid = alive
+        else:
+            level_in = v // 2 if p.levels > 1 else 0
+            if p.levels > 1 and v == 1:
+                continue  # level 0 cannot be promised loosely
+            link_in = float(_link(p, t.cut_bytes[k], level_in))
+            valid = alive
+            if beta is not None:
+                valid = valid & ((beta <= level_in) if v % 2 == 0 else (beta == level_in))
+        time = np.maximum(body, link_in) * share
+        time = np.where(valid & (time <= limit), time, np.inf)
+        cand = np.maximum(time[..., None], tail)  # (j, w, d, cols)
+        cand = np.where(cand <= limit, cand, np.inf)  # the link out counts towards the bound too
+        flat = cand.reshape(-1, n_d, cand.shape[-1])
+        best = flat.argmin(axis=0)  # (d, cols)
+        value = np.take_along_axis(flat, best[None], axis=0)[0]
+        bj, bw = np.unravel_index(best, reps.shape)
+        chosen_l = tail_l.reshape(-1, n_d, cand.shape[-1])
+        chosen_l = np.take_along_axis(chosen_l, best[None], axis=0)[0]
+        sl = slice(base_row, base_row + n_d)
+        cols = slice(1, None) if counts else slice(0, 1)
+        better = value < tab.value[sl, v, cols]  # earlier chunks may hold better cells
+        for array, new in (
+            (tab.value, value),
+            (tab.arg_j, js[bj]),
+            (tab.arg_m, reps[bj, bw]),
+            (tab.arg_l, chosen_l),
+        ):
+            array[sl, v, cols] = np.where(better, new, array[sl, v, cols])
