@@ -241,7 +241,7 @@ def _profile_input(args: argparse.Namespace) -> Path:
     """The profile file ``plan`` will read; ``_will_profile(args)`` must be False."""
     if args.profile:
         return Path(args.profile)
-    shipped = shipped_profile(args.model)
+    shipped = _shipped(args)
     assert shipped is not None
     return Path(shipped)
 
@@ -250,7 +250,7 @@ def _will_profile(args: argparse.Namespace) -> bool:
     """Whether ``--model`` must be profiled here (no usable shipped profile)."""
     if args.profile or args.calibrate:
         return False
-    shipped = shipped_profile(args.model)
+    shipped = _shipped(args)
     return shipped is None or bool(args.leaf_modules) or args.input_shape is not None
 
 
@@ -305,7 +305,12 @@ def _say_ignored(args: argparse.Namespace, why: str) -> None:
             ("--clock", args.clock, "auto"),
             ("--warmup", args.warmup, None),
             ("--reps", args.reps, None),
-            ("--device", args.device, "cpu"),
+            # --device v100 chose the shipped profile itself: it did something
+            (
+                "--device",
+                "cpu" if args.device == "v100" and not args.profile else args.device,
+                "cpu",
+            ),
             ("--dtype", args.dtype, "float32"),
         )
         if value != default
@@ -318,22 +323,58 @@ def _say_ignored(args: argparse.Namespace, why: str) -> None:
         )
 
 
+def _shipped(args: argparse.Namespace) -> Path | None:
+    """The shipped profile ``plan`` uses for ``--model``: PipeDream's V100 one for --device v100."""
+    if getattr(args, "device", None) != "v100":
+        return shipped_profile(args.model)
+    from planner.profile.v100 import V100_MODELS
+
+    found = shipped_profile(f"{args.model}-v100")
+    if found is None:
+        raise ProfileError(
+            f"no V100 profile is shipped for {args.model} (PipeDream's: {', '.join(V100_MODELS)}); "
+            f"measure your GPU instead: plan profile --model {args.model} --device cuda "
+            f"--batch-size 32 -o {args.model}.json, then plan --profile {args.model}.json"
+        )
+    return found
+
+
+def _shipped_line(path: Path, profile: Profile, model: str) -> str:
+    """The first line of a plan from a shipped profile: which device the profile stands for."""
+    measure = (
+        f"for your GPUs, profile them: plan profile --model {model} --device cuda "
+        f"--batch-size {profile.batch_size} -o {model}.json, then plan --profile {model}.json"
+    )
+    if profile.source == "pipedream-mapped":
+        return (
+            f"planning for NVIDIA V100 GPUs with PipeDream's V100 profile {path} ({profile.model}, "
+            f"batch {profile.batch_size}, mapped onto its fx layers); {measure}"
+        )
+    import torch
+
+    line = (
+        f"using the shipped profile {path} ({profile.model}, batch {profile.batch_size}, "
+        f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})"
+    )
+    if profile.device == "cpu" and not torch.cuda.is_available():
+        hint = (
+            " --device v100 (PipeDream's V100 profile) or"
+            if shipped_profile(f"{model}-v100")
+            else ""
+        )
+        line += f"; this plan is for CPUs: for GPUs use{hint} {measure}"
+    return line
+
+
 def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> tuple[Profile, Path]:
     if args.profile:
         _say_ignored(args, "--profile is given")
         return Profile.load(args.profile), Path(args.profile)
-    shipped = shipped_profile(args.model)
+    shipped = _shipped(args)
     if path is None:
         assert shipped is not None
         profile = Profile.load(shipped)
-        print(
-            printable(
-                f"using the shipped profile {shipped} ({profile.model}, batch "
-                f"{profile.batch_size}, measured on {profile.device}"
-                f"{', ' + profile.machine if profile.machine else ''})"
-            ),
-            file=sys.stderr,
-        )
+        print(printable(_shipped_line(shipped, profile, args.model)), file=sys.stderr)
         _say_ignored(args, f"the shipped profile {shipped.name} is used")
         return profile, shipped
     from planner.models import load_model, model_names

@@ -27,7 +27,11 @@ def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._Argument
         "(default: the model's, e.g. 3,224,224)",
     )
     parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)"
+        "--device",
+        choices=("cpu", "cuda", "v100"),
+        default="cpu",
+        help="where to measure (default: cpu); plan --device v100 plans with PipeDream's V100 "
+        "profile (resnet50, vgg16, resnet18, alexnet) instead of measuring",
     )
     parser.add_argument(
         "--dtype",
@@ -109,6 +113,11 @@ def measure(  # type: ignore[no-untyped-def]
     from planner.profile.conditions import DEFAULT_PROFILE_RANKS, default_clock, rank_threads
     from planner.profile.measure import default_leaf_modules, profile_model
 
+    if args.device == "v100":
+        raise ModelError(
+            f"--device v100 stands for PipeDream's V100 profile, which only plan uses "
+            f"(plan --model {args.model} --device v100); to measure here use --device cpu or cuda"
+        )
     if args.device == "cuda":
         import torch
 
