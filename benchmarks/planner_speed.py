@@ -86,23 +86,9 @@ def _run(code: str, args: list[str], timeout: float) -> tuple[dict | None, str]:
 
 def _gpt2_tiny(folder: Path) -> Path:
     path = folder / "gpt2-tiny.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "planner.cli",
-            "profile",
-            "--model",
-            "gpt2-tiny",
-            "--batch-size",
-            "8",
-            "-o",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
+    argv = ["profile", "--model", "gpt2-tiny", "--batch-size", "8", "-o", str(path)]
+    code = "import sys\nfrom planner.cli import main\nraise SystemExit(main(sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, cwd=ROOT)
     return path
 
 
