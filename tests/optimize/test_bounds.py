@@ -198,6 +198,7 @@ def test_plans_record_and_print_the_certificate(tmp_path):
     assert loaded.gap is None and "lower bound" not in loaded.describe()
 
 
+@pytest.mark.slow
 def test_pipedream_cost_model_on_a_branchy_graph_says_which_space():
     """googlenet's antichain DAG has 327k states: the bounded space is searched, and the plan
     says so; the bound (total work over devices) still certifies the answer."""
