@@ -4,8 +4,9 @@ Two local gloo ranks, one thread each, one model cut into the same two stages. F
 schedule, both runtimes train with SGD on the same synthetic minibatches:
 
 - ours: :func:`planner.runtime.worker.train` with a two-stage plan (the ``plan run`` code path);
-- torch: ``torch.distributed.pipelining.PipelineStage`` built from the very same stage submodules
-  (our fx cut, so both run identical compute), driven by ``Schedule1F1B`` / ``ScheduleGPipe``.
+- torch: ``plan run --engine torch`` (:mod:`planner.runtime.torch_engine`): torch's
+  ``PipelineStage`` on the very same stage submodules (our fx cut, so both run identical
+  compute), driven by ``Schedule1F1B`` / ``ScheduleGPipe``.
 
 Samples/s = minibatch size / mean step time on the last stage, warm-up steps left out. Rounds
 alternate ours and torch so background load hits both alike; the median round is reported.
@@ -25,12 +26,10 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +37,7 @@ from torch import nn
 from planner.models import ModelSpec, load_model
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef
 from planner.profile.capture import capture
-from planner.runtime.config import Backend, RunConfig
-from planner.runtime.data import microbatch, minibatch_seed
-from planner.runtime.stage import build_stage_module, cut_graph
+from planner.runtime.config import Backend, Engine, RunConfig
 from planner.runtime.worker import DistEnv, load_spec, train
 from planner.schedules import OptimizerKind, Schedule
 from planner.topology import Topology
@@ -151,46 +148,29 @@ def _ours(rank: int, case: Case, port: int, tmp: str) -> float | None:
     return plan.minibatch_size / statistics.mean(walls)
 
 
-def _torch(rank: int, case: Case, port: int) -> float | None:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+def _torch(rank: int, case: Case, port: int, tmp: str) -> float | None:
+    """``plan run --engine torch``'s code path: torch's PipelineStage on our stage cut."""
+    from planner.runtime.torch_engine import train_torch
 
     plan = make_plan(case)
-    spec = load_spec(plan)
-    captured = capture(spec.module)
-    cut = cut_graph(captured, [s.layers for s in plan.stages])
-    module = build_stage_module(captured, cut, rank)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
+    config = RunConfig(
+        plan_path=os.path.join(tmp, "plan.json"),
+        steps=case.warmup + case.steps,
+        lr=0.01,
+        timeout_s=60,
+        log_every=0,
+        backend=Backend.GLOO,
+        threads=1,
+        engine=Engine.TORCH,
     )
-    try:
-        example, _ = microbatch(
-            spec.make_batch(plan.microbatch_size, 0), 0, size=plan.microbatch_size
-        )
-        hidden = build_stage_module(captured, cut, 0)(*example)[0].detach()
-        stage = PipelineStage(
-            module, rank, 2, torch.device("cpu"), input_args=example if rank == 0 else (hidden,)
-        )
-        kind = Schedule1F1B if case.schedule is Schedule.ONE_F_ONE_B else ScheduleGPipe
-        schedule = kind(stage, plan.microbatches, loss_fn=spec.loss_fn)
-        opt = torch.optim.SGD(module.parameters(), lr=0.01)
-        walls = []
-        for step in range(case.warmup + case.steps):
-            start = time.perf_counter()
-            inputs, targets = spec.make_batch(plan.minibatch_size, minibatch_seed(0, step))
-            if rank == 0:
-                schedule.step(*inputs)
-            else:
-                schedule.step(target=targets, losses=[])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            walls.append(time.perf_counter() - start)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    walls: list[float] = []
+    train_torch(
+        plan,
+        lambda: load_spec(plan),
+        config,
+        DistEnv(rank=rank, world_size=2, master_port=port),
+        on_step=lambda step, seconds: walls.append(seconds),
+    )
     return plan.minibatch_size / statistics.mean(walls[case.warmup :]) if rank == 1 else None
 
 
@@ -202,7 +182,8 @@ def _rank(rank: int, cases: list[Case], rounds: int, out: str) -> None:
         for case in cases:
             for impl in ("ours", "torch"):
                 port = int(Path(out, f"port-{r}-{case.model}-{case.schedule}-{impl}").read_text())
-                rate = _ours(rank, case, port, out) if impl == "ours" else _torch(rank, case, port)
+                run = _ours if impl == "ours" else _torch
+                rate = run(rank, case, port, out)
                 if rate is not None:
                     results.append(
                         {

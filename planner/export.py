@@ -114,7 +114,11 @@ def _torch_pipelining(
             )
     except PlanError as exc:
         spec = None
-        notes.append(f"no split_spec: {exc}".split(": run it with")[0] + "; use split_policy")
+        reason = str(exc).split(";")[0]
+        notes.append(
+            f"split_spec is null ({reason}); use split_policy from the companion .py, which "
+            "places every module call in its planned stage"
+        )
     if plan.schedule is Schedule.PIPEDREAM:
         notes.append(
             "torch.distributed.pipelining has no asynchronous PipeDream schedule; "

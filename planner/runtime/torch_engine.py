@@ -113,11 +113,13 @@ def train_torch(
     env: Any,
     *,
     return_state: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Any:
     """Train ``plan`` on this rank with torch's ``PipelineStage`` and schedules.
 
     Returns a :class:`planner.runtime.worker.RankResult` (no stats or report: torch's engine
     does not time stages). Losses are the minibatch means, on the last stage's ranks.
+    ``on_step(step, seconds)`` is called on every rank after each step (benchmarks).
     """
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -206,6 +208,8 @@ def train_torch(
                     mean /= copies
                 losses.append(float(mean))
             times.append(time.perf_counter() - begin)
+            if on_step is not None:
+                on_step(step, times[-1])
             if s == last and r == 0 and config.log_every and (step + 1) % config.log_every == 0:
                 rate = plan.minibatch_size / times[-1]
                 print(
