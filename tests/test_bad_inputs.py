@@ -1007,3 +1007,60 @@ def test_calibrating_a_calibrated_run_records_both_scalings(
     assert second["layers"][0]["forward_ms"] == pytest.approx(
         first["layers"][0]["forward_ms"] * scale
     )
+
+
+# --- seeded mutations: whatever a file holds, status 0 or 2, and a refusal is one line --------
+
+_MUTANTS = [None, True, -1, 0, 1, 1000, 1.5, -0.5, "", "x", [], {}, [1], {"a": 1}, "1f1b"]
+
+
+def _mutated(doc: Any, rng: Any) -> tuple[Any, tuple]:
+    doc = json.loads(json.dumps(doc))
+    paths: list[tuple] = []
+
+    def walk(value: Any, path: tuple) -> None:
+        paths.append(path)
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate(value)
+            if isinstance(value, list)
+            else ()
+        )
+        for key, item in items:
+            walk(item, (*path, key))
+
+    walk(doc, ())
+    path = rng.choice(paths[1:])
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict) and rng.random() < 0.3:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = rng.choice(_MUTANTS)
+    return doc, path
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mutated_files_never_give_a_traceback(
+    seed: int, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    readers = {
+        PROFILE: ("--profile", "m.json", "--gpus", "2", "-o", "x.json"),
+        PLAN: ("simulate", "m.json"),
+        TOPOLOGY: ("--profile", PROFILE, "--gpus", "2", "--topology", "m.json", "-o", "x.json"),
+        REPORT: ("--calibrate", "m.json", "-o", "x.json"),
+    }
+    for _ in range(15):
+        source = rng.choice(sorted(readers))
+        doc, path = _mutated(_doc(source), rng)
+        (folder / "m.json").write_text(json.dumps(doc))
+        status = _call(readers[source])
+        err = capsys.readouterr().err
+        assert status in (0, 2), (source, path, err)
+        if status == 2:
+            assert len(err.splitlines()) == 1 and "Traceback" not in err, (source, path, err)
