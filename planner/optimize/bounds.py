@@ -219,12 +219,22 @@ def _one_stage(cost: CostModel) -> float:
     """The best single-stage plan, scored exactly (all-reduce at its cheapest possible level)."""
     o = cost.options
     devices = cost.topology.num_devices
-    reps = np.arange(1, (1 if o.straight else devices) + 1)
+    work = float(np.sum(cost.compute_s))
+    most = 1 if o.straight else devices
+    beyond = math.inf  # replica counts past _MAX_REPLICAS: bounded, not enumerated
+    if most > _MAX_REPLICAS:
+        # pipedream: (W + A) / m >= W / N; flushed: M W ceil(M/m)/M >= W max(M / N, 1)
+        beyond = (
+            work / devices
+            if o.schedule is Schedule.PIPEDREAM
+            else work * max(o.microbatches / devices, 1.0)
+        )
+        most = _MAX_REPLICAS
+    reps = np.arange(1, most + 1)
     if not o.allow_fewer_devices:  # one stage then runs on every device
         reps = reps[reps == devices]
         if not len(reps):
-            return math.inf
-    work = float(np.sum(cost.compute_s))
+            return beyond if devices > most else math.inf
     params = float(np.sum(cost.parameter_bytes))
     ar = _allreduce_floor(cost, reps, np.full(len(reps), params))
     share = 1.0 / _capacity(o.schedule, o.microbatches, reps)
@@ -248,7 +258,7 @@ def _one_stage(cost: CostModel) -> float:
             ]
         )
         values = np.where(fits, values, np.inf)
-    return float(values.min())
+    return min(float(values.min()), beyond)
 
 
 def _many_stages(cost: CostModel, work: float, heaviest: float, most_stages: int) -> float:
@@ -260,7 +270,8 @@ def _many_stages(cost: CostModel, work: float, heaviest: float, most_stages: int
     room = devices - stages + 1  # most replicas one stage can have
     if o.straight:
         room = np.ones_like(room)
-    reps = np.arange(1, int(room.max()) + 1)  # (m,)
+    # replica counts past the cap are bounded in one column (below), not enumerated
+    reps = np.arange(1, min(int(room.max()), _MAX_REPLICAS) + 1)  # (m,)
     ok = reps[None, :] <= room[:, None]  # (S, m)
     cap = _capacity(o.schedule, o.microbatches, reps)  # (m,)
     largest = work / stages  # compute of the largest stage is at least this
@@ -278,11 +289,22 @@ def _many_stages(cost: CostModel, work: float, heaviest: float, most_stages: int
         t = np.maximum(floor_t[:, None], t_big)
         value = (o.microbatches + stages[:, None] - 1) * t + ar
     per_stages = np.where(ok, value, np.inf).min(axis=1)  # (S,)
+    many = room > _MAX_REPLICAS
+    if many.any():  # m > cap: time >= largest / min(m, M) >= largest / min(room, M), Z >= 0
+        top = room.astype(float)
+        if o.schedule is not Schedule.PIPEDREAM:
+            top = np.minimum(top, float(o.microbatches))
+        t = np.maximum(floor_t, largest / top)
+        past = t if o.schedule is Schedule.PIPEDREAM else (o.microbatches + stages - 1) * t
+        per_stages = np.where(many, np.minimum(per_stages, past), per_stages)
     if o.schedule is not Schedule.PIPEDREAM and not o.straight and devices <= _SHARED_MAX_DEVICES:
         shared = _shared_allreduce(cost, work, stages, devices)
         per_stages = np.maximum(per_stages, shared)
     return float(per_stages.min())
 
+
+#: Replica counts enumerated per stage; larger ones are bounded together (absurd device counts).
+_MAX_REPLICAS = 1024
 
 #: The all-reduce sharing bound (a DP over devices) is computed up to this many devices.
 _SHARED_MAX_DEVICES = 128

@@ -218,3 +218,41 @@ def test_pipedream_cost_model_on_a_branchy_graph_says_which_space():
     assert "bounded space" in part.note and "antichain" in part.note
     assert part.gap is not None and 0.0 <= part.gap < 0.05
     assert part.objective_s >= lower_bound(cost)
+
+
+@pytest.mark.slow
+def test_bound_with_few_enumerated_replicas_stays_below_brute_force(monkeypatch):
+    """Replica counts past the enumeration cap are bounded in closed form: still a lower bound."""
+    from planner.optimize import bounds
+
+    monkeypatch.setattr(bounds, "_MAX_REPLICAS", 2)
+    checked = []
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    @given(profiles(), topologies(), options())
+    def check(profile, topology, opts):
+        cost = CostModel(profile, topology, opts)
+        best, small = _oracle(cost)
+        if small and best is not None:
+            assert lower_bound(cost) <= best.objective_s * (1 + 1e-9) + 1e-15
+            checked.append(topology.num_devices > 2)
+
+    check()
+    assert sum(checked) >= 50  # cases that really use the closed form
+
+
+def test_absurd_device_counts_are_bounded_quickly():
+    profile = nasnet_profile(cells=3, seed=0)
+    for schedule in Schedule:
+        cost = CostModel(
+            profile,
+            Topology.from_args(gpus=10**9),
+            SolverOptions(schedule=schedule, microbatches=10**12 if schedule != "pipedream" else 1),
+        )
+        bound = lower_bound(cost)
+        assert 0 < bound <= float(cost.compute_s.sum()) * (10**12 if schedule != "pipedream" else 1)
