@@ -357,12 +357,9 @@ def _shipped_line(path: Path, profile: Profile, model: str) -> str:
         f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})"
     )
     if profile.device == "cpu" and not torch.cuda.is_available():
-        hint = (
-            " --device v100 (PipeDream's V100 profile) or"
-            if shipped_profile(f"{model}-v100")
-            else ""
-        )
-        line += f"; this plan is for CPUs: for GPUs use{hint} {measure}"
+        v100 = shipped_profile(f"{model}-v100") is not None
+        hint = " for V100 GPUs add --device v100 (PipeDream's profile);" if v100 else ""
+        line += f"; this plan is for CPUs:{hint} {measure}"
     return line
 
 
