@@ -124,6 +124,7 @@ def certify_plan(
     straight: bool = False,
     recompute: bool = False,
     memory_constraint: bool = True,
+    allow_fewer_devices: bool = True,
 ) -> Partition:
     """:func:`certify` for a solver's answer on ``profile`` (at the microbatch size).
 
@@ -145,6 +146,7 @@ def certify_plan(
             straight=straight,
             recompute=recompute,
             memory_constraint=memory_constraint,
+            allow_fewer_devices=allow_fewer_devices,
             cost_model=kind,
         ),
     )
