@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = what.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--model",
-        help="torchvision name, gpt2-small/-medium/-tiny or "
-        "package.module:factory; a shipped profile is used when one exists",
+        help="torchvision name, gpt2-small/-medium/-tiny, hf:<model_type> (hf:gpt2, hf:llama; "
+        "--model-config sets fields) or package.module:factory; a shipped profile is used when "
+        "one exists (--device v100: PipeDream's V100 profile)",
     )
     source.add_argument(
         "--profile", metavar="FILE", help="a profile JSON (plan profile, import-pipedream)"
