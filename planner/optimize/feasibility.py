@@ -226,7 +226,7 @@ def _fits_on(cost: CostModel, space: StateSpace, fits: Callable[[CostModel], boo
 
 
 def _smallest_memory(cost: CostModel, space: StateSpace) -> float | None:
-    """The smallest device memory (within 1%, rounded up) on which some plan fits the devices:
+    """The smallest device memory (within 3%, rounded up) on which some plan fits the devices:
     bisection between the memory floors (no plan needs less) and a fitting size."""
     n = cost.topology.num_devices
     layer, whole = memory_floor_bytes(cost)
@@ -243,7 +243,7 @@ def _smallest_memory(cost: CostModel, space: StateSpace) -> float | None:
         lo, hi = hi, hi * 2
     else:
         return None
-    while hi - lo > hi * 0.01:
+    while hi - lo > hi * 0.03:
         mid = (lo + hi) / 2
         if fits(mid):
             hi = mid
