@@ -15,6 +15,12 @@ How a profile is taken (:func:`profile_module`):
    of ones). Two rounds always; up to ``reps`` rounds for the layers whose samples do not yet
    agree (two within 5% or 0.02 ms), so repetitions go where the noise is. Medians are kept;
    raw samples are in ``*_samples_ms``.
+3b. **Split the backward** (``split_backward``; :func:`profile_model` always does): on the same
+   recording, the input-gradient (B) and weight-gradient (W) parts of each kind of layer, for the
+   zero-bubble schedules. Layers of one kind (equal operation, configuration and input shapes,
+   such as a GPT's blocks) share one measurement, so a 24-block model pays for one block: before,
+   a second recording pass and a split of every layer took ~4 of gpt2-medium's 15 profiling
+   minutes (benchmarks/RESULTS.md).
 4. **Time the whole step**: the recorded activations are freed, then one whole-model
    forward+backward is timed; if it disagrees with the per-layer sum by more than 10%, more are
    timed (up to ``reps``) and the median is kept, so one disturbed sample cannot trigger (5).
@@ -221,7 +227,7 @@ def profile_model(
             )
             batch_size = fit
             inputs, _ = model.make_batch(batch_size, seed)
-    profile = profile_module(
+    return profile_module(
         model.module,
         inputs,
         model_name=model.name,
@@ -232,9 +238,7 @@ def profile_model(
         progress=progress,
         calibrate=calibrate,
         clock=clock,
-    )
-    return measure_backward_split(
-        profile, model.module, inputs, reps=min(reps, 3), clock=clock, progress=progress
+        split_backward=True,
     )
 
 
@@ -250,8 +254,13 @@ def profile_module(
     progress: bool = False,
     calibrate: bool = True,
     clock: Clock = time.perf_counter,
+    split_backward: bool = False,
 ) -> Profile:
     """Profile ``module`` on the batch ``inputs`` (dim 0 of the first is the batch size).
+
+    With ``split_backward``, each layer's backward is also measured as input gradient (B) and
+    weight gradient (W), on the same recording, once per kind of layer (step 3b of the module
+    docstring); ``Profile.backward_split`` is then ``"measured"``.
 
     The module runs in training mode; its mode, its buffers (BatchNorm statistics) and the
     thread count are restored afterwards, and no ``.grad`` is touched. ``clock`` returns seconds
@@ -285,7 +294,15 @@ def profile_module(
         graph = capture(module, leaf_modules)
         with memory as kept:
             layers, whole_ms, calibration = _measure(
-                graph, inputs, warmup, reps, Timer(clock, first.device), progress, name, calibrate
+                graph,
+                inputs,
+                warmup,
+                reps,
+                Timer(clock, first.device),
+                progress,
+                name,
+                calibrate,
+                split_backward,
             )
     finally:
         torch.set_num_threads(old_threads)
@@ -311,6 +328,7 @@ def profile_module(
         whole_step_ms=whole_ms,
         calibration=calibration,
         timer={time.perf_counter: "wall", time.process_time: "cpu"}.get(clock),
+        backward_split="measured" if split_backward else None,
         leaf_modules=tuple(leaf_modules),
         allocator=None if first.device.type != "cpu" else "keep-freed" if kept else "default",
         device_name=(
@@ -353,6 +371,7 @@ def _measure(
     progress: bool,
     name: str,
     calibrate: bool,
+    split_backward: bool = False,
 ) -> tuple[tuple[LayerProfile, ...], float, str | None]:
     """Steps 2-5 of the module docstring: the layers, the whole-step median, the calibration."""
     # One bar through every phase (warm-up and recording steps, layers, whole steps): a large
@@ -385,6 +404,11 @@ def _measure(
             for runner in pending:
                 runner.run(timer)
                 bar.update()
+        splits: list[tuple[float, float]] | None = None
+        if split_backward:
+            bar.set_description(f"profiling {name}: backward split")
+            raw_backward = [statistics.median(r.backward_ms) for r in runners]
+            splits = _time_split(runners, raw_backward, min(reps, 2), timer, bar)
         # Free the recorded activations first, so the whole step reuses their memory instead
         # of touching (page-faulting) as much again.
         recording.values.clear()
@@ -438,6 +462,8 @@ def _measure(
             target=layer.target,
             forward_samples_ms=tuple(runners[i].forward_ms),
             backward_samples_ms=tuple(runners[i].backward_ms),
+            backward_input_ms=None if splits is None else splits[i][0],
+            backward_weight_ms=None if splits is None else splits[i][1],
         )
         for i, layer in enumerate(graph.layers)
     )
@@ -454,16 +480,12 @@ def measure_backward_split(
     progress: bool = False,
 ) -> Profile:
     """``profile`` (of ``module`` on ``inputs``) with each layer's backward measured as input
-    gradient (B) and weight gradient (W), the split the zero-bubble schedules run.
+    gradient (B) and weight gradient (W), for a profile taken without ``split_backward``.
 
-    Per layer, on fresh copies of its recorded inputs (as in step 3 of the module docstring):
-    the forward, then ``torch.autograd.grad`` w.r.t. the inputs that need a gradient only
-    (keeping the graph), then w.r.t. the layer's parameters only; medians of ``reps``. B is 0
-    for a layer none of whose inputs needs a gradient, W for one without parameters. Measured
-    apart the two add up to a little more than the joint backward (shared work runs twice);
-    :meth:`LayerProfile.split_backward_ms` keeps only their ratio. One more recording step
-    (capture, forward and backward) and one untimed split per layer (its first call pays one-off
-    costs) are paid; the module's mode, buffers and threads are restored.
+    It costs one more recording step (capture, forward and backward) than profiling with
+    ``profile_module(..., split_backward=True)``, which measures the split on the recording it
+    times the layers on; the measurement itself is the same (:func:`_time_split`). The module's
+    mode, buffers and threads are restored.
 
     Example:
         >>> import torch
@@ -477,11 +499,6 @@ def measure_backward_split(
         ProfileError: ``module`` does not trace to the graph of ``profile``, or ``reps < 1``.
     """
     import dataclasses
-    import functools
-
-    from torch.fx.node import Argument, map_aggregate, map_arg
-
-    from planner.profile.record import flatten_tensors
 
     if reps < 1:
         raise ProfileError(f"need reps >= 1 to measure the backward split, got {reps}")
@@ -491,7 +508,6 @@ def measure_backward_split(
     old_threads, was_training = torch.get_num_threads(), module.training
     buffers = {key: b.detach().clone() for key, b in module.named_buffers()}
     memory = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
-    splits: list[tuple[float, float]] = []
     try:
         torch.set_num_threads(profile.threads or old_threads)
         module.train()
@@ -501,45 +517,27 @@ def measure_backward_split(
                 f"the module traces to graph {graph.graph_hash}, the profile is of "
                 f"{profile.graph_hash}; measure the split on the profiled model"
             )
-
-        def fresh(runner: LayerRunner, leaves: list[torch.Tensor], n: torch.fx.Node) -> Argument:
-            return map_aggregate(runner.rec.values[n], lambda x: runner._fresh(x, leaves))
-
-        with memory:
-            recording = record(graph, inputs, backward=True)
-            ones = GradOnes()
-            for layer in tqdm(
-                graph.layers,
+        if len(graph.layers) != len(profile.layers):
+            raise ProfileError(
+                f"the module traces to {len(graph.layers)} layers, the profile has "
+                f"{len(profile.layers)}; measure the split on the profiled model"
+            )
+        with (
+            memory,
+            tqdm(
                 desc=f"profiling {profile.model}: backward split",
-                unit="layer",
+                unit="op",
                 file=sys.stderr,
                 disable=not progress,
                 leave=False,
-            ):
-                runner = LayerRunner(graph.module, layer, recording, ones)
-                b_ms: list[float] = []
-                w_ms: list[float] = []
-                for _ in range(reps + 1):  # the first, untimed, warms this layer's split
-                    leaves: list[torch.Tensor] = []
-                    get = functools.partial(fresh, runner, leaves)
-                    args, kwargs = map_arg(runner.node.args, get), map_arg(runner.node.kwargs, get)
-                    out = runner.call(args, kwargs)
-                    outs = [t for t in flatten_tensors(out) if t.requires_grad]
-                    grads = [ones(t) for t in outs]
-                    b = w = 0.0
-                    if outs and leaves:
-                        t0 = timer()
-                        torch.autograd.grad(
-                            outs, leaves, grads, retain_graph=True, allow_unused=True
-                        )
-                        b = (timer() - t0) * 1e3
-                    if outs and runner.params:
-                        t0 = timer()
-                        torch.autograd.grad(outs, runner.params, grads, allow_unused=True)
-                        w = (timer() - t0) * 1e3
-                    b_ms.append(b)
-                    w_ms.append(w)
-                splits.append((statistics.median(b_ms[1:]), statistics.median(w_ms[1:])))
+            ) as bar,
+        ):
+            recording = record(graph, inputs, backward=True)
+            ones = GradOnes()
+            runners = [LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
+            splits = _time_split(
+                runners, [layer.backward_ms for layer in profile.layers], reps, timer, bar
+            )
             recording.values.clear()
     finally:
         torch.set_num_threads(old_threads)
@@ -548,16 +546,46 @@ def measure_backward_split(
             for key, buf in module.named_buffers():
                 if key in buffers:
                     buf.copy_(buffers[key])
-    if len(splits) != len(profile.layers):
-        raise ProfileError(
-            f"the module traces to {len(splits)} layers, the profile has {len(profile.layers)}; "
-            "measure the split on the profiled model"
-        )
     layers = tuple(
         dataclasses.replace(layer, backward_input_ms=b, backward_weight_ms=w)
         for layer, (b, w) in zip(profile.layers, splits, strict=True)
     )
     return dataclasses.replace(profile, layers=layers, backward_split="measured")
+
+
+def _time_split(
+    runners: list[LayerRunner],
+    backward_ms: Sequence[float],
+    reps: int,
+    timer: Timer,
+    bar: tqdm,  # type: ignore[type-arg]
+) -> list[tuple[float, float]]:
+    """Each layer's (B ms, W ms): the backward split, timed once per kind of layer.
+
+    Layers with equal :meth:`LayerRunner.signature` (same operation, configuration, parameter
+    and input shapes: the 24 blocks of gpt2-medium, ResNet's repeated convolutions) run the same
+    kernels, so the first of each kind is timed (one untimed split to pay its one-off costs, then
+    ``reps``, medians) and stands for the others, scaled to each one's own ``backward_ms`` so that
+    ``(B + W) / backward_ms`` is the measured one for every layer of the kind. Only the ratio of B
+    to W is used (:meth:`LayerProfile.split_backward_ms`). Measured apart B + W is a little more
+    than the joint backward, since work both need runs twice.
+    """
+    kinds: dict[str, list[int]] = {}
+    for i, runner in enumerate(runners):
+        kinds.setdefault(runner.signature(), []).append(i)
+    bar.total = (bar.total or 0) + len(kinds)
+    bar.refresh()
+    splits: list[tuple[float, float]] = [(0.0, 0.0)] * len(runners)
+    for members in kinds.values():
+        first = members[0]
+        samples = [runners[first].run_split(timer) for _ in range(reps + 1)][1:]
+        b = statistics.median(s[0] for s in samples)
+        w = statistics.median(s[1] for s in samples)
+        for i in members:
+            scale = backward_ms[i] / backward_ms[first] if backward_ms[first] > 0 else 1.0
+            splits[i] = (b * scale, w * scale)
+        bar.update()
+    return splits
 
 
 def _disagree(layer_sum_ms: float, whole_ms: float) -> bool:

@@ -162,6 +162,7 @@ class LayerRunner:
         self, gm: fx.GraphModule, layer: CapturedLayer, rec: Recording, ones: GradOnes
     ) -> None:
         self.ones = ones
+        self.gm = gm
         self.node = layer.node
         self.rec = rec
         self.call = _caller(gm, layer.node)
@@ -180,11 +181,7 @@ class LayerRunner:
     def run(self, timer: Timer) -> None:
         """One repetition: time the forward, then the backward, on fresh inputs."""
         leaves: list[torch.Tensor] = []
-
-        def fresh(n: fx.Node) -> Any:
-            return map_aggregate(self.rec.values[n], lambda x: self._fresh(x, leaves))
-
-        args, kwargs = map_arg(self.node.args, fresh), map_arg(self.node.kwargs, fresh)
+        args, kwargs = self._fresh_args(leaves)
         wrt = leaves + self.params
         t0 = timer()
         out = self.call(args, kwargs)
@@ -198,6 +195,77 @@ class LayerRunner:
             backward_ms = (timer() - t2) * 1e3
         self.forward_ms.append((t1 - t0) * 1e3)
         self.backward_ms.append(backward_ms)
+
+    def run_split(self, timer: Timer) -> tuple[float, float]:
+        """One repetition of the backward split on fresh inputs: (B ms, W ms).
+
+        The forward (untimed), then ``torch.autograd.grad`` w.r.t. the inputs that need a
+        gradient only, keeping the graph (B), then w.r.t. the layer's parameters only (W). B is 0
+        when no input needs a gradient, W when the layer has no trainable parameter.
+        """
+        leaves: list[torch.Tensor] = []
+        args, kwargs = self._fresh_args(leaves)
+        out = self.call(args, kwargs)
+        outs = [t for t in flatten_tensors(out) if t.requires_grad]
+        grads = [self.ones(t) for t in outs]
+        b_ms = w_ms = 0.0
+        if outs and leaves:
+            t0 = timer()
+            torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
+            b_ms = (timer() - t0) * 1e3
+        if outs and self.params:
+            t0 = timer()
+            torch.autograd.grad(outs, self.params, grads, allow_unused=True)
+            w_ms = (timer() - t0) * 1e3
+        return b_ms, w_ms
+
+    def signature(self) -> str:
+        """What this layer's cost depends on, as text: two layers with equal signatures run the
+        same kernels on the same shapes (e.g. the 24 blocks of a GPT), so one's timing stands
+        for the other's.
+
+        The operation (for a module: its class, its ``repr`` with the configuration, and its
+        parameters' shapes, dtypes and whether they train), whether it works in place, and every
+        argument: a tensor by shape, strides, dtype, device and whether it needs a gradient,
+        anything else by ``repr``.
+        """
+        node = self.node
+        if node.op == "call_module":
+            sub = self.gm.get_submodule(str(node.target))
+            what: Any = (
+                type(sub).__module__,
+                type(sub).__qualname__,
+                repr(sub),
+                [(tuple(p.shape), p.dtype, p.requires_grad) for p in sub.parameters()],
+            )
+        elif node.op == "call_function":
+            fn: Any = node.target
+            what = (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)))
+        elif node.op == "call_method":
+            what = str(node.target)
+        else:  # get_attr: fetches one particular attribute
+            what = ("attribute", str(node.target))
+
+        def describe(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                grad = id(x) in self.rec.grad_ids
+                return ("tensor", tuple(x.shape), x.stride(), x.dtype, x.device.type, grad)
+            return repr(x)
+
+        def value(n: fx.Node) -> Any:
+            return map_aggregate(self.rec.values[n], describe)
+
+        args = map_arg(node.args, value)
+        kwargs = map_arg(node.kwargs, value)
+        return repr((node.op, what, self.inplace, args, sorted(kwargs.items())))
+
+    def _fresh_args(self, leaves: list[torch.Tensor]) -> tuple[Any, Any]:
+        """The layer's args and kwargs made of fresh copies of the recorded values."""
+
+        def fresh(n: fx.Node) -> Any:
+            return map_aggregate(self.rec.values[n], lambda x: self._fresh(x, leaves))
+
+        return map_arg(self.node.args, fresh), map_arg(self.node.kwargs, fresh)
 
     def _fresh(self, x: Any, leaves: list[torch.Tensor]) -> Any:
         if not isinstance(x, torch.Tensor):

@@ -130,3 +130,81 @@ def test_plan_profile_measures_the_split() -> None:
     assert p.backward_split == "measured"
     blocks = [layer for layer in p.layers if layer.name.startswith("blocks_")]
     assert blocks and all(b.backward_input_ms > 0 and b.backward_weight_ms > 0 for b in blocks)
+
+
+def _repeated_net() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(64, 128)]
+    for _ in range(3):
+        layers += [torch.nn.ReLU(), torch.nn.Linear(128, 128)]
+    return torch.nn.Sequential(*layers)
+
+
+def test_profiling_splits_on_its_own_recording_once_per_kind_of_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import planner.profile.measure as measure
+    from planner.profile.timing import LayerRunner
+
+    torch.set_num_threads(1)
+    recordings: list[object] = []
+    splits: list[str] = []
+    real_record, real_split = measure.record, LayerRunner.run_split
+
+    def counting_record(*args: object, **kwargs: object) -> object:
+        recordings.append(args)
+        return real_record(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counting_split(self: LayerRunner, timer: object) -> tuple[float, float]:
+        splits.append(self.node.name)
+        return real_split(self, timer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(measure, "record", counting_record)
+    monkeypatch.setattr(LayerRunner, "run_split", counting_split)
+    x = (torch.randn(32, 64),)
+    p = profile_module(_repeated_net(), x, warmup=1, reps=2, split_backward=True)
+    assert len(recordings) == 1  # no second recording pass for the split
+    assert p.backward_split == "measured"
+    # three kinds: the first Linear (its input needs no gradient), ReLU, Linear(128, 128);
+    # each split once untimed and twice timed, on the first layer of its kind
+    assert splits == ["_0"] * 3 + ["_1"] * 3 + ["_2"] * 3
+    first, *rest = p.layers
+    assert first.backward_input_ms == 0.0 and first.backward_weight_ms > 0
+    relus, linears = rest[0::2], rest[1::2]
+    assert all(r.backward_weight_ms == 0.0 and r.backward_input_ms > 0 for r in relus)
+    assert all(b.backward_input_ms > 0 and b.backward_weight_ms > 0 for b in linears)
+    # layers of a kind share the measured ratios: B / W, and (B + W) / backward_ms
+    ratios = {(b.backward_input_ms / b.backward_weight_ms) for b in linears}
+    assert max(ratios) == pytest.approx(min(ratios))
+    totals = [(b.backward_input_ms + b.backward_weight_ms) / b.backward_ms for b in linears]
+    assert max(totals) == pytest.approx(min(totals))
+    for layer in p.layers:
+        b, w = layer.split_backward_ms()
+        assert b + w == pytest.approx(layer.backward_ms)
+
+
+def test_layer_kinds_tell_configurations_and_shapes_apart() -> None:
+    from planner.profile.capture import capture
+    from planner.profile.record import record
+    from planner.profile.timing import GradOnes, LayerRunner
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.Conv2d(4, 4, 3, padding=1, stride=2),  # same weights' shape, other config
+        torch.nn.Conv2d(4, 4, 3, padding=1),  # same config, smaller input
+    )
+    graph = capture(net)
+    rec = record(graph, (torch.randn(2, 4, 8, 8),))
+    kinds = [
+        LayerRunner(graph.module, layer, rec, GradOnes()).signature() for layer in graph.layers
+    ]
+    # the first one's input needs no gradient; the second is alone in its shapes too
+    assert len(set(kinds)) == 4
+    net2 = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])
+    graph2 = capture(net2)
+    rec2 = record(graph2, (torch.randn(2, 8),))
+    kinds2 = [
+        LayerRunner(graph2.module, layer, rec2, GradOnes()).signature() for layer in graph2.layers
+    ]
+    assert kinds2[0] != kinds2[1] == kinds2[2]
