@@ -101,6 +101,11 @@ def test_split_policy_gives_the_plans_stages_for_shipped_models(model, gpus, inp
     exported = export_plan(plan, profile, ExportFormat.TORCH_PIPELINING, model=spec)
     doc = json.loads(exported.text)
     assert doc["num_stages"] == gpus
+    if model == "gpt2-small":  # whole blocks per stage: a torchtitan fragment
+        parts = doc["torchtitan"]["parallelism"]["module_fqns_per_model_part"]
+        assert len(parts) == gpus
+        blocks = [fqn for part in parts for fqn in part if fqn.startswith("blocks.")]
+        assert blocks == [f"blocks.{i}" for i in range(12)]
     # pipeline() on a small input: the policy names module calls, not shapes.
     small = load_model(model, batch_size=2, input_shape=input_shape)
     (x,), _ = small.make_batch(2, 0)
