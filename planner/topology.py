@@ -4,6 +4,12 @@
 per server, 2 servers. Rank ``r`` sits at position ``r % 8`` in server ``r // 8``; two ranks talk
 over the innermost level that contains both.
 
+A plan made from a CPU profile describes CPU processes on one machine talking over gloo on
+loopback; unless the user gives links, ``plan`` uses the ``cpu-loopback`` links measured here
+(:data:`CPU_LOOPBACK`, :func:`with_loopback_links`): their per-message latency, not bandwidth, is
+what small models pay, and each process's fixed memory (torch and gloo loaded, before any model)
+counts in every stage's memory (``Topology.process_bytes``).
+
 Example:
     >>> t = Topology.from_args(gpus=16, gpus_per_node=8, bandwidth_gbps=25, inter_node_bandwidth_gbps=10)
     >>> t.num_devices, t.link_level(0, 7), t.link_level(0, 8)
@@ -27,14 +33,18 @@ from planner._io import atomic_write_text, load_json, printable
 from planner.errors import TopologyError
 
 __all__ = [
+    "CPU_LOOPBACK",
+    "CPU_LOOPBACK_NAME",
     "DEFAULT_BANDWIDTH_GBPS",
     "DEFAULT_INTER_NODE_BANDWIDTH_GBPS",
     "DEFAULT_MEMORY_GB",
     "MAX_FILE_DEVICES",
     "PRESETS",
     "Level",
+    "LoopbackLinks",
     "Topology",
     "parse_bandwidth",
+    "with_loopback_links",
 ]
 
 GB = 1e9
@@ -80,17 +90,32 @@ class Topology:
         levels: The tiers, innermost (e.g. inside a server) first.
         memory_bytes: Memory of one device, bytes.
         name: A preset's name, or "" for a topology built from arguments.
+        process_bytes: Memory each rank's process holds before it builds its stage (the
+            framework's libraries and runtime), counted in every stage's memory; part of
+            ``memory_bytes``. Measured for CPU processes (:data:`CPU_LOOPBACK`); 0 elsewhere:
+            on a GPU the CUDA context also takes device memory, but nobody measured it here.
     """
 
     levels: tuple[Level, ...]
     memory_bytes: float
     name: str = ""
+    process_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.levels:
             raise TopologyError("a topology needs at least one level")
         if not math.isfinite(self.memory_bytes) or self.memory_bytes <= 0:
             raise TopologyError(f"device memory must be positive, got {self.memory_bytes!r} bytes")
+        if not math.isfinite(self.process_bytes) or self.process_bytes < 0:
+            raise TopologyError(
+                f"per-process memory must be zero or positive, got {self.process_bytes!r} bytes"
+            )
+        if self.process_bytes >= self.memory_bytes:
+            raise TopologyError(
+                f"a device's memory ({self.memory_bytes / GIB:.3g} GiB) must exceed what each "
+                f"process holds before its stage ({self.process_bytes / GIB:.3g} GiB); "
+                "give more --memory-gb"
+            )
 
     @property
     def num_devices(self) -> int:
@@ -129,13 +154,26 @@ class Topology:
         return lv.latency_s + nbytes / lv.bandwidth_bytes_per_s
 
     def describe(self) -> str:
-        """One line, e.g. ``2 x 8 devices (25 GB/s inside, 10 GB/s across), 16 GiB each``."""
+        """One line, e.g. ``2 x 8 devices (links 25 GB/s, 10 GB/s, innermost first), 16 GiB
+        each``; a link's latency follows its bandwidth (``3.6 GB/s + 28 us``).
+
+        Example:
+            >>> with_loopback_links(Topology.from_args(gpus=2)).describe()  # doctest: +ELLIPSIS
+            'cpu-loopback: 2 devices (links ... GB/s + ... us, innermost first), 16 GiB each, ... GiB of it per process'
+        """
         counts = " x ".join(str(lv.devices) for lv in reversed(self.levels))
-        bws = ", ".join(f"{lv.bandwidth_bytes_per_s / GB:g} GB/s" for lv in self.levels)
+        bws = ", ".join(
+            f"{lv.bandwidth_bytes_per_s / GB:g} GB/s"
+            + (f" + {lv.latency_s * 1e6:.3g} us" if lv.latency_s > 0 else "")
+            for lv in self.levels
+        )
         label = f"{self.name}: " if self.name else ""
+        process = (
+            f", {self.process_bytes / GIB:.2g} GiB of it per process" if self.process_bytes else ""
+        )
         return (
             f"{label}{counts} devices (links {bws}, innermost first), "
-            f"{self.memory_bytes / GIB:g} GiB each"
+            f"{self.memory_bytes / GIB:g} GiB each{process}"
         )
 
     # --- construction --------------------------------------------------------------------
@@ -209,7 +247,7 @@ class Topology:
         return cls(levels=tuple(levels), memory_bytes=spec["memory_gb"] * GIB, name=name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format": "planner.topology/1",
             "name": self.name,
             "memory_bytes": self.memory_bytes,
@@ -222,6 +260,9 @@ class Topology:
                 for lv in self.levels
             ],
         }
+        if self.process_bytes:  # written only when set, so older readers' files stay the same
+            doc["process_bytes"] = self.process_bytes
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Any, what: str = "topology") -> Topology:
@@ -253,7 +294,10 @@ class Topology:
             if not math.isfinite(memory) or memory <= 0:
                 raise TopologyError(f"memory_bytes must be positive, got {doc['memory_bytes']!r}")
             return cls(
-                levels=levels, memory_bytes=memory, name=printable(doc.get("name", ""), limit=60)
+                levels=levels,
+                memory_bytes=memory,
+                name=printable(doc.get("name", ""), limit=60),
+                process_bytes=float(doc.get("process_bytes", 0.0)),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TopologyError(
@@ -321,6 +365,61 @@ PRESETS: dict[str, dict[str, Any]] = {
         "inter_latency_s": 5e-6,
     },
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopbackLinks:
+    """Measured links between CPU processes on one machine, and a process's fixed memory.
+
+    Attributes:
+        latency_s: Per-message latency of a point-to-point transfer, seconds.
+        bandwidth_bytes_per_s: Point-to-point bandwidth, bytes/s.
+        process_bytes: Resident memory of a rank before it builds a model: torch imported, the
+            gloo group joined, one tiny training step taken (kernels and autograd loaded).
+        source: How and when the numbers were measured.
+    """
+
+    latency_s: float
+    bandwidth_bytes_per_s: float
+    process_bytes: float
+    source: str
+
+
+CPU_LOOPBACK_NAME = "cpu-loopback"
+CPU_LOOPBACK = LoopbackLinks(
+    latency_s=28.2e-6,
+    bandwidth_bytes_per_s=3.65e9,
+    process_bytes=674 * 2**20,
+    source=(
+        "python benchmarks/loopback_links.py --iters 30 --max-mib 16, 2026-11-25 16:20 UTC, "
+        "this project's 2-core AMD EPYC VM, torch 2.14.1, gloo on 127.0.0.1, 2 ranks of 1 thread "
+        "(load 4.1: busy); benchmarks/RESULTS.md"
+    ),
+)
+"""gloo on loopback as measured on this project's machine: the ``cpu-loopback`` links."""
+
+
+def with_loopback_links(topology: Topology, links: LoopbackLinks = CPU_LOOPBACK) -> Topology:
+    """``topology`` with its innermost level's links and the per-process memory of CPU processes
+    talking over gloo on loopback (:data:`CPU_LOOPBACK`), named ``cpu-loopback``; levels across
+    machines keep their links (gloo between machines goes over their network).
+
+    Example:
+        >>> t = with_loopback_links(Topology.from_args(gpus=4))
+        >>> t.name, t.levels[0].latency_s == CPU_LOOPBACK.latency_s, t.process_bytes > 0
+        ('cpu-loopback', True, True)
+    """
+    inner = Level(
+        devices=topology.levels[0].devices,
+        bandwidth_bytes_per_s=links.bandwidth_bytes_per_s,
+        latency_s=links.latency_s,
+    )
+    return Topology(
+        levels=(inner, *topology.levels[1:]),
+        memory_bytes=topology.memory_bytes,
+        name=CPU_LOOPBACK_NAME,
+        process_bytes=links.process_bytes,
+    )
 
 
 _UNITS = {"": GB, "gb/s": GB, "gbps": GB / 8, "gbit/s": GB / 8, "mb/s": 1e6, "b/s": 1.0}

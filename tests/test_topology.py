@@ -137,3 +137,86 @@ def test_topology_file_must_be_a_regular_file(tmp_path, special):
         os.mkfifo(path)
     with pytest.raises(TopologyError, match=r"not a regular file|is a folder"):
         Topology.load(path)
+
+
+def test_loopback_links_replace_the_innermost_level_and_add_process_memory():
+    from planner.topology import CPU_LOOPBACK, with_loopback_links
+
+    t = with_loopback_links(
+        Topology.from_args(gpus=8, gpus_per_node=4, inter_node_bandwidth_gbps=2, memory_gb=8)
+    )
+    assert t.name == "cpu-loopback" and t.num_devices == 8
+    inner, outer = t.levels
+    assert (inner.devices, inner.bandwidth_bytes_per_s, inner.latency_s) == (
+        4,
+        CPU_LOOPBACK.bandwidth_bytes_per_s,
+        CPU_LOOPBACK.latency_s,
+    )
+    assert (outer.devices, outer.bandwidth_bytes_per_s, outer.latency_s) == (2, 2e9, 0.0)
+    assert t.memory_bytes == 8 * 1024**3 and t.process_bytes == CPU_LOOPBACK.process_bytes
+    # a message pays the latency: 1 kB over loopback costs the latency and a little
+    assert t.transfer_s(1000, 0) == pytest.approx(
+        CPU_LOOPBACK.latency_s + 1000 / CPU_LOOPBACK.bandwidth_bytes_per_s
+    )
+    assert "us" in t.describe() and "per process" in t.describe()
+    assert Topology.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    # the measured numbers come with their source
+    assert "benchmarks/loopback_links.py" in CPU_LOOPBACK.source
+    assert 0 < CPU_LOOPBACK.latency_s < 0.1 and CPU_LOOPBACK.bandwidth_bytes_per_s > 1e8
+
+
+def test_process_memory_is_checked_and_written_only_when_set():
+    plain = Topology.from_args(gpus=2)
+    assert plain.process_bytes == 0.0 and "process_bytes" not in plain.to_dict()
+    with pytest.raises(TopologyError, match="zero or positive"):
+        Topology(levels=plain.levels, memory_bytes=2**30, process_bytes=-1.0)
+    with pytest.raises(TopologyError, match="must exceed what each process holds"):
+        Topology(levels=plain.levels, memory_bytes=2**30, process_bytes=2.0**30)
+    doc = plain.to_dict() | {"process_bytes": "lots"}
+    with pytest.raises(TopologyError):
+        Topology.from_dict(doc)
+
+
+def _cpu_profile(tmp_path):
+    from planner.profile.format import LayerProfile, Profile
+
+    layers = tuple(
+        LayerProfile(
+            name=f"l{i}",
+            op="Linear",
+            forward_ms=1.0,
+            backward_ms=2.0,
+            output_bytes=(4096,),
+            parameter_bytes=4096,
+            inputs=(i - 1,) if i else (),
+        )
+        for i in range(4)
+    )
+    path = tmp_path / "p.json"
+    Profile(model="m", batch_size=4, layers=layers, device="cpu").save(path)
+    return path
+
+
+def test_plan_from_a_cpu_profile_gets_loopback_links_unless_links_are_given(tmp_path, capsys):
+    """``plan`` (planner/commands/plan.py) picks the cpu-loopback links for a CPU profile and says
+    so in the summary's first line; --bandwidth or --topology keep the user's links."""
+    from planner.cli import main
+    from planner.plan import Plan
+
+    profile = _cpu_profile(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["--profile", str(profile), "--gpus", "2", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("links: cpu-loopback preset (gloo on loopback")
+    assert "pass --bandwidth or --topology for GPUs" in text.splitlines()[0]
+    plan = Plan.load(out)
+    assert plan.topology.name == "cpu-loopback" and plan.topology.levels[0].latency_s > 0
+    assert (
+        main(["--profile", str(profile), "--gpus", "2", "--bandwidth", "25", "-o", str(out)]) == 0
+    )
+    assert "cpu-loopback" not in capsys.readouterr().out
+    given = Plan.load(out).topology
+    assert given.levels[0].bandwidth_bytes_per_s == 25e9 and given.levels[0].latency_s == 0.0
+    assert given.process_bytes == 0.0
+    assert main(["--profile", str(profile), "--topology", "p3.16xlarge", "-o", str(out)]) == 0
+    assert Plan.load(out).topology.name == "p3.16xlarge"

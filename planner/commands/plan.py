@@ -17,12 +17,15 @@ from planner.planning import PlanOptions, make_plan, planner_memory_note, shippe
 from planner.profile.format import Profile
 from planner.schedules import OptimizerKind, Schedule
 from planner.topology import (
+    CPU_LOOPBACK,
     DEFAULT_BANDWIDTH_GBPS,
     DEFAULT_INTER_NODE_BANDWIDTH_GBPS,
     DEFAULT_MEMORY_GB,
+    GIB,
     PRESETS,
     Topology,
     parse_bandwidth,
+    with_loopback_links,
 )
 
 if TYPE_CHECKING:
@@ -296,6 +299,24 @@ def _topology(args: argparse.Namespace) -> Topology:
     )
 
 
+def _loopback_default(args: argparse.Namespace, profile: Profile) -> bool:
+    """Whether the plan gets the ``cpu-loopback`` links: a CPU profile describes CPU processes
+    of one machine talking over gloo on loopback, unless the user gave the links."""
+    return profile.device == "cpu" and args.topology is None and args.bandwidth is None
+
+
+def _loopback_line() -> str:
+    """The plan summary's first line when the plan got the ``cpu-loopback`` links."""
+    links = CPU_LOOPBACK
+    return (
+        f"links: cpu-loopback preset (gloo on loopback between this machine's CPU processes, "
+        f"measured: {links.latency_s * 1e6:.3g} us a message, "
+        f"{links.bandwidth_bytes_per_s / 1e9:.3g} GB/s; "
+        f"{links.process_bytes / GIB:.2g} GiB per process in each stage's memory); "
+        "pass --bandwidth or --topology for GPUs"
+    )
+
+
 def _say_ignored(args: argparse.Namespace, why: str) -> None:
     """One line naming the profiling-only options given that do nothing, since ``why``."""
     given = [
@@ -427,6 +448,10 @@ def run(args: argparse.Namespace) -> int:
         profile, profile_path = _profile(args, profile_out, outputs)
     if args.model and profile.source == "pipedream":
         raise ProfileError("a PipeDream profile cannot be rebuilt by --model; use --profile")
+    if run_ is None and _loopback_default(args, profile):
+        topology = with_loopback_links(topology)
+        if not args.json:  # the JSON names its topology cpu-loopback and carries its links
+            print(_loopback_line())
     options = PlanOptions(
         schedule=Schedule(args.schedule or Schedule.ONE_F_ONE_B),
         minibatch_size=args.batch_size,
