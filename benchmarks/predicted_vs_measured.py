@@ -6,13 +6,18 @@ For five plans on this machine (at most two ranks, since it has two cores):
    local run gets (``cores // 2``), process CPU time for one thread, the allocator setting the
    runtime trains under (:mod:`planner.profile.conditions`);
 2. build the plan (one or two stages, cut at half of the compute, or one stage on two replicas)
-   on the default topology (``--gpus 2``: 25 GB/s, no latency) and predict it with the
-   simulator, the plan's optimizer included;
+   on the topology ``plan --gpus 2`` gives a CPU profile (the ``cpu-loopback`` links: gloo on
+   loopback's measured latency and bandwidth, and each process's fixed memory) and predict it
+   with the simulator, the plan's optimizer included; predicted memory per rank is the
+   simulator's peak of the stage's tensors plus the preset's per-process memory;
 3. run it with ``plan run``'s defaults (threads as the profile, gloo) in spawned ranks that also
-   measure their peak resident memory above what the process held before building the model.
+   measure their peak resident set (Linux ``VmHWM``: the whole process, torch included).
 
 Each run is repeated ``--repeats`` times and the median kept; the load average is recorded
-before each run, since the host is shared.
+before each run, since the host is shared, and so is ``wait``: the largest share of its run a
+rank's main thread was ready to compute but waited for a core other processes held
+(``/proc/thread-self/schedstat``). CPU-time profiles predict an unshared core, so on a busy
+machine the measured rate falls short by about that share.
 
 Usage:
     python benchmarks/predicted_vs_measured.py [--steps 12] [--repeats 3] [--out DIR]
@@ -25,7 +30,6 @@ import dataclasses
 import datetime
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -46,7 +50,7 @@ from planner.runtime.config import Backend, RunConfig
 from planner.runtime.worker import DistEnv, load_spec, train
 from planner.schedules import OptimizerKind, Schedule
 from planner.simulate import plan_stages, simulate
-from planner.topology import Topology
+from planner.topology import Topology, with_loopback_links
 
 __all__ = ["Target", "build_plan", "main"]
 
@@ -122,7 +126,8 @@ TARGETS = (
     ),
 )
 
-DEFAULT_TOPOLOGY = Topology.from_args(gpus=2)  # what `plan --gpus 2` assumes
+# what `plan --gpus 2` assumes for a CPU profile (planner/commands/plan.py)
+DEFAULT_TOPOLOGY = with_loopback_links(Topology.from_args(gpus=2))
 
 
 def _cut(profile: Profile, fraction: float) -> int:
@@ -199,7 +204,8 @@ def build_plan(
     planned = dataclasses.replace(plan, stages=tuple(real))
     result = simulate(planned, profile)
     single = sum(s.compute_s for s in real) * target.microbatches
-    memory = {d.rank: d.peak_memory_bytes for d in result.devices}
+    # the simulator counts the stage's tensors; each process also holds the runtime's own memory
+    memory = {d.rank: d.peak_memory_bytes + topology.process_bytes for d in result.devices}
     return dataclasses.replace(
         planned,
         predicted=Prediction(
@@ -212,21 +218,54 @@ def build_plan(
     ), memory
 
 
+def _schedstat_s() -> tuple[float, float]:
+    """This thread's seconds on a CPU and seconds runnable but waiting for one (Linux)."""
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as handle:
+            ran, waited = (int(x) for x in handle.read().split()[:2])
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return ran / 1e9, waited / 1e9
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set: ``VmHWM``, the high-water mark of its own address space.
+
+    Not ``ru_maxrss``: Linux carries that over ``execve`` from the forked parent, so a rank
+    spawned by a large process reports at least the parent's size (the previous version of this
+    benchmark measured 344 MB for several different cases that way).
+    """
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _rank(rank: int, plan_json: str, config: RunConfig, world: int, port: int, out: str) -> None:
-    """One rank: train, and record the peak resident memory above the start."""
+    """One rank: train, and record the process's peak resident memory (and its start)."""
     sys.path.insert(0, str(HERE))
     plan = Plan.from_json(plan_json)
-    base = _rss_bytes()
+    start = _rss_bytes()
     env = DistEnv(rank=rank, world_size=world, master_port=port)
     os.environ["LOCAL_WORLD_SIZE"] = str(world)
+    wall0, (_, wait0) = time.perf_counter(), _schedstat_s()
     result = train(plan, lambda: load_spec(plan, seed=config.seed), config, env)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    record: dict[str, Any] = {"rank": rank, "peak_above_start": peak - base}
+    wall, wait = time.perf_counter() - wall0, _schedstat_s()[1] - wait0
+    peak = _peak_rss_bytes()
+    # the share of the run this rank's main thread was ready to compute but other processes
+    # held the cores: what a busy machine takes away, which the CPU-time profile leaves out
+    record: dict[str, Any] = {
+        "rank": rank,
+        "peak": peak,
+        "start": start,
+        "cpu_wait_share": wait / wall if wall > 0 else 0.0,
+    }
     if result.report is not None:
         record["samples_per_s"] = result.report.samples_per_s
         record["threads"] = result.report.threads
@@ -257,7 +296,9 @@ def _run(plan: Plan, folder: Path, name: str, steps: int) -> dict[str, Any]:
         "load": load,
         "samples_per_s": ranks[0]["samples_per_s"],
         "threads": ranks[0]["threads"],
-        "peak": {r["rank"]: r["peak_above_start"] for r in ranks},
+        "peak": {r["rank"]: r["peak"] for r in ranks},
+        "start": {r["rank"]: r["start"] for r in ranks},
+        "cpu_wait_share": max(r["cpu_wait_share"] for r in ranks),
     }
 
 
@@ -308,11 +349,15 @@ def main(argv: list[str] | None = None) -> int:
                 "optimizer": str(target.optimizer),
                 "threads": median["threads"],
                 "loads": [round(r["load"], 2) for r in runs],
+                "cpu_wait_share": median["cpu_wait_share"],
                 "predicted": predicted,
                 "measured": median["samples_per_s"],
                 "error": median["samples_per_s"] / predicted - 1,
                 "memory_predicted": memory,
                 "memory_measured": peak,
+                "memory_at_start": {
+                    r: statistics.median(run["start"][r] for run in runs) for r in peak
+                },
                 "memory_error": {
                     r: peak[r] / memory[r] - 1 if memory.get(r) else None for r in peak
                 },
@@ -323,11 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  torch "
         f"{torch.__version__}  defaults: {threads} thread(s) per rank, "
         f"{'process CPU' if clock is time.process_time else 'wall'} clock, no calibration; "
-        f"{args.steps} steps per run (first left out), median of {args.repeats}"
+        f"{args.steps} steps per run (first left out), median of {args.repeats}; "
+        f"topology {DEFAULT_TOPOLOGY.describe()}"
     )
     print(
         f"{'case':<36} {'minibatch':>9} {'pred/s':>8} {'meas/s':>8} {'error':>7}  "
-        f"{'memory MiB per rank (pred / meas)':<40} loads"
+        f"{'memory MiB per rank (pred / meas)':<34} {'wait':>5}  loads"
     )
     for r in rows:
         mem = ", ".join(
@@ -336,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{r['case']:<36} {r['minibatch']:>9} {r['predicted']:>8.1f} {r['measured']:>8.1f} "
-            f"{r['error']:>+7.1%}  {mem:<40} {r['loads']}"
+            f"{r['error']:>+7.1%}  {mem:<34} {r['cpu_wait_share']:>5.0%}  {r['loads']}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=str))
