@@ -85,8 +85,9 @@ def optimize(
         topology: Devices, levels and memory.
         schedule: ``pipedream`` (steady state), ``1f1b`` or ``gpipe`` (minibatch time).
         microbatches: ``M``. None: ``pipedream`` takes ``minibatch_size / profile.batch_size``
-            (1 without a minibatch size); ``1f1b``/``gpipe`` try every divisor of the minibatch
-            (``minibatch_size``, else the profile's batch) as ``M`` and keep the fastest.
+            (1 without a minibatch size); ``1f1b``/``gpipe`` try the 8 divisors of the minibatch
+            (``minibatch_size``, else the profile's batch) whose microbatch is closest to the
+            profiled batch as ``M`` and keep the fastest.
         minibatch_size: Samples per optimizer step.
         optimizer: Training optimizer (its state counts towards memory).
         solver: ``dp`` (:mod:`planner.optimize.dp`) or ``ilp`` (:mod:`planner.optimize.ilp`).
@@ -99,7 +100,8 @@ def optimize(
         state_space: Which downsets may bound stages (:mod:`planner.optimize.states`).
         activation_compression_ratio: PipeDream model only; count activation transfers.
         memory_bytes: Plan for this device memory instead of the topology's.
-        time_limit_s: The ILP's time limit (its default when None); the DP ignores it.
+        time_limit_s: The ILP's time limit (its default when None); the DP ignores it. If CBC
+            fails or finds nothing in time, the DP's plan (exact as well) is returned with a note.
 
     Raises:
         InfeasibleError: Nothing fits; the message says what would.
