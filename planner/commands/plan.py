@@ -361,6 +361,13 @@ def _shipped(args: argparse.Namespace) -> Path | None:
     return found
 
 
+def _gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU, without importing torch (seconds of start-up)."""
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
 def _shipped_line(path: Path, profile: Profile, model: str) -> str:
     """The first line of a plan from a shipped profile: which device the profile stands for."""
     measure = (
@@ -372,13 +379,11 @@ def _shipped_line(path: Path, profile: Profile, model: str) -> str:
             f"planning for NVIDIA V100 GPUs with PipeDream's V100 profile {path} ({profile.model}, "
             f"batch {profile.batch_size}, mapped onto its fx layers); {measure}"
         )
-    import torch
-
     line = (
         f"using the shipped profile {path} ({profile.model}, batch {profile.batch_size}, "
         f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})"
     )
-    if profile.device == "cpu" and not torch.cuda.is_available():
+    if profile.device == "cpu" and not _gpu_present():
         v100 = shipped_profile(f"{model}-v100") is not None
         hint = " for V100 GPUs add --device v100 (PipeDream's profile);" if v100 else ""
         line += f"; this plan is for CPUs:{hint} {measure}"
@@ -420,7 +425,8 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model:
+    if args.model and args.model_config is not None:
+        # imported only when needed: planner.models.hf imports torch (seconds of start-up)
         from planner.models.hf import with_model_config
 
         args.model = with_model_config(args.model, args.model_config)
