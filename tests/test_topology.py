@@ -211,6 +211,9 @@ def test_plan_from_a_cpu_profile_gets_loopback_links_unless_links_are_given(tmp_
     assert "pass --bandwidth or --topology for GPUs" in text.splitlines()[0]
     plan = Plan.load(out)
     assert plan.topology.name == "cpu-loopback" and plan.topology.levels[0].latency_s > 0
+    # --json: stdout is the plan alone, which names its links
+    assert main(["--profile", str(profile), "--gpus", "2", "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["topology"]["name"] == "cpu-loopback"
     assert (
         main(["--profile", str(profile), "--gpus", "2", "--bandwidth", "25", "-o", str(out)]) == 0
     )
