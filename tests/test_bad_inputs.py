@@ -722,6 +722,12 @@ CASES: list[Case] = [
     case("run-timeout-inf", f"run {PLAN} --timeout inf", "--timeout must be positive"),
     case("run-resume-without-dir", f"run {PLAN} --resume", "need --checkpoint-dir"),
     case(
+        "run-engine-torch-pipedream",
+        f"run {PLAN} --engine torch",
+        "torch.distributed.pipelining has no pipedream schedule",
+        raw_value(PLAN, PLAN, ("schedule",), '"pipedream"'),
+    ),
+    case(
         "run-minibatch-s-0",
         "run p.json",
         "invalid at predicted/minibatch_s",

@@ -20,11 +20,12 @@ from planner.models.registry import check_trusted, is_builtin
 from planner.plan import Plan
 from planner.runtime.checkpoint import checkpoint_lock, resume_state
 from planner.runtime.comm import Placement
-from planner.runtime.config import RunConfig, add_run_arguments, resolve_backend
+from planner.runtime.config import Engine, RunConfig, add_run_arguments, resolve_backend
 from planner.runtime.data import data_source
 from planner.runtime.launch import launch_local
 from planner.runtime.loops import condition_notes, training_notes
 from planner.runtime.report import check_run_outputs
+from planner.runtime.torch_engine import check_expressible
 from planner.runtime.worker import load_spec, prepare
 
 __all__ = ["add_arguments", "main", "run"]
@@ -47,10 +48,14 @@ def run(args: argparse.Namespace) -> int:
     world = Placement(ranks=tuple(s.ranks for s in plan.stages)).world_size_needed
     backend = resolve_backend(config.backend, local_ranks=world)  # nccl without GPUs fails here
     config = config.with_threads(world)  # every rank of a local run shares this machine
+    if config.engine is Engine.TORCH:  # refused once here, not once per rank
+        check_expressible(plan, config)
     # a plan's model that is code runs only when trusted (--model REF or --trust-model)
     check_trusted(plan.profile.model, named=config.model, trust=config.trust_model)
     spec = load_spec(plan, seed=config.seed, search_cwd=not is_builtin(plan.profile.model))
-    prepare(plan, spec, rank=0, world_size=world)
+    prep = prepare(plan, spec, rank=0, world_size=world)
+    if config.engine is Engine.TORCH:  # tied weights across stages: known once the model is cut
+        check_expressible(plan, config, shared=prep.shared)
     notes = training_notes(plan, config)  # bad optimizer options fail here
     notes += condition_notes(plan, config, backend=backend)
     data_source(
