@@ -284,6 +284,12 @@ NOT_REGULAR = "not a regular file"
 CASES: list[Case] = [
     # plan: outputs that are inputs, directly, through links and derived names
     case("plan-o-profile", f"{PLAN_CMD} -o {PROFILE}", f"-o {PROFILE} is the profile.*{SAME}"),
+    case("plan-schedule-zbv", f"{PLAN_CMD} --schedule zbv", "simulated but not yet planned"),
+    case(
+        "plan-schedule-interleaved",
+        f"{PLAN_CMD} --schedule interleaved-1f1b",
+        "simulated but not yet planned",
+    ),
     case("plan-o-dot-profile", f"{PLAN_CMD} -o ./{PROFILE}", SAME),
     case("plan-o-symlink", f"{PLAN_CMD} -o link.json", SAME, symlink("link.json", PROFILE)),
     case("plan-o-hardlink", f"{PLAN_CMD} -o hard.json", SAME, hardlink("hard.json", PROFILE)),

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from planner._io import Outputs, check_outputs, printable
 from planner.commands._args import positive_float, positive_int
 from planner.commands.profile import add_profiling_arguments, measure
-from planner.errors import PlannerError, ProfileError
+from planner.errors import PlanError, PlannerError, ProfileError
 from planner.optimize.cost import PIPEDREAM_DEFAULT_MEMORY_BYTES
 from planner.planning import PlanOptions, make_plan, planner_memory_note, shipped_profile
 from planner.profile.format import Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule
 from planner.topology import (
     CPU_LOOPBACK,
     DEFAULT_BANDWIDTH_GBPS,
@@ -99,9 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument(
         "--schedule",
-        choices=[s.value for s in Schedule],
+        choices=[s.value for s in Schedule] + [s.value for s in SimulatedSchedule],
         default=None,
-        help="pipeline schedule (default: 1f1b, synchronous with a flush)",
+        help="pipeline schedule (default: 1f1b, synchronous with a flush); interleaved-1f1b, "
+        "zb-h1 and zbv are simulated (planner.simulate.compare_schedules) but not yet planned",
     )
     how.add_argument(
         "--microbatches",
@@ -425,6 +426,12 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.schedule in {s.value for s in SimulatedSchedule}:  # before any work
+        raise PlanError(
+            f"schedule {args.schedule} is simulated but not yet planned (the optimizer does not "
+            "model its chunks); plan with --schedule 1f1b, then compare schedules with "
+            "planner.simulate.compare_schedules"
+        )
     if args.model and args.model_config is not None:
         # imported only when needed: planner.models.hf imports torch (seconds of start-up)
         from planner.models.hf import with_model_config
