@@ -125,7 +125,7 @@ def train_torch(
 
     from planner.runtime.loops import optimizer_settings
     from planner.runtime.rendezvous import join_process_group
-    from planner.runtime.worker import RankResult, _backend, prepare
+    from planner.runtime.worker import RankResult, _backend, prepare, rank_device
 
     config = config.with_threads(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     torch.set_num_threads(config.threads)
@@ -145,8 +145,8 @@ def train_torch(
             seed=config.seed,
             input_shape=plan.profile.input_shape,
         )
-    backend = _backend(config.backend)
-    device = torch.device("cuda", env.local_rank) if backend == "nccl" else torch.device("cpu")
+    backend = _backend(config.backend, env.world_size)  # the same choice as our engine's
+    device = rank_device(backend, env.local_rank)
     join_process_group(
         backend,
         rank=env.rank,
