@@ -91,6 +91,7 @@ from planner.profile.timing import (
     LayerRunner,
     Timer,
     keep_freed_memory,
+    time_split,
     whole_step,
 )
 
@@ -408,7 +409,7 @@ def _measure(
         if split_backward:
             bar.set_description(f"profiling {name}: backward split")
             raw_backward = [statistics.median(r.backward_ms) for r in runners]
-            splits = _time_split(runners, raw_backward, min(reps, 2), timer, bar)
+            splits = time_split(runners, raw_backward, min(reps, 2), timer, bar)
         # Free the recorded activations first, so the whole step reuses their memory instead
         # of touching (page-faulting) as much again.
         recording.values.clear()
@@ -484,7 +485,7 @@ def measure_backward_split(
 
     It costs one more recording step (capture, forward and backward) than profiling with
     ``profile_module(..., split_backward=True)``, which measures the split on the recording it
-    times the layers on; the measurement itself is the same (:func:`_time_split`). The module's
+    times the layers on; the measurement itself is the same (:func:`~planner.profile.timing.time_split`). The module's
     mode, buffers and threads are restored.
 
     Example:
@@ -535,7 +536,7 @@ def measure_backward_split(
             recording = record(graph, inputs, backward=True)
             ones = GradOnes()
             runners = [LayerRunner(graph.module, layer, recording, ones) for layer in graph.layers]
-            splits = _time_split(
+            splits = time_split(
                 runners, [layer.backward_ms for layer in profile.layers], reps, timer, bar
             )
             recording.values.clear()
@@ -551,41 +552,6 @@ def measure_backward_split(
         for layer, (b, w) in zip(profile.layers, splits, strict=True)
     )
     return dataclasses.replace(profile, layers=layers, backward_split="measured")
-
-
-def _time_split(
-    runners: list[LayerRunner],
-    backward_ms: Sequence[float],
-    reps: int,
-    timer: Timer,
-    bar: tqdm,  # type: ignore[type-arg]
-) -> list[tuple[float, float]]:
-    """Each layer's (B ms, W ms): the backward split, timed once per kind of layer.
-
-    Layers with equal :meth:`LayerRunner.signature` (same operation, configuration, parameter
-    and input shapes: the 24 blocks of gpt2-medium, ResNet's repeated convolutions) run the same
-    kernels, so the first of each kind is timed (one untimed split to pay its one-off costs, then
-    ``reps``, medians) and stands for the others, scaled to each one's own ``backward_ms`` so that
-    ``(B + W) / backward_ms`` is the measured one for every layer of the kind. Only the ratio of B
-    to W is used (:meth:`LayerProfile.split_backward_ms`). Measured apart B + W is a little more
-    than the joint backward, since work both need runs twice.
-    """
-    kinds: dict[str, list[int]] = {}
-    for i, runner in enumerate(runners):
-        kinds.setdefault(runner.signature(), []).append(i)
-    bar.total = (bar.total or 0) + len(kinds)
-    bar.refresh()
-    splits: list[tuple[float, float]] = [(0.0, 0.0)] * len(runners)
-    for members in kinds.values():
-        first = members[0]
-        samples = [runners[first].run_split(timer) for _ in range(reps + 1)][1:]
-        b = statistics.median(s[0] for s in samples)
-        w = statistics.median(s[1] for s in samples)
-        for i in members:
-            scale = backward_ms[i] / backward_ms[first] if backward_ms[first] > 0 else 1.0
-            splits[i] = (b * scale, w * scale)
-        bar.update()
-    return splits
 
 
 def _disagree(layer_sum_ms: float, whole_ms: float) -> bool:

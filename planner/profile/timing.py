@@ -3,7 +3,8 @@
 The pieces :mod:`planner.profile.measure` assembles (see its docstring for the procedure and the
 decisions): :class:`Timer` reads a clock with the device synchronised, :class:`LayerRunner` runs
 one layer alone on fresh copies of its recorded inputs, :func:`whole_step` times one
-forward+backward of the whole model, and :func:`keep_freed_memory` stops glibc from returning
+forward+backward of the whole model, :func:`time_split` times the backward's input- and
+weight-gradient parts once per kind of layer, and :func:`keep_freed_memory` stops glibc from returning
 and page-faulting large tensors on every step.
 
 Example:
@@ -23,7 +24,8 @@ import ctypes
 import ctypes.util
 import itertools
 import platform
-from collections.abc import Callable, Iterator
+import statistics
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "Timer",
     "glibc_available",
     "keep_freed_memory",
+    "time_split",
     "whole_step",
 ]
 
@@ -105,6 +108,44 @@ def _glibc() -> Any:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
+
+
+def time_split(
+    runners: list[LayerRunner],
+    backward_ms: Sequence[float],
+    reps: int,
+    timer: Timer,
+    bar: Any,
+) -> list[tuple[float, float]]:
+    """Each layer's (B ms, W ms): the backward split, timed once per kind of layer.
+
+    ``backward_ms`` are the layers' measured backward times; ``bar`` is a tqdm bar that gets one
+    step per kind.
+
+    Layers with equal :meth:`LayerRunner.signature` (same operation, configuration, parameter
+    and input shapes: the 24 blocks of gpt2-medium, ResNet's repeated convolutions) run the same
+    kernels, so the first of each kind is timed (one untimed split to pay its one-off costs, then
+    ``reps``, medians) and stands for the others, scaled to each one's own ``backward_ms`` so that
+    ``(B + W) / backward_ms`` is the measured one for every layer of the kind. Only the ratio of B
+    to W is used (:meth:`LayerProfile.split_backward_ms`). Measured apart B + W is a little more
+    than the joint backward, since work both need runs twice.
+    """
+    kinds: dict[str, list[int]] = {}
+    for i, runner in enumerate(runners):
+        kinds.setdefault(runner.signature(), []).append(i)
+    bar.total = (bar.total or 0) + len(kinds)
+    bar.refresh()
+    splits: list[tuple[float, float]] = [(0.0, 0.0)] * len(runners)
+    for members in kinds.values():
+        first = members[0]
+        samples = [runners[first].run_split(timer) for _ in range(reps + 1)][1:]
+        b = statistics.median(s[0] for s in samples)
+        w = statistics.median(s[1] for s in samples)
+        for i in members:
+            scale = backward_ms[i] / backward_ms[first] if backward_ms[first] > 0 else 1.0
+            splits[i] = (b * scale, w * scale)
+        bar.update()
+    return splits
 
 
 class Timer:
