@@ -223,3 +223,12 @@ def test_plan_from_a_cpu_profile_gets_loopback_links_unless_links_are_given(tmp_
     assert given.process_bytes == 0.0
     assert main(["--profile", str(profile), "--topology", "p3.16xlarge", "-o", str(out)]) == 0
     assert Plan.load(out).topology.name == "p3.16xlarge"
+    # the preset by name, for any profile; its links are measured, so --bandwidth is refused
+    args = ["--profile", str(profile), "--topology", "cpu-loopback", "--gpus", "4", "-o", str(out)]
+    assert main([*args, "--memory-gb", "2"]) == 0
+    chosen = Plan.load(out).topology
+    assert (chosen.name, chosen.num_devices, chosen.memory_bytes) == ("cpu-loopback", 4, 2 * 2**30)
+    assert chosen.process_bytes > 0
+    capsys.readouterr()
+    assert main([*args, "--bandwidth", "10"]) == 2
+    assert "--bandwidth does not combine with --topology cpu-loopback" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from planner.profile.format import Profile
 from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule
 from planner.topology import (
     CPU_LOOPBACK,
+    CPU_LOOPBACK_NAME,
     DEFAULT_BANDWIDTH_GBPS,
     DEFAULT_INTER_NODE_BANDWIDTH_GBPS,
     DEFAULT_MEMORY_GB,
@@ -63,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     devices.add_argument(
         "--topology",
         metavar="PRESET|FILE",
-        help=f"a preset ({', '.join(sorted(PRESETS))}) or a topology JSON file; "
-        "with a preset, --gpus counts all devices across its servers",
+        help=f"a preset ({', '.join(sorted([*PRESETS, CPU_LOOPBACK_NAME]))}) or a topology JSON "
+        "file; with a preset, --gpus counts all devices across its servers (cpu-loopback: "
+        "CPU processes of this machine over gloo, the default for a CPU profile)",
     )
     devices.add_argument(
         "--bandwidth",
@@ -237,7 +240,7 @@ def _check_outputs(
         ]
     elif profile_out is None:
         inputs.append(("profile", _profile_input(args)))
-    if args.topology and args.topology not in PRESETS:
+    if args.topology and args.topology not in (*PRESETS, CPU_LOOPBACK_NAME):
         inputs.append(("topology file", args.topology))
     return check_outputs(outputs, inputs=inputs, error=PlannerError)
 
@@ -260,6 +263,15 @@ def _will_profile(args: argparse.Namespace) -> bool:
 
 
 def _topology(args: argparse.Namespace) -> Topology:
+    if args.topology == CPU_LOOPBACK_NAME:  # measured links for any count: --gpus says how many
+        if args.bandwidth:
+            raise PlannerError(
+                "--bandwidth does not combine with --topology cpu-loopback (its links are "
+                "measured); give one of them"
+            )
+        return with_loopback_links(
+            _topology(argparse.Namespace(**{**vars(args), "topology": None}))
+        )
     if args.topology:
         if args.bandwidth or args.inter_node_bandwidth:
             raise PlannerError(
@@ -276,9 +288,7 @@ def _topology(args: argparse.Namespace) -> Topology:
             nodes = args.gpus // per_node
         topology = Topology.resolve(args.topology, nodes)
         if args.memory_gb:
-            topology = Topology(
-                levels=topology.levels, memory_bytes=args.memory_gb * 1024**3, name=topology.name
-            )
+            topology = dataclasses.replace(topology, memory_bytes=args.memory_gb * 1024**3)
         return topology
     if args.gpus is None:
         raise PlannerError("say how many devices: --gpus N (or --topology PRESET|FILE)")
