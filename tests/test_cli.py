@@ -294,3 +294,37 @@ def test_written_and_replaced_files_are_named(tmp_path, monkeypatch, capsys):
         "x.conf.json",
         "x.txt",
     ]  # no temporary or probe file left
+
+
+def test_a_machine_with_a_gpu_profiles_it_instead_of_using_the_cpu_profile(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 13: on a CUDA machine the main job measures the local GPU (CUDA mocked here)."""
+    import torch
+
+    from planner.cli import main
+    from planner.commands import plan as plan_command
+    from planner.commands import profile as profile_command
+
+    monkeypatch.setattr(profile_command, "_nvidia_device_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen: list[str] = []
+
+    class Measured(Exception):
+        pass
+
+    def fake_measure(args, batch, **kwargs):
+        seen.append(profile_command.resolve_device(args.device))
+        raise Measured
+
+    monkeypatch.setattr(plan_command, "measure", fake_measure)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Measured):
+        main(["--model", "resnet50", "--gpus", "2", "-o", "p.json"])
+    assert seen == ["cuda"]
+    assert "profiling on cuda" in capsys.readouterr().err
+    # an explicit --device cpu keeps the shipped CPU profile, and without a GPU that is the default
+    assert main(["--model", "resnet50", "--gpus", "2", "--device", "cpu", "-o", "a.json"]) == 0
+    monkeypatch.setattr(profile_command, "_nvidia_device_present", lambda: False)
+    assert main(["--model", "resnet50", "--gpus", "2", "-o", "b.json"]) == 0
+    assert seen == ["cuda"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from planner._io import Outputs, check_outputs, printable
 from planner.commands._args import positive_float, positive_int
-from planner.commands.profile import add_profiling_arguments, measure
+from planner.commands.profile import add_profiling_arguments, measure, resolve_device
 from planner.errors import PlanError, PlannerError, ProfileError
 from planner.optimize.cost import PIPEDREAM_DEFAULT_MEMORY_BYTES
 from planner.planning import PlanOptions, make_plan, planner_memory_note, shipped_profile
@@ -341,8 +341,8 @@ def _say_ignored(args: argparse.Namespace, why: str) -> None:
             # --device v100 chose the shipped profile itself: it did something
             (
                 "--device",
-                "cpu" if args.device == "v100" and not args.profile else args.device,
-                "cpu",
+                None if args.device == "v100" and not args.profile else args.device,
+                None,
             ),
             ("--dtype", args.dtype, "float32"),
         )
@@ -357,8 +357,12 @@ def _say_ignored(args: argparse.Namespace, why: str) -> None:
 
 
 def _shipped(args: argparse.Namespace) -> Path | None:
-    """The shipped profile ``plan`` uses for ``--model``: PipeDream's V100 one for --device v100."""
-    if getattr(args, "device", None) != "v100":
+    """The shipped profile ``plan`` uses for ``--model``: PipeDream's V100 one for --device v100,
+    none for --device cuda (the local GPU is profiled; the shipped profiles are CPU or V100)."""
+    device = resolve_device(getattr(args, "device", None))  # with a GPU here: cuda
+    if device == "cuda":
+        return None
+    if device != "v100":
         return shipped_profile(args.model)
     from planner.profile.v100 import V100_MODELS
 
@@ -420,7 +424,8 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
 
     batch = args.profile_batch_size or default_profile_batch(args.model)
     print(
-        f"no shipped profile for {args.model}; profiling on {args.device} at batch {batch}",
+        f"no shipped profile for {args.model}; profiling on "
+        f"{resolve_device(args.device)} at batch {batch}",
         file=sys.stderr,
     )
     profile = measure(

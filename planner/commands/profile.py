@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from planner._io import check_outputs
 from planner.commands._args import nonnegative_int, positive_int, shape
 from planner.errors import ModelError
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "resolve_device", "run"]
+
+
+def _nvidia_device_present() -> bool:
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def resolve_device(choice: str | None) -> str:
+    """``--device`` as given; by default the local GPU where CUDA works, else ``cpu``.
+
+    torch is imported only on machines with an NVIDIA device (seconds of start-up elsewhere).
+    """
+    if choice is not None:
+        return choice
+    if not _nvidia_device_present():
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -29,8 +48,9 @@ def add_profiling_arguments(parser: argparse.ArgumentParser | argparse._Argument
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda", "v100"),
-        default="cpu",
-        help="where to measure (default: cpu); plan --device v100 plans with PipeDream's V100 "
+        default=None,
+        help="where to measure (default: the local GPU where CUDA works, else cpu; with a GPU, "
+        "plan --model M profiles it instead of using the shipped CPU profile); plan --device v100 plans with PipeDream's V100 "
         "profile (resnet50, vgg16, resnet18, alexnet) instead of measuring",
     )
     parser.add_argument(
@@ -113,6 +133,7 @@ def measure(  # type: ignore[no-untyped-def]
     from planner.profile.conditions import DEFAULT_PROFILE_RANKS, default_clock, rank_threads
     from planner.profile.measure import default_leaf_modules, profile_model
 
+    args.device = resolve_device(args.device)
     if args.device == "v100":
         raise ModelError(
             f"--device v100 stands for PipeDream's V100 profile, which only plan uses "
