@@ -252,8 +252,12 @@ def gantt_figure(
         handles.append(
             Line2D([], [], color="#404040", lw=0.8, ls="--", label="end of minibatch (flush)")
         )
-    fig.legend(
-        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False
+    fig.legend(  # at most 4 a row: the split-backward legend is wider than the figure in one row
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), 4),
+        fontsize=8,
+        frameon=False,
     )
     if title is None:
         per_rank = f" x {result.chunks} chunks" if result.chunks > 1 else ""
