@@ -328,3 +328,29 @@ def test_a_machine_with_a_gpu_profiles_it_instead_of_using_the_cpu_profile(
     monkeypatch.setattr(profile_command, "_nvidia_device_present", lambda: False)
     assert main(["--model", "resnet50", "--gpus", "2", "-o", "b.json"]) == 0
     assert seen == ["cuda"]
+
+
+def test_plan_profiles_at_the_microbatch_the_options_fix(tmp_path, monkeypatch):
+    """--batch-size 16 --microbatches 4: profiled at 4, the size a rank runs (no extrapolation)."""
+    from planner.cli import main
+    from planner.commands import plan as plan_command
+
+    batches: list[int] = []
+
+    class Measured(Exception):
+        pass
+
+    def fake_measure(args, batch, **kwargs):
+        batches.append(batch)
+        raise Measured
+
+    monkeypatch.setattr(plan_command, "measure", fake_measure)
+    monkeypatch.chdir(tmp_path)
+    for extra, expected in (
+        (["--batch-size", "16", "--microbatches", "4"], 4),
+        (["--batch-size", "16", "--microbatches", "4", "--profile-batch-size", "2"], 2),
+        (["--batch-size", "16"], 1),  # not fixed: the model's default (1 sequence for the GPTs)
+    ):
+        with pytest.raises(Measured):
+            main(["--model", "gpt2-tiny", "--gpus", "2", "--device", "cpu", "-o", "p.json", *extra])
+        assert batches[-1] == expected

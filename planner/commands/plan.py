@@ -405,6 +405,15 @@ def _shipped_line(path: Path, profile: Profile, model: str) -> str:
     return line
 
 
+def _planned_microbatch(args: argparse.Namespace) -> int | None:
+    """The microbatch the plan will run when the options fix it (``--batch-size B --microbatches
+    M``): profiled at that size, per-layer times need no extrapolation from another batch."""
+    m = args.microbatches
+    if args.batch_size and isinstance(m, int) and m > 0 and args.batch_size % m == 0:
+        return int(args.batch_size // m)
+    return None
+
+
 def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> tuple[Profile, Path]:
     if args.profile:
         _say_ignored(args, "--profile is given")
@@ -422,7 +431,9 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
         load_model(args.model, batch_size=1)  # raises the error listing the closest names
     from planner.profile.measure import default_profile_batch
 
-    batch = args.profile_batch_size or default_profile_batch(args.model)
+    batch = (
+        args.profile_batch_size or _planned_microbatch(args) or default_profile_batch(args.model)
+    )
     print(
         f"no shipped profile for {args.model}; profiling on "
         f"{resolve_device(args.device)} at batch {batch}",
