@@ -151,7 +151,13 @@ def certify_plan(
         ),
     )
     space = build_states(profile, "antichain" if kind is CostModelKind.PIPEDREAM else "auto")
-    certified = certify(partition, cost, complete=space.complete)
+    complete = space.complete
+    if space.kind == "antichain" and len(topology.levels) == 1:
+        # PipeDream's one-level DP is exact over its antichain space; that space is complete
+        # when it holds every downset (e.g. a chain such as VGG16)
+        every = build_states(profile, "auto")
+        complete = every.complete and len(every) == len(space)
+    certified = certify(partition, cost, complete=complete)
     if space.kind == "antichain-bounded":
         note = (
             "PipeDream's antichain space is too large for this graph (its optimizer does not "
