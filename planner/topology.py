@@ -387,14 +387,14 @@ class LoopbackLinks:
 
 CPU_LOOPBACK_NAME = "cpu-loopback"
 CPU_LOOPBACK = LoopbackLinks(
-    latency_s=40.2e-6,
-    bandwidth_bytes_per_s=6.14e9,
+    latency_s=36.9e-6,
+    bandwidth_bytes_per_s=4.59e9,
     process_bytes=674 * 2**20,
     source=(
-        "python benchmarks/loopback_links.py --iters 50 --max-mib 64, 2026-11-25 16:59 UTC, "
+        "python benchmarks/loopback_links.py --iters 50 --max-mib 64, 2026-11-25 16:34 UTC, "
         "this project's 2-core AMD EPYC VM, torch 2.14.1, gloo on 127.0.0.1, 2 ranks of 1 thread, "
-        "fastest of 50 round trips per size (load 0.84, quiet: the median was 43-66 us up to "
-        "64 KiB), resident set after a tiny training step; benchmarks/RESULTS.md"
+        "fastest of 50 round trips per size (load 3.5: busy; the median was ~2 ms a message), "
+        "resident set after a tiny training step; benchmarks/RESULTS.md"
     ),
 )
 """gloo on loopback as measured on this project's machine: the ``cpu-loopback`` links."""
