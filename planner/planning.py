@@ -282,7 +282,8 @@ def plan_from_partition(
             comm_s=stage.comm_s,
             allreduce_s=stage.allreduce_s,
             time_s=stage.time_s,
-            memory_bytes=stage.memory_bytes,
+            # the stage's tensors and what its process holds before them (Topology.process_bytes)
+            memory_bytes=stage.memory_bytes + topology.process_bytes,
         )
         for stage, stage_names in zip(partition.stages, names, strict=True)
     )

@@ -232,3 +232,34 @@ def test_plan_from_a_cpu_profile_gets_loopback_links_unless_links_are_given(tmp_
     capsys.readouterr()
     assert main([*args, "--bandwidth", "10"]) == 2
     assert "--bandwidth does not combine with --topology cpu-loopback" in capsys.readouterr().err
+
+
+def test_plans_count_each_process_memory_in_every_stage(tmp_path):
+    """``Topology.process_bytes`` is in every stage's planned memory and leaves that much less
+    for the stage's tensors (planner/optimize/cost.py, planner/planning.py)."""
+    import dataclasses
+
+    from planner.errors import InfeasibleError
+    from planner.planning import PlanOptions, make_plan
+    from planner.profile.format import Profile
+
+    path = _cpu_profile(tmp_path)
+    profile = Profile.load(path)
+    base = Topology.from_args(gpus=2, memory_gb=1)
+    options = PlanOptions(straight=True, microbatches=2)
+    plain = make_plan(profile, path, base, options)
+    tensors = [s.memory_bytes for s in plain.stages]
+    process = max(tensors) / 2
+    with_process = make_plan(
+        profile, path, dataclasses.replace(base, process_bytes=process), options
+    )
+    assert [s.layers for s in with_process.stages] == [s.layers for s in plain.stages]
+    assert [s.memory_bytes for s in with_process.stages] == pytest.approx(
+        [t + process for t in tensors]
+    )
+    # a device whose memory holds the biggest stage's tensors but not them and the process too
+    tight = max(tensors) + process / 2
+    fits = dataclasses.replace(base, memory_bytes=tight)
+    assert make_plan(profile, path, fits, options).stages
+    with pytest.raises(InfeasibleError):
+        make_plan(profile, path, dataclasses.replace(fits, process_bytes=process), options)

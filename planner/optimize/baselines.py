@@ -215,7 +215,9 @@ def _score(cost: CostModel, sizes: Sequence[int], replicas: Sequence[int], name:
     if not over:
         return partition
     s, need = max(over, key=lambda x: x[1])
-    note = f"stage {s} needs {need / _GIB:.3g} GiB but a device has {limit / _GIB:.3g} GiB" + (
-        f" ({len(over)} stages do not fit)" if len(over) > 1 else ""
-    )
+    process = cost.topology.process_bytes  # each process's own memory, not in the limit
+    note = (
+        f"stage {s} needs {(need + process) / _GIB:.3g} GiB but a device has "
+        f"{(limit + process) / _GIB:.3g} GiB"
+    ) + (f" ({len(over)} stages do not fit)" if len(over) > 1 else "")
     return dataclasses.replace(partition, fits=False, note=note)

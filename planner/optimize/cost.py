@@ -200,7 +200,8 @@ class CostModel:
         output_bytes: Bytes of all outputs (what a cut sends).
         saved_bytes: Bytes saved for backward (``saved_bytes``, else the output bytes).
         consumers: For each layer, the layers reading it.
-        memory_limit_bytes: The device memory planned for.
+        memory_limit_bytes: The device memory a stage's tensors may use: the device's, less
+            what each process holds before its stage (``Topology.process_bytes``).
     """
 
     profile: Profile
@@ -230,8 +231,13 @@ class CostModel:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "consumers", tuple(tuple(c) for c in self.profile.consumers()))
         memory = self.options.memory_bytes
+        # what a stage's tensors may use: each process holds topology.process_bytes before them
+        # (torch and gloo loaded; planner/topology.py), which plans add to every stage's memory
         object.__setattr__(
-            self, "memory_limit_bytes", self.topology.memory_bytes if memory is None else memory
+            self,
+            "memory_limit_bytes",
+            (self.topology.memory_bytes if memory is None else memory)
+            - self.topology.process_bytes,
         )
 
     # attributes set in __post_init__ (declared for type checkers)

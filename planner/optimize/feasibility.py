@@ -174,9 +174,11 @@ def explain_infeasible(
     n = cost.topology.num_devices
     cap = cost.memory_limit_bytes
     layer, whole = memory_floor_bytes(cost)
+    process = cost.topology.process_bytes  # each process's own memory, not in the limit
     head = (
-        f"{cost.profile.model!r} does not fit on {n} device(s) of {cap / GIB:.3g} GiB under "
-        f"schedule {o.schedule}"
+        f"{cost.profile.model!r} does not fit on {n} device(s) of {(cap + process) / GIB:.3g} GiB"
+        + (f" ({process / GIB:.2g} GiB of each held by its process)" if process else "")
+        + f" under schedule {o.schedule}"
         + (" with recomputation" if o.recompute else "")
         + f" and optimizer {o.optimizer}"
     )
