@@ -204,8 +204,7 @@ def build_plan(
     planned = dataclasses.replace(plan, stages=tuple(real))
     result = simulate(planned, profile)
     single = sum(s.compute_s for s in real) * target.microbatches
-    # the simulator counts the stage's tensors; each process also holds the runtime's own memory
-    memory = {d.rank: d.peak_memory_bytes + topology.process_bytes for d in result.devices}
+    memory = {d.rank: d.peak_memory_bytes for d in result.devices}  # includes the process's
     return dataclasses.replace(
         planned,
         predicted=Prediction(

@@ -91,7 +91,12 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
                 ranks=stage.ranks,
                 send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
                 allreduce_s=ring_allreduce_s(plan.topology, stage.ranks, params),
-                static_bytes=float(copies * params + sum(layer.buffer_bytes for layer in layers)),
+                # what the process holds before its stage counts, as in the plan's memory
+                static_bytes=float(
+                    copies * params
+                    + sum(layer.buffer_bytes for layer in layers)
+                    + plan.topology.process_bytes
+                ),
                 activation_bytes=inbound if plan.recompute else float(saved),
                 backward_extra_bytes=float(saved) if plan.recompute else 0.0,
                 stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
