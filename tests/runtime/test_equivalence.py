@@ -114,7 +114,14 @@ def test_same_parameters_as_single_process(trained: dict, case: str) -> None:
     plan = trained["plans"][case]
     training = {"lr": LRS.get(case, 0.1), **RUN.get(case, ({}, {}))[1]}
     expected, losses = reference(model, plan, **training)
-    assert_matches_reference(model, trained["results"][case], expected, losses)
+    # adam/adamw on replicated stages: gradients all-reduced in another summation order differ in
+    # the last bits, and adam's g / sqrt(v) magnifies that where v is tiny (seen: 4.5e-5 after 3
+    # steps at lr 0.01); a wrong update would be off by about lr
+    adaptive = training.get("optimizer") in ("adam", "adamw") and any(
+        s.replicas > 1 for s in plan.stages
+    )
+    tolerance = {"atol": 1e-4, "rtol": 1e-3} if adaptive else {}
+    assert_matches_reference(model, trained["results"][case], expected, losses, **tolerance)
 
 
 def test_clipping_cases_do_clip() -> None:
