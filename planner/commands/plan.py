@@ -376,13 +376,6 @@ def _shipped(args: argparse.Namespace) -> Path | None:
     return found
 
 
-def _gpu_present() -> bool:
-    """Whether this machine has an NVIDIA GPU, without importing torch (seconds of start-up)."""
-    if "torch" in sys.modules:
-        return bool(sys.modules["torch"].cuda.is_available())
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
-
-
 def _shipped_line(path: Path, profile: Profile, model: str) -> str:
     """The first line of a plan from a shipped profile: which device the profile stands for."""
     measure = (
@@ -398,7 +391,7 @@ def _shipped_line(path: Path, profile: Profile, model: str) -> str:
         f"using the shipped profile {path} ({profile.model}, batch {profile.batch_size}, "
         f"measured on {profile.device}{', ' + profile.machine if profile.machine else ''})"
     )
-    if profile.device == "cpu" and not _gpu_present():
+    if profile.device == "cpu" and resolve_device(None) == "cpu":  # no usable GPU here
         v100 = shipped_profile(f"{model}-v100") is not None
         hint = " for V100 GPUs add --device v100 (PipeDream's profile);" if v100 else ""
         line += f"; this plan is for CPUs:{hint} {measure}"
