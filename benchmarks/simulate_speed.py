@@ -17,7 +17,7 @@ import time
 
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef
 from planner.profile.format import LayerProfile, Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import PER_STAGE_SCHEDULES, OptimizerKind, Schedule
 from planner.simulate import simulate
 from planner.topology import Topology
 
@@ -84,7 +84,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}  python {platform.python_version()}  {platform.machine()}")
     worst = 0.0
-    for schedule in Schedule:
+    for schedule in PER_STAGE_SCHEDULES:
         plan, profile = synthetic(args.stages, args.microbatches, schedule)
         best = float("inf")
         for _ in range(args.repeat):

@@ -31,7 +31,7 @@ from planner._io import (
 )
 from planner.errors import PlanError
 from planner.profile.format import Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import PER_STAGE_SCHEDULES, OptimizerKind, Schedule
 from planner.topology import Topology
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "PlanStage",
     "Prediction",
     "ProfileRef",
+    "ScheduleScore",
     "file_sha256",
     "find_profile_file",
     "load_plan_and_profile",
@@ -116,6 +117,11 @@ class Prediction:
         single_device_s: One minibatch on one device (sum of all layers' compute), seconds.
         data_parallel_s: One minibatch under pure data parallelism on all devices, or None if
             it does not fit in memory.
+        cost_model_minibatch_s: The optimizer's own formula for ``minibatch_s`` when
+            ``minibatch_s`` is the simulator's (:func:`planner.simulate.simulate` of this plan,
+            which charges what the formula cannot: unequal stages, transfers on the critical
+            path); None when ``minibatch_s`` is the formula's (plans too large to simulate,
+            plans written before the simulator predicted).
     """
 
     bottleneck_s: float
@@ -123,6 +129,7 @@ class Prediction:
     samples_per_s: float
     single_device_s: float
     data_parallel_s: float | None
+    cost_model_minibatch_s: float | None = None
 
     @property
     def speedup_over_single(self) -> float:
@@ -153,6 +160,29 @@ class BaselineScore:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScheduleScore:
+    """The best plan found for one schedule shape, when the planner chose among schedules.
+
+    Attributes:
+        schedule: The schedule.
+        chunks: Stages per rank (``interleaved-1f1b``, ``zbv``), else 1.
+        microbatches: Microbatches per minibatch.
+        ranks: Devices the pipeline uses.
+        minibatch_s: Its minibatch time (simulated where the plan's is), seconds; 0 when none fits.
+        fits: Whether it fits in device memory.
+        note: Why it was not chosen or cannot run (e.g. torch's microbatch rule).
+    """
+
+    schedule: str
+    chunks: int
+    microbatches: int
+    ranks: int
+    minibatch_s: float
+    fits: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A pipeline-parallel execution plan; see the module docstring.
 
@@ -164,7 +194,11 @@ class Plan:
         minibatch_size: Samples per optimizer step.
         microbatch_size: Samples per microbatch.
         microbatches: Microbatches per minibatch.
-        stages: Stages in pipeline order.
+        stages: Stages in pipeline order. Under ``interleaved-1f1b``, ``zb-h1`` and ``zbv`` these
+            are the ``p x chunks`` virtual stages, one rank each, placed as
+            :func:`planner.rank_schedules.stage_ranks` lays them out (a rank holds ``chunks``
+            stages).
+        chunks: Stages per rank (``interleaved-1f1b``: at least 2; ``zbv``: 2; otherwise 1).
         predicted: Predicted time and throughput.
         solver: ``dp``, ``ilp`` or ``baseline:<name>``.
         optimal: Whether the plan is proven optimal: over every partition when ``gap`` is set
@@ -179,6 +213,8 @@ class Plan:
         weight_decay: Weight decay the run trains with (``plan run --weight-decay`` overrides).
         clip_grad_norm: Clip the whole model's gradient to this norm in the run; None: no clipping.
         baselines: Other partitioners' plans scored by the same cost model.
+        schedules_compared: With ``--schedule auto``, the best plan of every schedule shape tried,
+            fastest first (the chosen one first); empty otherwise.
         planner_version: The version that wrote the plan.
     """
 
@@ -191,6 +227,7 @@ class Plan:
     microbatches: int
     stages: tuple[PlanStage, ...]
     predicted: Prediction
+    chunks: int = 1
     solver: str = "dp"
     optimal: bool = True
     gap: float | None = None
@@ -200,6 +237,7 @@ class Plan:
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None
     baselines: tuple[BaselineScore, ...] = ()
+    schedules_compared: tuple[ScheduleScore, ...] = ()
     planner_version: str = ""
 
     def __post_init__(self) -> None:
@@ -215,6 +253,14 @@ class Plan:
                 f"minibatch {self.minibatch_size} is not {self.microbatches} microbatches of "
                 f"{self.microbatch_size}; fix the sizes"
             )
+        per_stage = self.schedule in PER_STAGE_SCHEDULES
+        if per_stage and self.chunks != 1:
+            raise PlanError(
+                f"schedule {self.schedule} runs one stage per device, not {self.chunks} chunks; "
+                "use chunks 1 or --schedule interleaved-1f1b"
+            )
+        if not per_stage:
+            self._check_rank_layout()
         seen: dict[str, int] = {}
         ranks: dict[int, int] = {}
         devices = self.topology.num_devices
@@ -235,11 +281,49 @@ class Plan:
                     raise PlanError(
                         f"stage {s} uses rank {rank}, outside the topology's {devices} devices"
                     )
-                if rank in ranks:
+                if per_stage and rank in ranks:
                     raise PlanError(f"rank {rank} runs both stage {ranks[rank]} and stage {s}")
-                ranks[rank] = s
-        if sum(stage.replicas for stage in self.stages) > devices:
+                ranks.setdefault(rank, s)
+        if len(ranks) > devices:
             raise PlanError(f"stages use {len(ranks)} devices but the topology has {devices}")
+
+    def _check_rank_layout(self) -> None:
+        """A rank schedule's stages: one rank each, ``chunks`` per rank, where torch puts them."""
+        from planner.rank_schedules import check_schedule, stage_ranks
+
+        num = len(self.stages)
+        if self.chunks < 1 or num % self.chunks:
+            raise PlanError(
+                f"{num} stages are not {self.chunks} chunks on each of a whole number of ranks; "
+                "re-plan"
+            )
+        ranks = num // self.chunks
+        check_schedule(
+            self.schedule, ranks=ranks, microbatches=self.microbatches, chunks=self.chunks
+        )
+        layout = stage_ranks(self.schedule, ranks=ranks, chunks=self.chunks)
+        rank_of: dict[int, int] = {}
+        for s, (stage, device) in enumerate(zip(self.stages, layout, strict=True)):
+            if stage.replicas != 1 or len(stage.ranks) != 1:
+                raise PlanError(
+                    f"stage {s} has {len(stage.ranks)} ranks; schedule {self.schedule} runs one "
+                    "rank per stage (no replication); re-plan"
+                )
+            if rank_of.setdefault(device, stage.ranks[0]) != stage.ranks[0]:
+                raise PlanError(
+                    f"stage {s} runs on rank {stage.ranks[0]}, but schedule {self.schedule} puts "
+                    f"it with stage {layout.index(device)} on rank {rank_of[device]}; re-plan"
+                )
+        if len(set(rank_of.values())) != len(rank_of):
+            raise PlanError(
+                f"ranks {[st.ranks[0] for st in self.stages]} put two pipeline ranks on one "
+                f"device; schedule {self.schedule} places stages as {list(layout)}"
+            )
+
+    @property
+    def num_ranks(self) -> int:
+        """Devices the plan runs on."""
+        return len({r for stage in self.stages for r in stage.ranks})
 
     def check_profile(self, profile: Profile, sha256: str | None = None) -> None:
         """Check the plan against its profile: same file, every layer once, stages in DAG order.
@@ -309,9 +393,9 @@ class Plan:
         p = self.predicted
         ranks_of = [_ranks_text(stage.ranks) for stage in self.stages]
         header = (
-            f"{printable(self.profile.model)}: {len(self.stages)} stages on {sum(s.replicas for s in self.stages)}"
+            f"{printable(self.profile.model)}: {len(self.stages)} stages on {self.num_ranks}"
             f" of {self.topology.describe()}\n"
-            f"schedule {self.schedule}, minibatch {self.minibatch_size} = {self.microbatches} x "
+            f"schedule {self.schedule}{f' ({self.chunks} chunks per rank)' if self.chunks > 1 else ''}, minibatch {self.minibatch_size} = {self.microbatches} x "
             f"{self.microbatch_size}, optimizer {self.optimizer}, solver {self.solver}"
             f"{self.certificate()}, cost model {self.cost_model}"
             f"{', recompute' if self.recompute else ''}\n"
@@ -367,7 +451,12 @@ class Plan:
             "steady-state share per microbatch)",
             "",
             f"predicted: {p.bottleneck_s * 1e3:.2f} ms per microbatch at the bottleneck, "
-            f"{p.minibatch_s * 1e3:.1f} ms per minibatch, {p.samples_per_s:.1f} samples/s",
+            f"{p.minibatch_s * 1e3:.1f} ms per minibatch, {p.samples_per_s:.1f} samples/s"
+            + (
+                f" (simulated; the optimizer's formula: {p.cost_model_minibatch_s * 1e3:.1f} ms)"
+                if p.cost_model_minibatch_s is not None
+                else ""
+            ),
         ]
         speed = f"speedup: {p.speedup_over_single:.2f}x over one device"
         dp = p.speedup_over_data_parallel
@@ -377,6 +466,16 @@ class Plan:
             else ", data parallelism does not fit in memory"
         )
         lines.append(speed)
+        if self.schedules_compared:
+            lines.append("schedules compared (best plan of each, fastest first):")
+            for c in self.schedules_compared:
+                shape = f"{c.schedule} x{c.chunks}" if c.chunks > 1 else c.schedule
+                time = f"{c.minibatch_s * 1e3:10.1f} ms/minibatch" if c.minibatch_s > 0 else ""
+                tail = f"  {printable(c.note, limit=200)}" if c.note else ""
+                lines.append(
+                    f"  {printable(shape, limit=40):<20} M={c.microbatches:<4} {c.ranks:>4} ranks"
+                    f"  {time:>24}{'' if c.fits else '  does not fit'}{tail}"
+                )
         if self.baselines:
             lines.append("baselines (same cost model):")
             for b in self.baselines:
@@ -417,12 +516,16 @@ class Plan:
                 stages=tuple(PlanStage(**lists_to_tuples(s)) for s in doc["stages"]),
                 predicted=Prediction(**doc["predicted"]),
                 baselines=tuple(BaselineScore(**b) for b in doc.get("baselines", ())),
+                schedules_compared=tuple(
+                    ScheduleScore(**b) for b in doc.get("schedules_compared", ())
+                ),
                 **{
                     k: doc[k]
                     for k in (
                         "minibatch_size",
                         "microbatch_size",
                         "microbatches",
+                        "chunks",
                         "solver",
                         "optimal",
                         "gap",

@@ -9,11 +9,11 @@ The simulator, the Gantt chart and :mod:`planner.schedule_export` all walk these
 
 Example:
     >>> from planner.schedules import format_ops
-    >>> for ops in rank_orders(SimulatedSchedule.INTERLEAVED_1F1B, ranks=2, microbatches=2, chunks=2):
+    >>> for ops in rank_orders(Schedule.INTERLEAVED_1F1B, ranks=2, microbatches=2, chunks=2):
     ...     print(format_ops(ops))
     0F0 0F1 2F0 2F1 2B0 2B1 0B0 0B1
     1F0 1F1 3F0 3B0 3F1 3B1 1B0 1B1
-    >>> print(rank_grid(SimulatedSchedule.INTERLEAVED_1F1B, ranks=2, microbatches=2, chunks=2))
+    >>> print(rank_grid(Schedule.INTERLEAVED_1F1B, ranks=2, microbatches=2, chunks=2))
     step  r0   r1
        0  0F0
        1  0F1  1F0
@@ -33,10 +33,9 @@ import itertools
 
 from planner.errors import PlanError
 from planner.schedules import (
-    AnySchedule,
+    PER_STAGE_SCHEDULES,
     Op,
     Schedule,
-    SimulatedSchedule,
     stage_order,
 )
 
@@ -49,9 +48,7 @@ __all__ = [
 ]
 
 
-def check_schedule(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
-) -> None:
+def check_schedule(schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1) -> None:
     """Torch's constraints on a schedule's shape, as typed errors with the fix.
 
     ``interleaved-1f1b`` needs at least 2 chunks per rank, ``zbv`` exactly 2, the others 1;
@@ -59,8 +56,8 @@ def check_schedule(
     ``max(1, M // p)`` (torch.distributed.pipelining checks the same).
 
     Example:
-        >>> check_schedule(SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, microbatches=10, chunks=2)
-        >>> check_schedule(SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, microbatches=9, chunks=2)
+        >>> check_schedule(Schedule.INTERLEAVED_1F1B, ranks=4, microbatches=10, chunks=2)
+        >>> check_schedule(Schedule.INTERLEAVED_1F1B, ranks=4, microbatches=9, chunks=2)
         Traceback (most recent call last):
         ...
         planner.errors.PlanError: schedule interleaved-1f1b on 4 ranks needs the microbatches (9) to be a multiple of its 2 rounds (max(1, M // 4), as torch requires); use 8 or 10 microbatches
@@ -69,22 +66,22 @@ def check_schedule(
         raise PlanError(f"a pipeline needs at least one rank, got {ranks}")
     if microbatches < 1:
         raise PlanError(f"need at least one microbatch, got {microbatches}")
-    if schedule is SimulatedSchedule.ZBV and chunks != 2:
+    if schedule is Schedule.ZBV and chunks != 2:
         raise PlanError(
             f"schedule zbv runs exactly 2 chunks per rank (stages r and 2p-1-r), got {chunks}; "
             "use 2 chunks"
         )
-    if schedule is SimulatedSchedule.INTERLEAVED_1F1B and chunks < 2:
+    if schedule is Schedule.INTERLEAVED_1F1B and chunks < 2:
         raise PlanError(
             f"schedule interleaved-1f1b needs at least 2 chunks per rank, got {chunks}; "
             "with one chunk use 1f1b"
         )
-    if schedule not in (SimulatedSchedule.INTERLEAVED_1F1B, SimulatedSchedule.ZBV) and chunks != 1:
+    if schedule not in (Schedule.INTERLEAVED_1F1B, Schedule.ZBV) and chunks != 1:
         raise PlanError(
             f"schedule {schedule} runs one stage per rank, got {chunks} chunks; "
             "use interleaved-1f1b or zbv for several"
         )
-    if schedule in (SimulatedSchedule.INTERLEAVED_1F1B, SimulatedSchedule.ZB_H1):
+    if schedule in (Schedule.INTERLEAVED_1F1B, Schedule.ZB_H1):
         rounds = _rounds(ranks, microbatches)
         if microbatches % rounds:
             below = next(m for m in range(microbatches, 0, -1) if m % _rounds(ranks, m) == 0)
@@ -100,20 +97,20 @@ def _rounds(ranks: int, microbatches: int) -> int:
     return max(1, microbatches // ranks)
 
 
-def stage_ranks(schedule: AnySchedule, *, ranks: int, chunks: int = 1) -> tuple[int, ...]:
+def stage_ranks(schedule: Schedule, *, ranks: int, chunks: int = 1) -> tuple[int, ...]:
     """The rank of every (virtual) stage: ``s % p`` (loop order), V order for ``zbv``.
 
     Example:
-        >>> stage_ranks(SimulatedSchedule.INTERLEAVED_1F1B, ranks=2, chunks=2), stage_ranks(SimulatedSchedule.ZBV, ranks=2, chunks=2)
+        >>> stage_ranks(Schedule.INTERLEAVED_1F1B, ranks=2, chunks=2), stage_ranks(Schedule.ZBV, ranks=2, chunks=2)
         ((0, 1, 0, 1), (0, 1, 1, 0))
     """
-    if schedule is SimulatedSchedule.ZBV:
+    if schedule is Schedule.ZBV:
         return tuple(range(ranks)) + tuple(reversed(range(ranks)))
     return tuple(s % ranks for s in range(ranks * chunks))
 
 
 def rank_orders(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
+    schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1
 ) -> tuple[tuple[Op, ...], ...]:
     """Every rank's operations for one minibatch, each naming its (virtual) stage.
 
@@ -127,7 +124,7 @@ def rank_orders(
 
     Example:
         >>> from planner.schedules import format_ops
-        >>> print("\\n".join(format_ops(ops) for ops in rank_orders(SimulatedSchedule.ZB_H1, ranks=2, microbatches=3)))
+        >>> print("\\n".join(format_ops(ops) for ops in rank_orders(Schedule.ZB_H1, ranks=2, microbatches=3)))
         0F0 0F1 0B0 0W0 0F2 0B1 0W1 0B2 0W2
         1F0 1B0 1F1 1B1 1W0 1F2 1B2 1W1 1W2
 
@@ -135,12 +132,12 @@ def rank_orders(
         PlanError: The shape breaks one of :func:`check_schedule`'s constraints.
     """
     check_schedule(schedule, ranks=ranks, microbatches=microbatches, chunks=chunks)
-    if schedule is SimulatedSchedule.ZBV:
+    if schedule is Schedule.ZBV:
         return tuple(_zbv(r, ranks, microbatches) for r in range(ranks))
-    if schedule in (SimulatedSchedule.INTERLEAVED_1F1B, SimulatedSchedule.ZB_H1):
-        split = schedule is SimulatedSchedule.ZB_H1
+    if schedule in (Schedule.INTERLEAVED_1F1B, Schedule.ZB_H1):
+        split = schedule is Schedule.ZB_H1
         return tuple(_looped(r, ranks, microbatches, chunks, split) for r in range(ranks))
-    assert isinstance(schedule, Schedule)
+    assert schedule in PER_STAGE_SCHEDULES
     return tuple(
         tuple(
             Op(op.kind, op.microbatch, r)
@@ -213,7 +210,7 @@ def _zbv(rank: int, p: int, m: int) -> tuple[Op, ...]:
 
 
 def rank_in_flight(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
+    schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1
 ) -> tuple[int, ...]:
     """Most chunk-microbatches whose activations each rank holds at once (forward to its B).
 
@@ -221,7 +218,7 @@ def rank_in_flight(
     ``min(M, p - s)``; interleaved rank 0 ``p + (p - 1) / v`` (= ``p (1 + (p - 1) / (p v))``).
 
     Example:
-        >>> rank_in_flight(SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, microbatches=8, chunks=2)
+        >>> rank_in_flight(Schedule.INTERLEAVED_1F1B, ranks=4, microbatches=8, chunks=2)
         (11, 9, 7, 5)
     """
     out = []
@@ -234,7 +231,7 @@ def rank_in_flight(
     return tuple(out)
 
 
-def rank_grid(schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1) -> str:
+def rank_grid(schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1) -> str:
     """The per-rank lists as a step x rank table, every operation one step long.
 
     An operation starts at the first step its rank is free and its input is ready (the forward
@@ -242,7 +239,7 @@ def rank_grid(schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: i
     cells are the bubble. For checking a schedule by eye, as torch prints its own.
 
     Example:
-        >>> print(rank_grid(SimulatedSchedule.ZB_H1, ranks=2, microbatches=2))
+        >>> print(rank_grid(Schedule.ZB_H1, ranks=2, microbatches=2))
         step  r0   r1
            0  0F0
            1  0F1  1F0

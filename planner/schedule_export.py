@@ -10,11 +10,11 @@ backward, on one rank per stage) and adds the sends and receives. The lists are
 same schedule.
 
 Example:
-    >>> from planner.schedules import SimulatedSchedule
-    >>> print(schedule_csv(SimulatedSchedule.ZB_H1, ranks=2, microbatches=2), end="")
+    >>> from planner.schedules import Schedule
+    >>> print(schedule_csv(Schedule.ZB_H1, ranks=2, microbatches=2), end="")
     0F0,0F1,0I0,0W0,0I1,0W1
     1F0,1I0,1F1,1I1,1W0,1W1
-    >>> print(torch_schedule(SimulatedSchedule.ZBV, ranks=2, microbatches=4, chunks=2).describe())
+    >>> print(torch_schedule(Schedule.ZBV, ranks=2, microbatches=4, chunks=2).describe())
     torch.distributed.pipelining.ScheduleZBVZeroBubble: 2 ranks x 2 stages (style v), 4 microbatches
     stage -> rank: 0->0 1->1 2->1 3->0
 """
@@ -30,7 +30,7 @@ from typing import Literal
 from planner._io import atomic_write_text
 from planner.errors import PlanError
 from planner.rank_schedules import check_schedule, rank_orders, stage_ranks
-from planner.schedules import AnySchedule, Schedule, SimulatedSchedule, splits_backward
+from planner.schedules import Schedule, splits_backward
 
 __all__ = [
     "TORCH_SCHEDULE_CLASSES",
@@ -41,12 +41,12 @@ __all__ = [
     "write_schedule_csv",
 ]
 
-TORCH_SCHEDULE_CLASSES: dict[AnySchedule, str] = {
+TORCH_SCHEDULE_CLASSES: dict[Schedule, str] = {
     Schedule.ONE_F_ONE_B: "Schedule1F1B",
     Schedule.GPIPE: "ScheduleGPipe",
-    SimulatedSchedule.INTERLEAVED_1F1B: "ScheduleInterleaved1F1B",
-    SimulatedSchedule.ZB_H1: "ScheduleInterleavedZeroBubble",
-    SimulatedSchedule.ZBV: "ScheduleZBVZeroBubble",
+    Schedule.INTERLEAVED_1F1B: "ScheduleInterleaved1F1B",
+    Schedule.ZB_H1: "ScheduleInterleavedZeroBubble",
+    Schedule.ZBV: "ScheduleZBVZeroBubble",
 }
 """The torch.distributed.pipelining class running each schedule (``pipedream`` has none)."""
 
@@ -85,7 +85,7 @@ class TorchSchedule:
 
 
 def torch_schedule(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
+    schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1
 ) -> TorchSchedule:
     """torch's class and layout for ``schedule`` on ``ranks`` ranks.
 
@@ -111,13 +111,13 @@ def torch_schedule(
         ranks=ranks,
         chunks=chunks,
         microbatches=microbatches,
-        style="v" if schedule is SimulatedSchedule.ZBV else "loop",
+        style="v" if schedule is Schedule.ZBV else "loop",
         stage_to_rank=stage_ranks(schedule, ranks=ranks, chunks=chunks),
     )
 
 
 def schedule_actions(
-    schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1
+    schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1
 ) -> tuple[tuple[str, ...], ...]:
     """Every rank's actions in torch's notation (``0F0``, ``1I0``, ``1W0``, ``3B2``).
 
@@ -135,7 +135,7 @@ def schedule_actions(
     )
 
 
-def schedule_csv(schedule: AnySchedule, *, ranks: int, microbatches: int, chunks: int = 1) -> str:
+def schedule_csv(schedule: Schedule, *, ranks: int, microbatches: int, chunks: int = 1) -> str:
     """torch's compute-only schedule CSV: one row per rank, as its ``_dump_csv`` writes."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -146,7 +146,7 @@ def schedule_csv(schedule: AnySchedule, *, ranks: int, microbatches: int, chunks
 
 def write_schedule_csv(
     path: str | os.PathLike[str],
-    schedule: AnySchedule,
+    schedule: Schedule,
     *,
     ranks: int,
     microbatches: int,
@@ -156,7 +156,7 @@ def write_schedule_csv(
     ``_PipelineScheduleRuntime(stages, n_microbatches, ...)._load_csv(path)``.
 
     Example:
-        >>> write_schedule_csv("zbv.csv", SimulatedSchedule.ZBV, ranks=4, microbatches=8,
+        >>> write_schedule_csv("zbv.csv", Schedule.ZBV, ranks=4, microbatches=8,
         ...                    chunks=2)                                  # doctest: +SKIP
     """
     text = schedule_csv(schedule, ranks=ranks, microbatches=microbatches, chunks=chunks)

@@ -31,12 +31,11 @@ from typing import Literal
 from planner.errors import PlanError
 
 __all__ = [
-    "AnySchedule",
+    "PER_STAGE_SCHEDULES",
+    "RANK_SCHEDULES",
     "Op",
     "OptimizerKind",
     "Schedule",
-    "SimulatedSchedule",
-    "any_schedule",
     "format_ops",
     "in_flight",
     "parse_ops",
@@ -57,20 +56,6 @@ class Schedule(StrEnum):
     PIPEDREAM: asynchronous 1F1B with weight stashing, no flush (PipeDream, SOSP'19).
     ONE_F_ONE_B: 1F1B with a flush per minibatch (PipeDream-Flush / DAPPLE), synchronous.
     GPIPE: all forwards, then all backwards, then the flush (GPipe).
-
-    The optimizer plans these; :class:`SimulatedSchedule` holds the ones that are simulated only.
-    """
-
-    PIPEDREAM = "pipedream"
-    ONE_F_ONE_B = "1f1b"
-    GPIPE = "gpipe"
-
-
-class SimulatedSchedule(StrEnum):
-    """Today's schedules, simulated (:mod:`planner.rank_schedules`, :mod:`planner.simulate`) but not yet
-    planned: the cost model and the runtime do not know them yet, so plans, the CLI and the
-    optimizer refuse them; they join :class:`Schedule` when they do.
-
     INTERLEAVED_1F1B: 1F1B over ``v`` chunks (virtual stages) per rank, stage ``s`` on rank
         ``s % p`` (Narayanan et al., SC'21; torch's ``ScheduleInterleaved1F1B``).
     ZB_H1: 1F1B with backward split into B (input gradient) and W (weight gradient), W deferred
@@ -78,34 +63,35 @@ class SimulatedSchedule(StrEnum):
         chunk per rank).
     ZBV: zero bubble on two chunks per rank in V order, rank ``r`` running stages ``r`` and
         ``2p - 1 - r`` (torch's ``ScheduleZBVZeroBubble``).
+
+    The first three are *per-stage* schedules (:data:`PER_STAGE_SCHEDULES`): every stage has its
+    own devices and may be replicated; the DP and the ILP plan them. The last three are *rank*
+    schedules (:data:`RANK_SCHEDULES`): one pipeline whose ranks may hold several stages, ordered
+    by :mod:`planner.rank_schedules` and planned by :mod:`planner.optimize.chunked`.
     """
 
+    PIPEDREAM = "pipedream"
+    ONE_F_ONE_B = "1f1b"
+    GPIPE = "gpipe"
     INTERLEAVED_1F1B = "interleaved-1f1b"
     ZB_H1 = "zb-h1"
     ZBV = "zbv"
 
 
-AnySchedule = Schedule | SimulatedSchedule
-"""A schedule the simulator runs: planned or simulated only."""
+#: Schedules where every stage has its own devices (and replicas): the DP and the ILP plan them.
+PER_STAGE_SCHEDULES: tuple[Schedule, ...] = (
+    Schedule.PIPEDREAM,
+    Schedule.ONE_F_ONE_B,
+    Schedule.GPIPE,
+)
+
+#: Schedules whose per-rank lists come from :mod:`planner.rank_schedules` (chunks, split backward).
+RANK_SCHEDULES: tuple[Schedule, ...] = (Schedule.INTERLEAVED_1F1B, Schedule.ZB_H1, Schedule.ZBV)
 
 
-def splits_backward(schedule: AnySchedule) -> bool:
+def splits_backward(schedule: Schedule) -> bool:
     """Whether backward runs as input-gradient (B) and weight-gradient (W) operations."""
-    return schedule in (SimulatedSchedule.ZB_H1, SimulatedSchedule.ZBV)
-
-
-def any_schedule(name: str) -> AnySchedule:
-    """The schedule called ``name``, planned or simulated only.
-
-    Example:
-        >>> any_schedule("zbv"), any_schedule("1f1b")
-        (<SimulatedSchedule.ZBV: 'zbv'>, <Schedule.ONE_F_ONE_B: '1f1b'>)
-    """
-    for kind in (Schedule, SimulatedSchedule):
-        if name in kind._value2member_map_:
-            return kind(name)
-    names = ", ".join([*Schedule, *SimulatedSchedule])
-    raise PlanError(f"unknown schedule {name!r}; use one of {names}")
+    return schedule in (Schedule.ZB_H1, Schedule.ZBV)
 
 
 class OptimizerKind(StrEnum):
@@ -425,8 +411,8 @@ def parse_ops(text: str) -> tuple[Op, ...]:
     return tuple(ops)
 
 
-def _one_stage_per_device(schedule: AnySchedule) -> None:
-    if not isinstance(schedule, Schedule):
+def _one_stage_per_device(schedule: Schedule) -> None:
+    if schedule not in PER_STAGE_SCHEDULES:
         raise PlanError(
             f"schedule {schedule} has per-rank orders, not per-stage ones; use "
             "planner.rank_schedules.rank_orders()"

@@ -13,7 +13,7 @@ round of R microbatches, one on each replica, as PipeDream does; see
 level the replicas span, plus 2(m-1) latencies. ``1f1b`` and ``gpipe`` flush after every
 minibatch, ``pipedream`` runs minibatches back to back.
 
-Today's schedules (:class:`planner.schedules.SimulatedSchedule`) run on virtual stages:
+Today's schedules (:class:`planner.schedules.Schedule`) run on virtual stages:
 ``interleaved-1f1b`` and ``zbv`` put several stages (chunks) on one rank, as
 :func:`planner.rank_schedules.stage_ranks` lays them out, and walk
 :func:`planner.rank_schedules.rank_orders` (torch's orders); a transfer between two stages of one
@@ -55,7 +55,7 @@ from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.rank_schedules import check_schedule, stage_ranks
-from planner.schedules import AnySchedule, Schedule, SimulatedSchedule
+from planner.schedules import PER_STAGE_SCHEDULES, RANK_SCHEDULES, Schedule
 from planner.simulate_costs import (
     DEFAULT_CASES,
     compare_schedules,
@@ -239,7 +239,7 @@ class SimulationResult:
             ``time_s``, ``bytes`` (the value holds from ``time_s`` until the device's next row).
     """
 
-    schedule: AnySchedule
+    schedule: Schedule
     microbatches: int
     minibatches: int
     samples_per_minibatch: int
@@ -290,7 +290,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}es"
 
 
-def default_minibatches(schedule: AnySchedule, *, devices: int, microbatches: int) -> int:
+def default_minibatches(schedule: Schedule, *, devices: int, microbatches: int) -> int:
     """Enough minibatches to see the steady state.
 
     3 for the flushed schedules (every minibatch after the first is alike); for ``pipedream``
@@ -304,7 +304,7 @@ def default_minibatches(schedule: AnySchedule, *, devices: int, microbatches: in
 
 
 def steady_window(
-    schedule: AnySchedule, *, devices: int, microbatches: int, minibatches: int
+    schedule: Schedule, *, devices: int, microbatches: int, minibatches: int
 ) -> tuple[int, int]:
     """The minibatches ``(lo, hi)`` whose end times bound the steady-state window.
 
@@ -366,7 +366,7 @@ def simulate(plan: Plan, profile: Profile, *, minibatches: int | None = None) ->
 def simulate_stages(
     stages: Sequence[SimStage],
     *,
-    schedule: AnySchedule,
+    schedule: Schedule,
     microbatches: int,
     minibatches: int | None = None,
     topology: Topology | None = None,
@@ -375,7 +375,7 @@ def simulate_stages(
 ) -> SimulationResult:
     """Simulate a pipeline given as plain per-stage costs; see the module docstring.
 
-    Under ``interleaved-1f1b``, ``zb-h1`` and ``zbv`` (:class:`SimulatedSchedule`) the
+    Under ``interleaved-1f1b``, ``zb-h1`` and ``zbv`` (:class:`Schedule`) the
     ``stages`` are the ``p x chunks`` virtual stages in pipeline order, one rank each, placed as
     :func:`planner.rank_schedules.stage_ranks` says (stage ``s`` on the rank of stage ``s % p`` for
     interleaved, the V for ``zbv``): stages that share a device name the same rank. Transfers
@@ -412,7 +412,7 @@ def simulate_stages(
             "give ranks x chunks stages"
         )
     check_schedule(schedule, ranks=num // chunks, microbatches=microbatches, chunks=chunks)
-    if isinstance(schedule, SimulatedSchedule):
+    if schedule in RANK_SCHEDULES:
         _check_layout(stages, schedule, chunks)
     if minibatches is None:
         minibatches = default_minibatches(
@@ -423,7 +423,7 @@ def simulate_stages(
             f"need at least one minibatch to simulate, got {minibatches}; use --minibatches 4"
         )
     ranks = [r for st in stages for r in st.ranks]
-    if isinstance(schedule, Schedule) and len(set(ranks)) != len(ranks):
+    if schedule in PER_STAGE_SCHEDULES and len(set(ranks)) != len(ranks):
         raise PlanError(f"ranks {ranks} repeat; give each replica its own rank")
     if topology is not None and max(ranks) >= topology.num_devices:
         raise PlanError(
@@ -435,7 +435,7 @@ def simulate_stages(
     return engine.run()
 
 
-def _check_layout(stages: Sequence[SimStage], schedule: SimulatedSchedule, chunks: int) -> None:
+def _check_layout(stages: Sequence[SimStage], schedule: Schedule, chunks: int) -> None:
     """One rank per virtual stage, and the same rank exactly where the schedule's layout says."""
     layout = stage_ranks(schedule, ranks=len(stages) // chunks, chunks=chunks)
     device_rank: dict[int, int] = {}

@@ -20,7 +20,7 @@ from planner.errors import PlanError
 from planner.plan import Plan
 from planner.profile.format import Profile
 from planner.rank_schedules import stage_ranks
-from planner.schedules import AnySchedule, OptimizerKind, Schedule, SimulatedSchedule
+from planner.schedules import OptimizerKind, Schedule
 from planner.topology import Topology
 
 if TYPE_CHECKING:  # planner.simulate imports this module
@@ -36,12 +36,12 @@ __all__ = [
     "virtual_stages",
 ]
 
-DEFAULT_CASES: tuple[tuple[AnySchedule, int], ...] = (
+DEFAULT_CASES: tuple[tuple[Schedule, int], ...] = (
     (Schedule.GPIPE, 1),
     (Schedule.ONE_F_ONE_B, 1),
-    (SimulatedSchedule.INTERLEAVED_1F1B, 2),
-    (SimulatedSchedule.ZB_H1, 1),
-    (SimulatedSchedule.ZBV, 2),
+    (Schedule.INTERLEAVED_1F1B, 2),
+    (Schedule.ZB_H1, 1),
+    (Schedule.ZBV, 2),
 )
 """The ``(schedule, chunks per rank)`` pairs :func:`compare_schedules` simulates by default."""
 
@@ -125,7 +125,7 @@ def _boundary_bytes(
 def virtual_stages(
     profile: Profile,
     *,
-    schedule: AnySchedule,
+    schedule: Schedule,
     ranks: int,
     chunks: int = 1,
     microbatch_size: int | None = None,
@@ -142,8 +142,8 @@ def virtual_stages(
     :meth:`~planner.profile.format.LayerProfile.split_backward_ms` weight parts.
 
     Example:
-        >>> stages = virtual_stages(profile, schedule=SimulatedSchedule.ZBV, ranks=4, chunks=2)  # doctest: +SKIP
-        >>> simulate_stages(stages, schedule=SimulatedSchedule.ZBV, microbatches=8, chunks=2)  # doctest: +SKIP
+        >>> stages = virtual_stages(profile, schedule=Schedule.ZBV, ranks=4, chunks=2)  # doctest: +SKIP
+        >>> simulate_stages(stages, schedule=Schedule.ZBV, microbatches=8, chunks=2)  # doctest: +SKIP
 
     Args:
         profile: The profile; its layer order is a topological order, so any cut of it is a
@@ -323,7 +323,7 @@ def compare_schedules(
     microbatch_size: int | None = None,
     topology: Topology | None = None,
     optimizer: OptimizerKind = OptimizerKind.SGD,
-    cases: Sequence[tuple[AnySchedule, int]] = DEFAULT_CASES,
+    cases: Sequence[tuple[Schedule, int]] = DEFAULT_CASES,
 ) -> tuple[pd.DataFrame, dict[str, SimulationResult]]:
     """Simulate one model under several schedules on ``ranks`` ranks, each on its own cut of the
     profile (:func:`virtual_stages`): a table, and every run for its Gantt chart.

@@ -13,9 +13,9 @@ import pandas as pd
 import planner.simulate as sim
 from planner.rank_schedules import rank_orders
 from planner.schedules import (
-    AnySchedule,
+    PER_STAGE_SCHEDULES,
+    RANK_SCHEDULES,
     Schedule,
-    SimulatedSchedule,
     replica_order,
     splits_backward,
     sync_points,
@@ -35,7 +35,7 @@ class Engine:
     def __init__(
         self,
         stages: Sequence[sim.SimStage],
-        schedule: AnySchedule,
+        schedule: Schedule,
         microbatches: int,
         minibatches: int,
         topology: Topology | None,
@@ -52,7 +52,7 @@ class Engine:
         self.ops: list[list[tuple[int, int, int]]] = []
         num = len(stages)
         self.dev_of = [[0] * self.total for _ in range(num)]
-        if isinstance(schedule, SimulatedSchedule):
+        if schedule in RANK_SCHEDULES:
             split = splits_backward(schedule)
             kinds = {"F": _F, "B": _BI if split else _B, "W": _W}
             orders = rank_orders(
@@ -106,7 +106,7 @@ class Engine:
         """The device's op list from planner.schedules, with an all-reduce per minibatch."""
         kinds = {"F": _F, "B": _B}
         schedule = self.schedule
-        assert isinstance(schedule, Schedule)
+        assert schedule in PER_STAGE_SCHEDULES
         if schedule is Schedule.PIPEDREAM:
             ops = [
                 (kinds[op.kind], s, op.microbatch)

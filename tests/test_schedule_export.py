@@ -20,15 +20,15 @@ from planner.schedule_export import (
     torch_schedule,
     write_schedule_csv,
 )
-from planner.schedules import AnySchedule, Schedule, SimulatedSchedule
+from planner.schedules import Schedule
 
 CASES = [
     (Schedule.ONE_F_ONE_B, 1),
     (Schedule.GPIPE, 1),
-    (SimulatedSchedule.INTERLEAVED_1F1B, 2),
-    (SimulatedSchedule.INTERLEAVED_1F1B, 3),
-    (SimulatedSchedule.ZB_H1, 1),
-    (SimulatedSchedule.ZBV, 2),
+    (Schedule.INTERLEAVED_1F1B, 2),
+    (Schedule.INTERLEAVED_1F1B, 3),
+    (Schedule.ZB_H1, 1),
+    (Schedule.ZBV, 2),
 ]
 
 
@@ -47,7 +47,7 @@ def torch_runtime_loads(path: Path, ranks: int, stages: int, microbatches: int):
 @pytest.mark.parametrize(("schedule", "chunks"), CASES, ids=str)
 @pytest.mark.parametrize(("ranks", "m"), [(2, 4), (4, 8), (3, 6)])
 def test_torch_loads_and_lowers_the_csv(
-    tmp_path: Path, schedule: AnySchedule, chunks: int, ranks: int, m: int
+    tmp_path: Path, schedule: Schedule, chunks: int, ranks: int, m: int
 ) -> None:
     path = tmp_path / "schedule.csv"
     write_schedule_csv(path, schedule, ranks=ranks, microbatches=m, chunks=chunks)
@@ -71,14 +71,12 @@ def test_torch_loads_and_lowers_the_csv(
 
 
 def test_csv_text_and_split_backward_names() -> None:
-    text = schedule_csv(SimulatedSchedule.ZB_H1, ranks=2, microbatches=2)
+    text = schedule_csv(Schedule.ZB_H1, ranks=2, microbatches=2)
     assert text == "0F0,0F1,0I0,0W0,0I1,0W1\n1F0,1I0,1F1,1I1,1W0,1W1\n"
     assert schedule_csv(Schedule.ONE_F_ONE_B, ranks=2, microbatches=2) == (
         "0F0,0F1,0B0,0B1\n1F0,1B0,1F1,1B1\n"
     )
-    assert set(TORCH_SCHEDULE_CLASSES) == set(Schedule) - {Schedule.PIPEDREAM} | set(
-        SimulatedSchedule
-    )
+    assert set(TORCH_SCHEDULE_CLASSES) == set(Schedule) - {Schedule.PIPEDREAM}
 
 
 def test_what_torch_cannot_run_is_refused(tmp_path: Path) -> None:
@@ -91,11 +89,11 @@ def test_what_torch_cannot_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match=r"pipedream .* has no torch.distributed.pipelining class"):
         torch_schedule(Schedule.PIPEDREAM, ranks=2, microbatches=4)
     with pytest.raises(PlanError, match="exactly 2 chunks"):
-        schedule_csv(SimulatedSchedule.ZBV, ranks=2, microbatches=4, chunks=1)
+        schedule_csv(Schedule.ZBV, ranks=2, microbatches=4, chunks=1)
     with pytest.raises(PlanError, match="use 8 or 10 microbatches"):
         write_schedule_csv(
             tmp_path / "x.csv",
-            SimulatedSchedule.INTERLEAVED_1F1B,
+            Schedule.INTERLEAVED_1F1B,
             ranks=4,
             microbatches=9,
             chunks=2,
@@ -108,9 +106,9 @@ def test_what_torch_cannot_run_is_refused(tmp_path: Path) -> None:
 RUN_CASES = [
     (Schedule.ONE_F_ONE_B, 1),
     (Schedule.GPIPE, 1),
-    (SimulatedSchedule.INTERLEAVED_1F1B, 2),
-    (SimulatedSchedule.ZB_H1, 1),
-    (SimulatedSchedule.ZBV, 2),
+    (Schedule.INTERLEAVED_1F1B, 2),
+    (Schedule.ZB_H1, 1),
+    (Schedule.ZBV, 2),
 ]
 _BLOCKS, _WIDTH, _BATCH, _MICRO = 4, 8, 8, 4
 

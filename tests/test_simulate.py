@@ -20,9 +20,9 @@ from planner.plan import Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.format import LayerProfile, Profile
 from planner.rank_schedules import rank_in_flight, stage_ranks
 from planner.schedules import (
+    PER_STAGE_SCHEDULES,
     OptimizerKind,
     Schedule,
-    SimulatedSchedule,
     format_ops,
     replica_order,
 )
@@ -43,7 +43,7 @@ from planner.simulate import (
 from planner.simulate_costs import balanced_starts, rank_balanced_starts
 from planner.topology import GB, Level, Topology
 
-ALL = list(Schedule)
+ALL = list(PER_STAGE_SCHEDULES)
 SYNC = [Schedule.ONE_F_ONE_B, Schedule.GPIPE]
 
 
@@ -511,7 +511,7 @@ def test_side_paths() -> None:
 @pytest.mark.parametrize("seed", range(12))
 def test_every_operation_starts_as_soon_as_its_device_and_input_allow(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    schedule = list(Schedule)[seed % 3]
+    schedule = list(PER_STAGE_SCHEDULES)[seed % 3]
     num = int(rng.integers(1, 6))
     replicas = [int(rng.choice([1, 1, 2, 3])) for _ in range(num)]
     topo = Topology.from_args(
@@ -675,7 +675,7 @@ def test_simulation_agrees_with_the_objective_on_shipped_profiles(
 
 
 def chunked(
-    schedule: Schedule | SimulatedSchedule,
+    schedule: Schedule | Schedule,
     ranks: int,
     chunks: int,
     f: float,
@@ -696,8 +696,8 @@ def chunked(
 def test_interleaved_bubble_is_p_minus_1_over_v_m(p: int, m: int, v: int) -> None:
     # chunk times 1 and 2: a rank's compute per minibatch is 3 v m; bubble (p - 1) / (v m) of it
     r = simulate_stages(
-        chunked(SimulatedSchedule.INTERLEAVED_1F1B, p, v, 1.0, 2.0),
-        schedule=SimulatedSchedule.INTERLEAVED_1F1B,
+        chunked(Schedule.INTERLEAVED_1F1B, p, v, 1.0, 2.0),
+        schedule=Schedule.INTERLEAVED_1F1B,
         microbatches=m,
         minibatches=1,
         chunks=v,
@@ -718,7 +718,7 @@ def test_zb_h1_bubble_is_p_minus_1_times_f_plus_b_minus_w(
 ) -> None:
     # exact for M >= p and W <= min(F, B), the ZB-H1 paper's setting; 1F1B pays (p-1)(F+B+W)
     for schedule, bubble in (
-        (SimulatedSchedule.ZB_H1, (p - 1) * (f + b - w)),
+        (Schedule.ZB_H1, (p - 1) * (f + b - w)),
         (Schedule.ONE_F_ONE_B, (p - 1) * (f + b + w)),
     ):
         for n in (1, 3):  # alone, and back to back
@@ -737,19 +737,19 @@ def test_zbv_has_no_bubble_in_the_steady_state_when_m_is_at_least_2p_minus_1(p: 
     # torch's ZBV promise: zero bubble for F = B = W and M >= 2p - 1; one minibatch alone pays
     # only the ramp, (p - 1) chunk forwards; with fewer microbatches a bubble remains
     for m in (2 * p - 1, 2 * p, 4 * p):
-        stages = chunked(SimulatedSchedule.ZBV, p, 2, 1.0, 1.0, 1.0)
+        stages = chunked(Schedule.ZBV, p, 2, 1.0, 1.0, 1.0)
         alone = simulate_stages(
-            stages, schedule=SimulatedSchedule.ZBV, microbatches=m, minibatches=1, chunks=2
+            stages, schedule=Schedule.ZBV, microbatches=m, minibatches=1, chunks=2
         )
         steady = simulate_stages(
-            stages, schedule=SimulatedSchedule.ZBV, microbatches=m, minibatches=4, chunks=2
+            stages, schedule=Schedule.ZBV, microbatches=m, minibatches=4, chunks=2
         )
         compute = 2 * 3.0 * m
         assert alone.minibatch_s - compute == p - 1
         assert steady.minibatch_s == compute
     few = simulate_stages(
-        chunked(SimulatedSchedule.ZBV, p, 2, 1.0, 1.0, 1.0),
-        schedule=SimulatedSchedule.ZBV,
+        chunked(Schedule.ZBV, p, 2, 1.0, 1.0, 1.0),
+        schedule=Schedule.ZBV,
         microbatches=p,
         minibatches=4,
         chunks=2,
@@ -762,15 +762,15 @@ def test_zbv_has_no_bubble_in_the_steady_state_when_m_is_at_least_2p_minus_1(p: 
     [
         (Schedule.ONE_F_ONE_B, 1, 8, [4, 3, 2, 1]),  # stage i: min(M, p - i)
         (Schedule.ONE_F_ONE_B, 1, 2, [2, 2, 2, 1]),
-        (SimulatedSchedule.ZB_H1, 1, 8, [4, 3, 2, 1]),  # 1F1B's memory
-        (SimulatedSchedule.INTERLEAVED_1F1B, 2, 8, [11, 9, 7, 5]),  # rank 0: v p + p - 1
-        (SimulatedSchedule.INTERLEAVED_1F1B, 4, 16, [19, 17, 15, 13]),
-        (SimulatedSchedule.ZBV, 2, 8, [8, 8, 8, 8]),  # 2p half-stage chunks: 1F1B's rank 0
+        (Schedule.ZB_H1, 1, 8, [4, 3, 2, 1]),  # 1F1B's memory
+        (Schedule.INTERLEAVED_1F1B, 2, 8, [11, 9, 7, 5]),  # rank 0: v p + p - 1
+        (Schedule.INTERLEAVED_1F1B, 4, 16, [19, 17, 15, 13]),
+        (Schedule.ZBV, 2, 8, [8, 8, 8, 8]),  # 2p half-stage chunks: 1F1B's rank 0
     ],
     ids=str,
 )
 def test_peak_activations_per_rank(
-    schedule: Schedule | SimulatedSchedule, chunks: int, m: int, held: list[int]
+    schedule: Schedule | Schedule, chunks: int, m: int, held: list[int]
 ) -> None:
     r = simulate_stages(
         chunked(schedule, 4, chunks, 1.0, 2.0, 0.5, activation_bytes=1.0),
@@ -780,7 +780,7 @@ def test_peak_activations_per_rank(
     )
     assert [d.peak_memory_bytes for d in r.devices] == held
     assert held == list(rank_in_flight(schedule, ranks=4, microbatches=m, chunks=chunks))
-    if schedule is SimulatedSchedule.INTERLEAVED_1F1B and m >= 4 * 4:
+    if schedule is Schedule.INTERLEAVED_1F1B and m >= 4 * 4:
         p, v = 4, chunks  # rank 0 holds p (1 + (p - 1) / (p v)) microbatches' worth of layers
         assert held[0] / v == p * (1 + (p - 1) / (p * v))
 
@@ -789,10 +789,10 @@ def test_split_backward_events_and_free_transfers_inside_a_rank() -> None:
     topo = Topology(
         levels=(Level(devices=2, bandwidth_bytes_per_s=1.0, latency_s=0.0),), memory_bytes=GB
     )
-    stages = chunked(SimulatedSchedule.ZBV, 2, 2, 1.0, 1.0, 1.0, send_bytes=0.5)
+    stages = chunked(Schedule.ZBV, 2, 2, 1.0, 1.0, 1.0, send_bytes=0.5)
     r = simulate_stages(
         stages,
-        schedule=SimulatedSchedule.ZBV,
+        schedule=Schedule.ZBV,
         microbatches=3,
         minibatches=1,
         topology=topo,
@@ -812,33 +812,25 @@ def test_split_backward_events_and_free_transfers_inside_a_rank() -> None:
 
 
 def test_chunked_layouts_and_shapes_are_checked() -> None:
-    good = chunked(SimulatedSchedule.INTERLEAVED_1F1B, 2, 2, 1.0, 2.0)
+    good = chunked(Schedule.INTERLEAVED_1F1B, 2, 2, 1.0, 2.0)
     with pytest.raises(PlanError, match="multiple of its 2 rounds"):
-        simulate_stages(
-            good * 1, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=5, chunks=2
-        )
+        simulate_stages(good * 1, schedule=Schedule.INTERLEAVED_1F1B, microbatches=5, chunks=2)
     with pytest.raises(PlanError, match="not 3 chunks"):
-        simulate_stages(good, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=3)
+        simulate_stages(good, schedule=Schedule.INTERLEAVED_1F1B, microbatches=4, chunks=3)
     swapped = [
         dataclasses.replace(st, ranks=(1 - st.ranks[0],)) if s >= 2 else st
         for s, st in enumerate(good)
     ]
     with pytest.raises(PlanError, match=r"give stages \[0, 2\] the same rank"):
-        simulate_stages(
-            swapped, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
-        )
+        simulate_stages(swapped, schedule=Schedule.INTERLEAVED_1F1B, microbatches=4, chunks=2)
     replicated = [dataclasses.replace(good[0], ranks=(0, 5)), *good[1:]]
     with pytest.raises(PlanError, match="without replication"):
-        simulate_stages(
-            replicated, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
-        )
+        simulate_stages(replicated, schedule=Schedule.INTERLEAVED_1F1B, microbatches=4, chunks=2)
     with pytest.raises(PlanError, match="exceeds backward_s"):
         SimStage(forward_s=1, backward_s=1, backward_weight_s=2, ranks=(0,))
     # ranks may be any ids, as long as the layout's devices stay apart
     renamed = [dataclasses.replace(st, ranks=(7 + st.ranks[0],)) for st in good]
-    r = simulate_stages(
-        renamed, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=4, chunks=2
-    )
+    r = simulate_stages(renamed, schedule=Schedule.INTERLEAVED_1F1B, microbatches=4, chunks=2)
     assert [d.rank for d in r.devices] == [7, 8]
 
 
@@ -863,14 +855,14 @@ def test_virtual_stages_cost_a_cut_as_a_plan_does() -> None:
 
 def test_virtual_stages_split_the_compute_evenly_and_feed_the_new_schedules() -> None:
     profile = chain_profile([(1.0, 2.0)] * 16)  # 3 ms a layer at batch 4
-    stages = virtual_stages(profile, schedule=SimulatedSchedule.ZBV, ranks=4, chunks=2)
+    stages = virtual_stages(profile, schedule=Schedule.ZBV, ranks=4, chunks=2)
     assert [st.forward_s for st in stages] == [2e-3] * 8
     assert [st.ranks for st in stages] == [(0,), (1,), (2,), (3,), (3,), (2,), (1,), (0,)]
-    looped = virtual_stages(profile, schedule=SimulatedSchedule.INTERLEAVED_1F1B, ranks=4, chunks=2)
+    looped = virtual_stages(profile, schedule=Schedule.INTERLEAVED_1F1B, ranks=4, chunks=2)
     assert [st.ranks[0] for st in looped] == [0, 1, 2, 3, 0, 1, 2, 3]
     p, v, m = 4, 2, 8
     r = simulate_stages(
-        looped, schedule=SimulatedSchedule.INTERLEAVED_1F1B, microbatches=m, minibatches=1, chunks=v
+        looped, schedule=Schedule.INTERLEAVED_1F1B, microbatches=m, minibatches=1, chunks=v
     )
     compute = 16 * 3e-3 / p * m
     assert (r.minibatch_s - compute) / compute == pytest.approx((p - 1) / (v * m), rel=1e-12)
@@ -878,7 +870,7 @@ def test_virtual_stages_split_the_compute_evenly_and_feed_the_new_schedules() ->
     cut = virtual_stages(uneven, schedule=Schedule.ONE_F_ONE_B, ranks=2)
     assert [st.forward_s for st in cut] == [13e-3, 4e-3]  # the heavy layer ends the first half
     with pytest.raises(PlanError, match="cannot fill 16 stages"):
-        virtual_stages(uneven, schedule=SimulatedSchedule.ZBV, ranks=8, chunks=2)
+        virtual_stages(uneven, schedule=Schedule.ZBV, ranks=8, chunks=2)
     with pytest.raises(PlanError, match="increasing layer indices"):
         virtual_stages(uneven, schedule=Schedule.ONE_F_ONE_B, ranks=3, starts=[4, 4])
 
@@ -890,8 +882,8 @@ def test_interleaving_multiplies_the_point_to_point_traffic_by_about_v(p: int, v
     counts = {}
     for schedule, chunks in (
         (Schedule.ONE_F_ONE_B, 1),
-        (SimulatedSchedule.INTERLEAVED_1F1B, v),
-        (SimulatedSchedule.ZBV, 2),
+        (Schedule.INTERLEAVED_1F1B, v),
+        (Schedule.ZBV, 2),
     ):
         stages = chunked(schedule, p, chunks, 1.0, 2.0, send_bytes=1e6)
         r = simulate_stages(
@@ -900,8 +892,8 @@ def test_interleaving_multiplies_the_point_to_point_traffic_by_about_v(p: int, v
         counts[schedule] = (r.events["kind"] == "send").sum()
     # every boundary between two ranks carries each microbatch forward and back once
     assert counts[Schedule.ONE_F_ONE_B] == 2 * m * (p - 1)
-    assert counts[SimulatedSchedule.INTERLEAVED_1F1B] == 2 * m * (p * v - 1)  # v (p-1) + (v-1)
-    assert counts[SimulatedSchedule.ZBV] == 2 * m * (2 * p - 2)  # the V's turn stays on a rank
+    assert counts[Schedule.INTERLEAVED_1F1B] == 2 * m * (p * v - 1)  # v (p-1) + (v-1)
+    assert counts[Schedule.ZBV] == 2 * m * (2 * p - 2)  # the V's turn stays on a rank
 
 
 def test_compare_schedules_tabulates_each_schedule_on_its_own_split() -> None:
@@ -911,7 +903,7 @@ def test_compare_schedules_tabulates_each_schedule_on_its_own_split() -> None:
     assert list(runs) == ["gpipe", "1f1b", "interleaved-1f1b x2", "zb-h1", "zbv x2"]
     assert (table["note"] == "").all()
     for label, run in runs.items():
-        schedule = next(s for s in (*Schedule, *SimulatedSchedule) if label.split()[0] == str(s))
+        schedule = next(s for s in Schedule if label.split()[0] == str(s))
         chunks = 2 if label.endswith("x2") else 1
         row = table[table["schedule"] == str(schedule)].iloc[0]
         layout = stage_ranks(schedule, ranks=4, chunks=chunks)
@@ -979,7 +971,7 @@ def test_rank_balanced_cut_never_loads_a_rank_more_than_the_min_max_cut() -> Non
     for _ in range(40):
         ranks, chunks = int(rng.integers(2, 5)), 2
         costs = list(rng.choice([0.5, 1.0, 2.0, 9.0], size=int(rng.integers(ranks * chunks, 20))))
-        for schedule in (SimulatedSchedule.ZBV, SimulatedSchedule.INTERLEAVED_1F1B):
+        for schedule in (Schedule.ZBV, Schedule.INTERLEAVED_1F1B):
             layout = stage_ranks(schedule, ranks=ranks, chunks=chunks)
             mine = rank_balanced_starts(costs, layout)
             assert len(mine) == len(layout) - 1 and mine == sorted(set(mine))
@@ -987,18 +979,18 @@ def test_rank_balanced_cut_never_loads_a_rank_more_than_the_min_max_cut() -> Non
             assert _busiest_rank(costs, mine, layout) <= _busiest_rank(costs, plain, layout) + 1e-12
     # one heavy last layer (an LM head) under the V: the min-max cut gives rank 0 far more
     head = [1.0] * 12 + [4.5]
-    v_layout = stage_ranks(SimulatedSchedule.ZBV, ranks=4, chunks=2)
+    v_layout = stage_ranks(Schedule.ZBV, ranks=4, chunks=2)
     ours, plain = rank_balanced_starts(head, v_layout), balanced_starts(head, 8)
     assert _busiest_rank(head, ours, v_layout) < _busiest_rank(head, plain, v_layout)
 
 
 def test_a_split_backward_keeps_the_weight_inputs_until_w() -> None:
     # rank 1 of ZB-H1 on 2 ranks defers one W: F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3
-    stages = chunked(SimulatedSchedule.ZB_H1, 2, 1, 1.0, 1.0, 1.0, activation_bytes=1.0)
+    stages = chunked(Schedule.ZB_H1, 2, 1, 1.0, 1.0, 1.0, activation_bytes=1.0)
     held = [dataclasses.replace(st, weight_held_bytes=0.5) for st in stages]
     peaks = {}
     for name, case in (("freed at B", stages), ("held to W", held)):
-        r = simulate_stages(case, schedule=SimulatedSchedule.ZB_H1, microbatches=4, minibatches=1)
+        r = simulate_stages(case, schedule=Schedule.ZB_H1, microbatches=4, minibatches=1)
         peaks[name] = [d.peak_memory_bytes for d in r.devices]
         assert r.memory.groupby("rank")["bytes"].last().tolist() == [0.0, 0.0]  # all freed
     assert peaks == {"freed at B": [2.0, 1.0], "held to W": [2.0, 1.5]}
@@ -1008,24 +1000,22 @@ def test_a_split_backward_keeps_the_weight_inputs_until_w() -> None:
         dataclasses.replace(stages[0], weight_held_bytes=2.0)
     # from a profile: the inputs of the layers with parameters
     profile = chain_profile([(1.0, 2.0)] * 4, activation=1000, params=100)
-    (first, second) = virtual_stages(profile, schedule=SimulatedSchedule.ZB_H1, ranks=2)
+    (first, second) = virtual_stages(profile, schedule=Schedule.ZB_H1, ranks=2)
     assert (first.weight_held_bytes, second.weight_held_bytes) == (1000.0, 2000.0)
 
 
 @pytest.mark.parametrize(
     ("schedule", "chunks"),
     [
-        (SimulatedSchedule.INTERLEAVED_1F1B, 2),
-        (SimulatedSchedule.INTERLEAVED_1F1B, 3),
-        (SimulatedSchedule.ZB_H1, 1),
-        (SimulatedSchedule.ZBV, 2),
+        (Schedule.INTERLEAVED_1F1B, 2),
+        (Schedule.INTERLEAVED_1F1B, 3),
+        (Schedule.ZB_H1, 1),
+        (Schedule.ZBV, 2),
     ],
     ids=str,
 )
-def test_every_shape_torch_accepts_runs_to_the_end(
-    schedule: SimulatedSchedule, chunks: int
-) -> None:
-    kinds = 3 if schedule is not SimulatedSchedule.INTERLEAVED_1F1B else 2
+def test_every_shape_torch_accepts_runs_to_the_end(schedule: Schedule, chunks: int) -> None:
+    kinds = 3 if schedule is not Schedule.INTERLEAVED_1F1B else 2
     for p, m in itertools.product(range(1, 6), range(1, 11)):
         try:
             stages = chunked(schedule, p, chunks, 1.0, 2.0, 1.0)

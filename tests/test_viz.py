@@ -12,7 +12,7 @@ from matplotlib.image import imread
 from planner.plan import Plan, PlanStage, Prediction, ProfileRef
 from planner.profile.format import LayerProfile, Profile
 from planner.rank_schedules import stage_ranks
-from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule
+from planner.schedules import PER_STAGE_SCHEDULES, OptimizerKind, Schedule
 from planner.simulate import SimStage, SimulationResult, simulate, simulate_stages
 from planner.topology import Topology
 from planner.viz import (
@@ -73,7 +73,7 @@ def small_run(schedule: Schedule = Schedule.ONE_F_ONE_B) -> SimulationResult:
     )
 
 
-@pytest.mark.parametrize("schedule", list(Schedule))
+@pytest.mark.parametrize("schedule", list(PER_STAGE_SCHEDULES))
 def test_gantt_png(tmp_path: Path, schedule: Schedule) -> None:
     path = tmp_path / "sub" / "gantt.png"
     draw_gantt(small_run(schedule), path)
@@ -168,14 +168,14 @@ def test_partition_png(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("schedule", "chunks"),
     [
-        (SimulatedSchedule.INTERLEAVED_1F1B, 2),
-        (SimulatedSchedule.ZB_H1, 1),
-        (SimulatedSchedule.ZBV, 2),
+        (Schedule.INTERLEAVED_1F1B, 2),
+        (Schedule.ZB_H1, 1),
+        (Schedule.ZBV, 2),
     ],
     ids=str,
 )
 def test_gantt_shows_chunks_and_split_backward(
-    tmp_path: Path, schedule: SimulatedSchedule, chunks: int
+    tmp_path: Path, schedule: Schedule, chunks: int
 ) -> None:
     layout = stage_ranks(schedule, ranks=3, chunks=chunks)
     stages = [
@@ -199,7 +199,7 @@ def test_gantt_shows_chunks_and_split_backward(
     path = tmp_path / "gantt.png"
     draw_gantt(r, path)
     seen = colours(path)
-    split = schedule is not SimulatedSchedule.INTERLEAVED_1F1B
+    split = schedule is not Schedule.INTERLEAVED_1F1B
     kinds = ("forward", "backward_input", "backward_weight") if split else ("forward", "backward")
     for kind in kinds:
         assert hex_rgb(COLORS[kind]) in seen, kind
@@ -210,7 +210,7 @@ def test_gantt_shows_chunks_and_split_backward(
     legend = {t.get_text() for t in axes.figure.legends[0].get_texts()}
     if chunks == 2:
         assert labels[0] == (
-            "rank 0 / stages 0,5" if schedule is SimulatedSchedule.ZBV else "rank 0 / stages 0,3"
+            "rank 0 / stages 0,5" if schedule is Schedule.ZBV else "rank 0 / stages 0,3"
         )
         assert {"a0", "b0"} <= texts
         assert "lighter: a later chunk (a, b, ...)" in legend

@@ -16,7 +16,7 @@ from planner.errors import PlanError, PlannerError, ProfileError
 from planner.optimize.cost import PIPEDREAM_DEFAULT_MEMORY_BYTES
 from planner.planning import PlanOptions, make_plan, planner_memory_note, shipped_profile
 from planner.profile.format import Profile
-from planner.schedules import OptimizerKind, Schedule, SimulatedSchedule
+from planner.schedules import RANK_SCHEDULES, OptimizerKind, Schedule
 from planner.topology import (
     CPU_LOOPBACK,
     CPU_LOOPBACK_NAME,
@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument(
         "--schedule",
-        choices=[s.value for s in Schedule] + [s.value for s in SimulatedSchedule],
+        choices=[s.value for s in Schedule],
         default=None,
         help="pipeline schedule (default: 1f1b, synchronous with a flush); interleaved-1f1b, "
         "zb-h1 and zbv are simulated (planner.simulate.compare_schedules) but not yet planned",
@@ -445,7 +445,7 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.schedule in {s.value for s in SimulatedSchedule}:  # before any work
+    if args.schedule in {s.value for s in RANK_SCHEDULES}:  # before any work
         raise PlanError(
             f"schedule {args.schedule} is simulated but not yet planned (the optimizer does not "
             "model its chunks); plan with --schedule 1f1b, then compare schedules with "

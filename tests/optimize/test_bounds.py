@@ -21,7 +21,7 @@ from planner.optimize.cost import CostModel, CostModelKind, SolverOptions
 from planner.optimize.states import build_states
 from planner.optimize.synthetic import nasnet_profile
 from planner.profile import LayerProfile, Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import PER_STAGE_SCHEDULES, OptimizerKind, Schedule
 from planner.topology import Level, Topology
 
 MB = 1_000_000
@@ -76,7 +76,7 @@ def topologies(draw: st.DrawFn) -> Topology:
 @st.composite
 def options(draw: st.DrawFn) -> SolverOptions:
     return SolverOptions(
-        schedule=draw(st.sampled_from(list(Schedule))),
+        schedule=draw(st.sampled_from(list(PER_STAGE_SCHEDULES))),
         microbatches=draw(st.integers(1, 8)),
         optimizer=draw(st.sampled_from(list(OptimizerKind))),
         straight=draw(st.integers(0, 5)) == 0,
@@ -248,7 +248,7 @@ def test_bound_with_few_enumerated_replicas_stays_below_brute_force(monkeypatch)
 
 def test_absurd_device_counts_are_bounded_quickly():
     profile = nasnet_profile(cells=3, seed=0)
-    for schedule in Schedule:
+    for schedule in PER_STAGE_SCHEDULES:
         cost = CostModel(
             profile,
             Topology.from_args(gpus=10**9),

@@ -19,7 +19,7 @@ from planner.optimize.states import build_states
 from planner.optimize.synthetic import branched_profile
 from planner.profile import LayerProfile, Profile
 from planner.profile.pipedream import pipedream_preprocess, read_graph_txt
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import PER_STAGE_SCHEDULES, OptimizerKind, Schedule
 from planner.topology import Level, Topology
 
 MB = 2**20
@@ -58,7 +58,7 @@ def random_case(seed: int) -> CostModel:
         memory_bytes=rng.choice([0.2, 0.5, 16]) * 2**30,
     )
     options = SolverOptions(
-        schedule=rng.choice(list(Schedule)),
+        schedule=rng.choice(list(PER_STAGE_SCHEDULES)),
         microbatches=rng.randint(1, 4),
         optimizer=rng.choice(list(OptimizerKind)),
         straight=rng.random() < 0.2,

@@ -24,7 +24,7 @@ from planner.optimize import dp, ilp
 from planner.optimize.cost import CostModel, CostModelKind, SolverOptions
 from planner.optimize.states import build_states
 from planner.profile import LayerProfile, Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import PER_STAGE_SCHEDULES, OptimizerKind, Schedule
 from planner.topology import Level, Topology
 
 MB = 1_000_000
@@ -216,7 +216,7 @@ def _dp_equals_brute_force(profile: Profile, topology: Topology, opts: SolverOpt
 _COMBINATIONS = [
     pytest.param(levels, schedule, memory, id=f"{levels}-level-{schedule}-{memory}")
     for levels in (1, 2, 3)
-    for schedule in Schedule
+    for schedule in PER_STAGE_SCHEDULES
     for memory in ("limited", "unlimited")
 ]
 
