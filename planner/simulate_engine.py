@@ -93,9 +93,9 @@ class Engine:
         self.in_flight = [0] * len(self.devices)
         self.mem_t: list[list[float]] = []
         self.mem_v: list[list[float]] = []
-        for _, s, _ in self.devices:
+        for d in range(len(self.devices)):  # a rank holds every stage (chunk) it runs
             self.mem_t.append([0.0])
-            self.mem_v.append([stages[s].static_bytes])
+            self.mem_v.append([sum(stages[s].static_bytes for s in self.stages_of[d])])
         # (device, kind, microbatch, minibatch, start, end, peer, bytes, stage)
         self.ev: list[tuple[int, int, int, int, float, float, int, float, int]] = []
         self.queue: deque[int] = deque(range(len(self.devices)))

@@ -675,7 +675,7 @@ def test_simulation_agrees_with_the_objective_on_shipped_profiles(
 
 
 def chunked(
-    schedule: Schedule | Schedule,
+    schedule: Schedule,
     ranks: int,
     chunks: int,
     f: float,
@@ -770,7 +770,7 @@ def test_zbv_has_no_bubble_in_the_steady_state_when_m_is_at_least_2p_minus_1(p: 
     ids=str,
 )
 def test_peak_activations_per_rank(
-    schedule: Schedule | Schedule, chunks: int, m: int, held: list[int]
+    schedule: Schedule, chunks: int, m: int, held: list[int]
 ) -> None:
     r = simulate_stages(
         chunked(schedule, 4, chunks, 1.0, 2.0, 0.5, activation_bytes=1.0),
@@ -783,6 +783,21 @@ def test_peak_activations_per_rank(
     if schedule is Schedule.INTERLEAVED_1F1B and m >= 4 * 4:
         p, v = 4, chunks  # rank 0 holds p (1 + (p - 1) / (p v)) microbatches' worth of layers
         assert held[0] / v == p * (1 + (p - 1) / (p * v))
+
+
+@pytest.mark.parametrize(("schedule", "chunks"), [(Schedule.INTERLEAVED_1F1B, 3), (Schedule.ZBV, 2)])
+def test_a_rank_holds_the_static_memory_of_every_chunk_it_runs(
+    schedule: Schedule, chunks: int
+) -> None:
+    # stage s holds 10**s static bytes: each rank's peak is the sum over its own chunks exactly
+    layout = stage_ranks(schedule, ranks=3, chunks=chunks)
+    stages = [
+        SimStage(forward_s=1.0, backward_s=2.0, ranks=(layout[s],), static_bytes=10.0**s)
+        for s in range(3 * chunks)
+    ]
+    r = simulate_stages(stages, schedule=schedule, microbatches=6, chunks=chunks)
+    expected = [sum(10.0**s for s, d in enumerate(layout) if d == rank) for rank in range(3)]
+    assert [d.peak_memory_bytes for d in r.devices] == expected
 
 
 def test_split_backward_events_and_free_transfers_inside_a_rank() -> None:
