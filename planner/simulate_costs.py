@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_CASES",
     "balanced_starts",
     "compare_schedules",
+    "layer_stages",
     "plan_stages",
     "rank_balanced_starts",
     "ring_allreduce_s",
@@ -57,49 +58,96 @@ def plan_stages(plan: Plan, profile: Profile) -> list[SimStage]:
     flight, plus the saved bytes of one microbatch during its backward; for ``pipedream`` one
     stashed weight copy per in-flight microbatch beyond the first. Imported PipeDream profiles
     plan without their ``Input`` nodes (data loading) and unused ``__getitem__`` sinks, as the
-    optimizer does; the simulator ignores them too.
+    optimizer does; the simulator ignores them too. See :func:`layer_stages`.
 
     Example:
         >>> [s.ranks for s in plan_stages(plan, profile)]       # doctest: +SKIP
         [(0,), (1,)]
     """
+    scaled = profile.rescale(plan.microbatch_size)
+    return layer_stages(
+        scaled,
+        plan.stage_layer_indices(scaled),
+        [stage.ranks for stage in plan.stages],
+        schedule=plan.schedule,
+        topology=plan.topology,
+        optimizer=plan.optimizer,
+        recompute=plan.recompute,
+        ignored=_not_planned(profile),
+    )
+
+
+def layer_stages(
+    scaled: Profile,
+    stages: Sequence[Sequence[int]],
+    ranks: Sequence[tuple[int, ...]],
+    *,
+    schedule: Schedule,
+    topology: Topology | None,
+    optimizer: OptimizerKind = OptimizerKind.SGD,
+    recompute: bool = False,
+    ignored: set[int] | frozenset[int] = frozenset(),
+) -> list[SimStage]:
+    """:class:`~planner.simulate.SimStage` s for stages given as layer indices of ``scaled`` (a
+    profile at the microbatch size), stage ``s`` on ``ranks[s]``.
+
+    A layer's cost counts once, in its stage; a tensor counts on every boundary from its stage to
+    the last stage reading it (relayed through the stages between). Each stage's W
+    (:attr:`SimStage.backward_weight_s`) is the sum of its layers'
+    :meth:`~planner.profile.format.LayerProfile.split_backward_ms` weight parts, and what W keeps
+    from the B is the inputs of its layers with weights. What a process holds before its stage
+    (``topology.process_bytes``) counts once per rank, on the rank's first stage. ``ignored``
+    layers (see :func:`plan_stages`) cost nothing.
+    """
     from planner.simulate import SimStage
 
-    scaled = profile.rescale(plan.microbatch_size)
-    ignored = _not_planned(profile)
+    num = len(stages)
     stage_of = np.empty(len(scaled.layers), dtype=np.int64)
-    for s, indices in enumerate(plan.stage_layer_indices(scaled)):
-        stage_of[indices] = s
-    num = len(plan.stages)
-    boundary = _boundary_bytes(scaled, stage_of, num, ignored)
-    copies = 2 + _STATE_COPIES[plan.optimizer]  # weights, gradients, optimizer state
+    for s, indices in enumerate(stages):
+        stage_of[list(indices)] = s
+    boundary = _boundary_bytes(scaled, stage_of, num, set(ignored))
+    copies = 2 + _STATE_COPIES[optimizer]  # weights, gradients, optimizer state
+    process = topology.process_bytes if topology is not None else 0.0
+    seen_ranks: set[int] = set()
     out = []
-    for s, stage in enumerate(plan.stages):
-        layers = [scaled.layers[i] for i in np.flatnonzero(stage_of == s) if i not in ignored]
+    for s, indices in enumerate(stages):
+        mine = sorted(i for i in indices if i not in ignored)
+        layers = [scaled.layers[i] for i in mine]
         fwd = sum(layer.forward_ms for layer in layers) / 1e3
         bwd = sum(layer.backward_ms for layer in layers) / 1e3
         params = sum(layer.parameter_bytes for layer in layers)
-        saved = sum(
-            layer.activation_bytes if layer.saved_bytes is None else layer.saved_bytes
-            for layer in layers
+        saved = float(
+            sum(x.activation_bytes if x.saved_bytes is None else x.saved_bytes for x in layers)
         )
+        # a weight gradient needs its layer's inputs: kept from the B to the W
+        held = sum(
+            scaled.layers[j].activation_bytes
+            for i in mine
+            if scaled.layers[i].parameter_bytes > 0
+            for j in scaled.layers[i].inputs
+        )
+        first_here = not seen_ranks.intersection(ranks[s])
+        seen_ranks.update(ranks[s])
         inbound = float(boundary[s - 1]) if s > 0 else 0.0
         out.append(
             SimStage(
                 forward_s=fwd,
-                backward_s=bwd + (fwd if plan.recompute else 0.0),
-                ranks=stage.ranks,
+                backward_s=bwd + (fwd if recompute else 0.0),
+                backward_weight_s=min(sum(x.split_backward_ms()[1] for x in layers) / 1e3, bwd),
+                ranks=tuple(ranks[s]),
                 send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
-                allreduce_s=ring_allreduce_s(plan.topology, stage.ranks, params),
-                # what the process holds before its stage counts, as in the plan's memory
+                allreduce_s=0.0
+                if topology is None
+                else ring_allreduce_s(topology, ranks[s], params),
                 static_bytes=float(
                     copies * params
                     + sum(layer.buffer_bytes for layer in layers)
-                    + plan.topology.process_bytes
+                    + (process if first_here else 0.0)
                 ),
-                activation_bytes=inbound if plan.recompute else float(saved),
-                backward_extra_bytes=float(saved) if plan.recompute else 0.0,
-                stash_bytes=float(params) if plan.schedule is Schedule.PIPEDREAM else 0.0,
+                activation_bytes=inbound if recompute else saved,
+                backward_extra_bytes=saved if recompute else 0.0,
+                weight_held_bytes=0.0 if recompute else min(float(held), saved),
+                stash_bytes=float(params) if schedule is Schedule.PIPEDREAM else 0.0,
             )
         )
     return out
@@ -162,7 +210,6 @@ def virtual_stages(
     Raises:
         PlanError: Bad ``starts``, or fewer layers than stages.
     """
-    from planner.simulate import SimStage
 
     num = ranks * chunks
     scaled = profile.rescale(microbatch_size or profile.batch_size)
@@ -179,42 +226,16 @@ def virtual_stages(
         raise PlanError(
             f"stage starts {list(starts)} must be {num - 1} increasing layer indices in 1..{count - 1}"
         )
-    stage_of = np.repeat(np.arange(num), np.diff(bounds))
-    boundary = _boundary_bytes(scaled, stage_of, num, ignored)
-    copies = 2 + _STATE_COPIES[optimizer]
-    out = []
-    for s in range(num):
-        mine = [i for i in range(bounds[s], bounds[s + 1]) if i not in ignored]
-        layers = [scaled.layers[i] for i in mine]
-        params = sum(layer.parameter_bytes for layer in layers)
-        saved = float(
-            sum(x.activation_bytes if x.saved_bytes is None else x.saved_bytes for x in layers)
-        )
-        # a weight gradient needs its layer's inputs: kept from the B to the W
-        held = sum(
-            scaled.layers[j].activation_bytes
-            for i in mine
-            if scaled.layers[i].parameter_bytes > 0
-            for j in scaled.layers[i].inputs
-        )
-        out.append(
-            SimStage(
-                forward_s=sum(layer.forward_ms for layer in layers) / 1e3,
-                backward_s=sum(layer.backward_ms for layer in layers) / 1e3,
-                backward_weight_s=min(
-                    sum(layer.split_backward_ms()[1] for layer in layers) / 1e3,
-                    sum(layer.backward_ms for layer in layers) / 1e3,
-                ),
-                ranks=(layout[s],),
-                send_bytes=float(boundary[s]) if s < num - 1 else 0.0,
-                allreduce_s=0.0,
-                static_bytes=float(copies * params + sum(x.buffer_bytes for x in layers)),
-                activation_bytes=saved,
-                weight_held_bytes=min(float(held), saved),
-                stash_bytes=float(params) if schedule is Schedule.PIPEDREAM else 0.0,
-            )
-        )
-    return out
+    layers = [[i for i in range(bounds[s], bounds[s + 1])] for s in range(num)]
+    return layer_stages(
+        scaled,
+        layers,
+        [(layout[s],) for s in range(num)],
+        schedule=schedule,
+        topology=topology,
+        optimizer=optimizer,
+        ignored=ignored,
+    )
 
 
 def balanced_starts(costs: Sequence[float], parts: int) -> list[int]:
