@@ -349,6 +349,9 @@ def training_notes(plan: Plan, config: RunConfig) -> list[str]:
     Raises:
         RunError: The optimizer options are invalid for this plan.
     """
+    from planner.runtime.chunked_run import check_runnable
+
+    check_runnable(plan, config)  # what the rank schedules do not run yet
     settings = optimizer_settings(plan, config)
     plan_kind = str(plan.optimizer)
     plan_factor = OptimizerSettings.resolve(plan_kind=plan_kind, lr=config.lr).state_factor

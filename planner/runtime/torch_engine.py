@@ -35,9 +35,9 @@ from planner.plan import Plan
 from planner.runtime.comm import BoundaryMeta
 from planner.runtime.config import RunConfig, RunError
 from planner.runtime.data import ModelLike, data_source
-from planner.schedules import Schedule
+from planner.schedules import RANK_SCHEDULES, Schedule, splits_backward
 
-__all__ = ["check_expressible", "train_torch"]
+__all__ = ["TORCH_CLASSES", "check_expressible", "train_torch"]
 
 
 def check_expressible(plan: Plan, config: RunConfig, *, shared: Sequence[Any] = ()) -> None:
@@ -47,6 +47,9 @@ def check_expressible(plan: Plan, config: RunConfig, *, shared: Sequence[Any] = 
         RunError: Naming what torch lacks and what to use instead.
     """
     use = "run it with --engine ours"
+    if plan.schedule in RANK_SCHEDULES:
+        _check_rank_schedule(plan, config, shared=shared, use=use)
+        return
     if plan.schedule not in (Schedule.ONE_F_ONE_B, Schedule.GPIPE):
         raise RunError(
             f"torch.distributed.pipelining has no {plan.schedule} schedule (asynchronous, with "
@@ -84,6 +87,39 @@ def check_expressible(plan: Plan, config: RunConfig, *, shared: Sequence[Any] = 
         raise RunError("--update-interval applies to the pipedream schedule only; drop it")
 
 
+def _check_rank_schedule(plan: Plan, config: RunConfig, *, shared: Sequence[Any], use: str) -> None:
+    """:func:`check_expressible` for ``interleaved-1f1b``, ``zb-h1`` and ``zbv``."""
+    from planner.runtime.chunked import ChunkLayout
+
+    positions = ChunkLayout.of_plan(plan).positions
+    if list(positions) != sorted(positions):
+        raise RunError(
+            f"torch's {TORCH_CLASSES[plan.schedule]} puts pipeline position d on the d-th rank "
+            f"of its group, but this plan places positions on ranks {list(positions)}; {use}"
+        )
+    if shared:
+        raise RunError(
+            "parameters are shared by several stages (tied weights); torch.distributed."
+            f"pipelining would update each stage's copy on its own: {use}"
+        )
+    if plan.recompute:
+        raise RunError(f"torch's schedules do not recompute activations; {use}")
+    if config.checkpoint_dir is not None or config.resume:
+        raise RunError(f"--engine torch does not write or resume checkpoints; {use}")
+    if config.update_interval != 1:
+        raise RunError("--update-interval applies to the pipedream schedule only; drop it")
+
+
+TORCH_CLASSES = {
+    Schedule.GPIPE: "ScheduleGPipe",
+    Schedule.ONE_F_ONE_B: "Schedule1F1B",
+    Schedule.INTERLEAVED_1F1B: "ScheduleInterleaved1F1B",
+    Schedule.ZB_H1: "ScheduleInterleavedZeroBubble",
+    Schedule.ZBV: "ScheduleZBVZeroBubble",
+}
+"""The torch.distributed.pipelining class that runs each schedule under ``--engine torch``."""
+
+
 class _FlatStage(nn.Module):
     """A stage module taking and returning flat tensors, as ``PipelineStage`` passes them.
 
@@ -91,19 +127,28 @@ class _FlatStage(nn.Module):
     """
 
     def __init__(
-        self, inner: nn.Module, inputs: BoundaryMeta | None, outputs: BoundaryMeta | None
+        self,
+        inner: nn.Module,
+        inputs: BoundaryMeta | None,
+        outputs: BoundaryMeta | None,
+        *,
+        copy_outputs: bool = False,
     ) -> None:
         super().__init__()
         self.inner = inner
         self._inputs = inputs
         self._outputs = outputs
+        self._copy = copy_outputs
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         values = self._inputs.unflatten(tensors) if self._inputs is not None else tensors
         out = self.inner(*values)
         if self._outputs is None:
             return out  # the last stage: the model's output, for the loss
-        return tuple(self._outputs.flatten(out, check_grad=False))
+        flat = self._outputs.flatten(out, check_grad=False)
+        if self._copy:  # see train_torch: torch's split backward detaches outputs in place
+            return tuple(t.clone() for t in flat)
+        return tuple(flat)
 
 
 def train_torch(
@@ -120,8 +165,10 @@ def train_torch(
     Returns a :class:`planner.runtime.worker.RankResult` (no stats or report: torch's engine
     does not time stages). Losses are the minibatch means, on the last stage's ranks.
     ``on_step(step, seconds)`` is called on every rank after each step (benchmarks).
+    Under ``interleaved-1f1b``, ``zb-h1`` and ``zbv`` a rank builds a ``PipelineStage`` for each
+    stage it holds and gives them all to the schedule class (:data:`TORCH_CLASSES`).
     """
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed import pipelining
 
     from planner.runtime.loops import optimizer_settings
     from planner.runtime.rendezvous import join_process_group
@@ -130,16 +177,30 @@ def train_torch(
     config = config.with_threads(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
-    check_expressible(plan, config, shared=prep.shared)
+    chunked = plan.schedule in RANK_SCHEDULES
+    mine: dict[int, nn.Module]  # this rank's stage modules, by stage
+    if chunked:
+        from planner.runtime.chunked_run import prepare_chunks
+
+        chunks = prepare_chunks(plan, model_factory(), rank=env.rank)
+        spec, metas, shared = chunks.spec, chunks.metas, chunks.shared
+        mine = dict(chunks.modules)
+        replica, copies = 0, 1
+    else:
+        prep = prepare(plan, model_factory(), rank=env.rank, world_size=env.world_size)
+        spec, metas, shared = prep.spec, prep.metas, prep.shared
+        mine = (
+            {prep.stage: prep.module} if prep.stage is not None and prep.module is not None else {}
+        )
+        replica, copies = prep.replica, plan.stages[0].replicas
+    check_expressible(plan, config, shared=shared)
     settings = optimizer_settings(plan, config)
     num_stages = len(plan.stages)
-    copies = plan.stages[0].replicas
     last = num_stages - 1
     source = None
-    if prep.stage in (0, last):
+    if 0 in mine or last in mine:
         source = data_source(
-            prep.spec,
+            spec,
             data=config.data,
             minibatch_size=plan.minibatch_size,
             seed=config.seed,
@@ -158,66 +219,85 @@ def train_torch(
     try:
         # Every rank creates every group, in the same order (torch requires it).
         pipes: list[Any] = [
-            dist.new_group([stage.ranks[r] for stage in plan.stages]) for r in range(copies)
+            dist.new_group(sorted({stage.ranks[r] for stage in plan.stages})) for r in range(copies)
         ]
         replica_groups: list[Any] = [
             dist.new_group(list(stage.ranks)) if copies > 1 else None for stage in plan.stages
         ]
-        if prep.stage is None:
+        if not mine:
             return RankResult(
                 rank=env.rank, stage=None, losses=(), stats=None, state={}, report=None
             )
-        s, r = prep.stage, prep.replica
-        assert prep.module is not None
-        inputs = prep.metas[s - 1] if s > 0 else None
-        outputs = prep.metas[s] if s < last else None
-        module = _FlatStage(prep.module, inputs, outputs).to(device)
-        stage = PipelineStage(module, s, num_stages, device, group=pipes[r])
+        modules = {
+            # torch's split backward (stage_backward_input) detaches a stage's outputs in
+            # place, which fails for views and for outputs its weight gradient still needs
+            # (the input of a convolution in the same stage): the stage returns copies
+            s: _FlatStage(
+                module,
+                metas[s - 1] if s > 0 else None,
+                metas[s] if s < last else None,
+                copy_outputs=splits_backward(plan.schedule),
+            ).to(device)
+            for s, module in mine.items()
+        }
+        stages = [
+            pipelining.PipelineStage(module, s, num_stages, device, group=pipes[replica])
+            for s, module in modules.items()
+        ]
         n_micro = plan.microbatches // copies
-        kind = ScheduleGPipe if plan.schedule is Schedule.GPIPE else Schedule1F1B
+        kind = getattr(pipelining, TORCH_CLASSES[plan.schedule])
         # Every rank passes the loss: torch runs the backward only where a loss_fn is given.
-        schedule = kind(stage, n_microbatches=n_micro, loss_fn=prep.spec.loss_fn, scale_grads=True)
-        params = [p for p in module.parameters() if p.requires_grad]
+        schedule = kind(
+            stages if chunked else stages[0],
+            n_microbatches=n_micro,
+            loss_fn=spec.loss_fn,
+            scale_grads=True,
+        )
+        params = list(
+            dict.fromkeys(p for m in modules.values() for p in m.parameters() if p.requires_grad)
+        )
         optimizer = settings.build(params)
         losses: list[float] = []
         size = plan.microbatch_size
         times: list[float] = []
+        first = min(mine)
         for step in range(config.steps):
             begin = time.perf_counter()
             args: tuple[Any, ...] = ()
             kwargs: dict[str, Any] = {}
             if source is not None:
-                batch_inputs, targets = _my_microbatches(source(step), r, copies, size)
-                if s == 0:
+                batch_inputs, targets = _my_microbatches(source(step), replica, copies, size)
+                if 0 in mine:
                     args = tuple(x.to(device) for x in batch_inputs)
-                if s == last:
+                if last in mine:
                     micro_losses: list[torch.Tensor] = []
                     kwargs = {"target": targets.to(device), "losses": micro_losses}
             schedule.step(*args, **kwargs)
             if copies > 1:
-                _average_gradients(params, replica_groups[s], copies)
+                _average_gradients(params, replica_groups[first], copies)
             if settings.clip_grad_norm is not None:
-                _clip(params, settings.clip_grad_norm, pipes[r])
+                _clip(params, settings.clip_grad_norm, pipes[replica])
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if s == last:
+            if last in mine:
                 mean = torch.stack([x.detach().float() for x in kwargs["losses"]]).mean()
                 if copies > 1:
-                    dist.all_reduce(mean, group=replica_groups[s])
+                    dist.all_reduce(mean, group=replica_groups[last])
                     mean /= copies
                 losses.append(float(mean))
             times.append(time.perf_counter() - begin)
             if on_step is not None:
                 on_step(step, times[-1])
-            if s == last and r == 0 and config.log_every and (step + 1) % config.log_every == 0:
+            logs = last in mine and replica == 0 and config.log_every
+            if logs and (step + 1) % config.log_every == 0:
                 rate = plan.minibatch_size / times[-1]
                 print(
                     f"step {step + 1}/{config.steps}  loss {losses[-1]:.4f}  {rate:.1f} samples/s"
                     f"  ({times[-1] * 1e3:.1f} ms, torch engine)",
                     flush=True,
                 )
-        if s == last and r == 0 and config.log_every and len(times) > 1:
+        if last in mine and replica == 0 and config.log_every and len(times) > 1:
             rate = plan.minibatch_size * (len(times) - 1) / sum(times[1:])
             print(
                 f"torch engine: {rate:.1f} samples/s over steps 2-{len(times)} "
@@ -226,10 +306,11 @@ def train_torch(
             )
         state: dict[str, torch.Tensor] = {}
         if return_state:
-            for name, value in [*module.named_parameters(), *module.named_buffers()]:
-                state[name.removeprefix("inner.")] = value.detach().to("cpu").clone()
+            for module in modules.values():
+                for name, value in [*module.named_parameters(), *module.named_buffers()]:
+                    state[name.removeprefix("inner.")] = value.detach().to("cpu").clone()
         return RankResult(
-            rank=env.rank, stage=s, losses=tuple(losses), stats=None, state=state, report=None
+            rank=env.rank, stage=first, losses=tuple(losses), stats=None, state=state, report=None
         )
     finally:
         dist.destroy_process_group()

@@ -61,7 +61,7 @@ from planner.runtime.stage import (
     release_other_stages,
     shared_parameters,
 )
-from planner.schedules import Schedule
+from planner.schedules import RANK_SCHEDULES, Schedule
 
 __all__ = ["DistEnv", "Prepared", "RankResult", "load_spec", "prepare", "rank_device", "train"]
 
@@ -199,6 +199,10 @@ def prepare(plan: Plan, spec: ModelLike, *, rank: int, world_size: int) -> Prepa
     values = propagate(captured, example)
     metas = tuple(BoundaryMeta.from_values(names, values) for names in cut.boundaries)
     shared = shared_parameters(captured, cut)
+    if plan.schedule in RANK_SCHEDULES:
+        from planner.runtime.chunked_run import check_runnable
+
+        check_runnable(plan, shared=shared)
     if shared and plan.schedule is Schedule.PIPEDREAM:
         raise RunError(
             f"parameters are shared across stages {list(shared[0].stages)} "
@@ -240,6 +244,10 @@ def train(
         from planner.runtime.torch_engine import train_torch
 
         return train_torch(plan, model_factory, config, env, return_state=return_state)
+    if plan.schedule in RANK_SCHEDULES:  # several stages per rank, or a split backward
+        from planner.runtime.chunked_run import train_chunked
+
+        return train_chunked(plan, model_factory, config, env, return_state=return_state)
     # threads as the profiler assumed: the cores one of this machine's ranks gets
     config = config.with_threads(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     torch.set_num_threads(config.threads)
