@@ -477,7 +477,7 @@ class Plan:
                     f"  {time:>24}{'' if c.fits else '  does not fit'}{tail}"
                 )
         if self.baselines:
-            lines.append("baselines (same cost model):")
+            lines.append("baselines (simulated, as this plan):")
             for b in self.baselines:
                 rate = self.minibatch_size / b.minibatch_s if b.minibatch_s > 0 else float("inf")
                 note = printable(b.note, limit=200)

@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +26,7 @@ from planner.errors import PlannerError
 from planner.optimize.result import Partition
 from planner.plan import BaselineScore, Plan, PlanStage, Prediction, ProfileRef, file_sha256
 from planner.profile.format import Profile
-from planner.schedules import OptimizerKind, Schedule
+from planner.schedules import RANK_SCHEDULES, OptimizerKind, Schedule
 from planner.topology import Topology
 
 __all__ = [
@@ -65,6 +67,9 @@ class PlanOptions:
         cost_model: ``planner`` or ``pipedream`` (PipeDream's optimizer's assumptions).
         memory_constraint: Refuse partitions that do not fit device memory.
         time_limit_s: Time limit of the ILP solver.
+        auto_schedule: Choose the schedule too: ``1f1b`` and every rank schedule
+            (``interleaved-1f1b``, ``zb-h1``, ``zbv``), the fastest simulated plan that fits
+            (:func:`planner.schedule_search.choose_plan`); ``schedule`` is then ignored.
     """
 
     schedule: Schedule = Schedule.ONE_F_ONE_B
@@ -79,6 +84,7 @@ class PlanOptions:
     cost_model: Literal["planner", "pipedream"] = "planner"
     memory_constraint: bool = True
     time_limit_s: float = 60.0
+    auto_schedule: bool = False
 
 
 def shipped_profile(model: str) -> Path | None:
@@ -172,14 +178,34 @@ def solve(
 def make_plan(
     profile: Profile, profile_path: str | os.PathLike[str], topology: Topology, options: PlanOptions
 ) -> Plan:
-    """Optimize ``profile`` for ``topology`` and wrap the result, with baselines, as a Plan."""
+    """Optimize ``profile`` for ``topology`` and wrap the result, with baselines, as a Plan.
+
+    The prediction is the simulator's (:func:`planner.schedule_search.with_simulated_prediction`),
+    and the microbatch count (and with ``auto_schedule`` the schedule) is the one it simulates
+    fastest.
+    """
+    if options.auto_schedule or options.schedule in RANK_SCHEDULES:
+        from planner.schedule_search import choose_plan
+
+        return choose_plan(profile, profile_path, topology, options)
+    return per_stage_plan(profile, profile_path, topology, options)
+
+
+def per_stage_plan(
+    profile: Profile, profile_path: str | os.PathLike[str], topology: Topology, options: PlanOptions
+) -> Plan:
+    """:func:`make_plan` for ``pipedream``, ``1f1b`` and ``gpipe``: the solver's best partition
+    for each microbatch count, the one the simulator finds fastest kept."""
     from planner.errors import InfeasibleError
     from planner.optimize.baselines import all_baselines
     from planner.optimize.cost import CostModelKind
+    from planner.schedule_search import simulated_minibatch_s
 
     minibatch, counts = _sizes(profile, topology, options)
-    planned = _planning_profile(profile)
+    planned = planning_profile(profile)
     best: Partition | None = None
+    best_s = math.inf
+    simulated: float | None = None
     failure: InfeasibleError | None = None
     for count in counts:
         try:
@@ -189,8 +215,13 @@ def make_plan(
         except InfeasibleError as exc:
             failure = failure or exc
             continue
-        if best is None or partition.minibatch_s < best.minibatch_s:
-            best = partition
+        draft = plan_from_partition(
+            partition, profile, profile_path, topology, options, minibatch, planned=planned
+        )
+        time_s = simulated_minibatch_s(draft, profile)
+        if best is None or (time_s if time_s is not None else partition.minibatch_s) < best_s:
+            best, simulated = partition, time_s
+            best_s = time_s if time_s is not None else partition.minibatch_s
     if best is None:
         assert failure is not None
         raise failure
@@ -204,12 +235,49 @@ def make_plan(
         memory_constraint=options.memory_constraint,
         cost_model=CostModelKind(options.cost_model),
     )
-    return plan_from_partition(
-        best, profile, profile_path, topology, options, minibatch, baselines, planned=planned
+    if simulated is None:
+        plan = plan_from_partition(
+            best, profile, profile_path, topology, options, minibatch, baselines, planned=planned
+        )
+        note = "prediction from the cost model's formula (too large to simulate here)"
+        return dataclasses.replace(plan, note="; ".join(x for x in (plan.note, note) if x))
+    # Baselines are plans too: each one's simulated time stands in the plan; under the
+    # synchronous schedules one that simulates faster than the solver's plan replaces it (the
+    # solver ranked by its formula; the simulator also charges transfers on the critical path).
+    timed, beaten = {}, (best, simulated)
+    for name, base in baselines.items():
+        draft = plan_from_partition(
+            base, profile, profile_path, topology, options, minibatch, planned=planned
+        )
+        time_s = simulated_minibatch_s(draft, profile)
+        timed[name] = base if time_s is None else dataclasses.replace(base, minibatch_s=time_s)
+        allowed = base.fits or not options.memory_constraint
+        if options.straight and max(st.replicas for st in base.stages) > 1:
+            allowed = False
+        if (
+            time_s is not None
+            and allowed
+            and options.schedule is not Schedule.PIPEDREAM
+            and time_s < beaten[1] * (1 - 1e-9)
+        ):
+            beaten = (base, time_s)
+    chosen, chosen_s = beaten
+    if chosen is not best:
+        chosen = dataclasses.replace(
+            chosen,
+            note=f"the solver's plan ({len(best.stages)} stages, {best.minibatch_s * 1e3:.1f} ms by "
+            f"its formula) simulates {simulated * 1e3:.1f} ms per minibatch; this one "
+            f"simulates {chosen_s * 1e3:.1f} ms",
+        )
+    plan = plan_from_partition(
+        chosen, profile, profile_path, topology, options, minibatch, timed, planned=planned
     )
+    from planner.schedule_search import with_prediction
+
+    return with_prediction(plan, chosen_s)
 
 
-def _planning_profile(profile: Profile) -> Profile:
+def planning_profile(profile: Profile) -> Profile:
     """What the solvers see: PipeDream's ``Input`` sources (data loading, not compute) and unused
     ``__getitem__`` sinks are dropped as PipeDream's optimizer drops them; our own profiles as is."""
     if profile.source != "pipedream":
@@ -219,12 +287,12 @@ def _planning_profile(profile: Profile) -> Profile:
     return pipedream_preprocess(profile)
 
 
-def _stage_names(partition: Partition, profile: Profile, planned: Profile) -> list[list[str]]:
+def stage_names(
+    stage_layers: Sequence[Sequence[int]], profile: Profile, planned: Profile
+) -> list[list[str]]:
     """Stage layer names in ``profile``'s order; layers the solver did not see (dropped by
-    :func:`_planning_profile`) join the stage of their first consumer, or else of their last input."""
-    stage_of = {
-        planned.layers[i].name: s for s, st in enumerate(partition.stages) for i in st.layers
-    }
+    :func:`planning_profile`) join the stage of their first consumer, or else of their last input."""
+    stage_of = {planned.layers[i].name: s for s, st in enumerate(stage_layers) for i in st}
     consumers = profile.consumers()
     for index, layer in enumerate(profile.layers):  # sinks: after their inputs
         if layer.name not in stage_of and layer.inputs and not consumers[index]:
@@ -237,7 +305,7 @@ def _stage_names(partition: Partition, profile: Profile, planned: Profile) -> li
             stage_of[name] = min(
                 (stage_of.get(profile.layers[c].name, 0) for c in consumers[index]), default=0
             )
-    stages: list[list[str]] = [[] for _ in partition.stages]
+    stages: list[list[str]] = [[] for _ in stage_layers]
     for layer in profile.layers:
         stages[stage_of[layer.name]].append(layer.name)
     return stages
@@ -257,7 +325,7 @@ def plan_from_partition(
     """A Plan from a solver's Partition (layer indices, into ``planned``, become names)."""
     microbatch = minibatch_size // partition.microbatches
     at_micro = (planned or profile).rescale(microbatch)
-    names = _stage_names(partition, profile, planned or profile)
+    names = stage_names([st.layers for st in partition.stages], profile, planned or profile)
     scores = []
     data_parallel_s = None
     for name, base in (baselines or {}).items():
@@ -338,7 +406,7 @@ def planner_memory_note(plan: Plan, profile: Profile) -> str:
 
     if plan.cost_model != "pipedream":
         return ""
-    planned = _planning_profile(profile).rescale(plan.microbatch_size)
+    planned = planning_profile(profile).rescale(plan.microbatch_size)
     index = {layer.name: i for i, layer in enumerate(planned.layers)}
     stages = [[index[name] for name in st.layers if name in index] for st in plan.stages]
     options = SolverOptions(

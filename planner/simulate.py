@@ -360,6 +360,7 @@ def simulate(plan: Plan, profile: Profile, *, minibatches: int | None = None) ->
         minibatches=minibatches,
         topology=plan.topology,
         microbatch_size=plan.microbatch_size,
+        chunks=plan.chunks,
     )
 
 

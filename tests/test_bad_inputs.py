@@ -284,11 +284,20 @@ NOT_REGULAR = "not a regular file"
 CASES: list[Case] = [
     # plan: outputs that are inputs, directly, through links and derived names
     case("plan-o-profile", f"{PLAN_CMD} -o {PROFILE}", f"-o {PROFILE} is the profile.*{SAME}"),
-    case("plan-schedule-zbv", f"{PLAN_CMD} --schedule zbv", "simulated but not yet planned"),
     case(
-        "plan-schedule-interleaved",
-        f"{PLAN_CMD} --schedule interleaved-1f1b",
-        "simulated but not yet planned",
+        "plan-schedule-zbv-recompute",
+        f"{PLAN_CMD} --schedule zbv --recompute",
+        "does not recompute activations",
+    ),
+    case(
+        "plan-schedule-interleaved-ilp",
+        f"{PLAN_CMD} --schedule interleaved-1f1b --solver ilp",
+        "--solver ilp plans pipedream, 1f1b and gpipe",
+    ),
+    case(
+        "plan-schedule-auto-pipedream-model",
+        f"{PLAN_CMD} --schedule auto --cost-model pipedream",
+        "has no auto schedule",
     ),
     case("plan-o-dot-profile", f"{PLAN_CMD} -o ./{PROFILE}", SAME),
     case("plan-o-symlink", f"{PLAN_CMD} -o link.json", SAME, symlink("link.json", PROFILE)),

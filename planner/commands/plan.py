@@ -102,10 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument(
         "--schedule",
-        choices=[s.value for s in Schedule],
+        choices=[*(s.value for s in Schedule), "auto"],
         default=None,
         help="pipeline schedule (default: 1f1b, synchronous with a flush); interleaved-1f1b, "
-        "zb-h1 and zbv are simulated (planner.simulate.compare_schedules) but not yet planned",
+        "zb-h1 and zbv run one pipeline whose ranks hold several stages or split the backward; "
+        "auto: the fastest of 1f1b and those three that fits, by simulation (the plan names the "
+        "runner-up); pipedream is asynchronous (stale weights) and never chosen by auto",
     )
     how.add_argument(
         "--microbatches",
@@ -444,13 +446,31 @@ def _profile(args: argparse.Namespace, path: Path | None, outputs: Outputs) -> t
     return profile, path
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.schedule in {s.value for s in RANK_SCHEDULES}:  # before any work
+def _check_rank_schedule_options(args: argparse.Namespace) -> None:
+    """Options a rank schedule (or auto) cannot honour, refused before any work."""
+    name = args.schedule
+    if args.solver == "ilp":
         raise PlanError(
-            f"schedule {args.schedule} is simulated but not yet planned (the optimizer does not "
-            "model its chunks); plan with --schedule 1f1b, then compare schedules with "
-            "planner.simulate.compare_schedules"
+            f"--solver ilp plans pipedream, 1f1b and gpipe; {name} is planned by the DP and the "
+            "simulator; drop --solver or use --schedule 1f1b"
         )
+    if args.cost_model == "pipedream":
+        raise PlanError(
+            f"--cost-model pipedream has no {name} schedule (PipeDream's formulas know one "
+            "pipeline schedule); drop --cost-model or use --schedule pipedream"
+        )
+    if name != "auto" and args.straight:
+        print(f"note: --straight does nothing under {name}: its stages are never replicated")
+    if name != "auto" and args.recompute:
+        raise PlanError(
+            f"schedule {name} does not recompute activations (torch's schedules do not); drop "
+            "--recompute or use --schedule 1f1b"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.schedule in {*(s.value for s in RANK_SCHEDULES), "auto"}:  # before any work
+        _check_rank_schedule_options(args)
     if args.model and args.model_config is not None:
         # imported only when needed: planner.models.hf imports torch (seconds of start-up)
         from planner.models.hf import with_model_config
@@ -485,7 +505,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:  # the JSON names its topology cpu-loopback and carries its links
             print(_loopback_line())
     options = PlanOptions(
-        schedule=Schedule(args.schedule or Schedule.ONE_F_ONE_B),
+        schedule=Schedule(
+            Schedule.ONE_F_ONE_B if args.schedule in (None, "auto") else args.schedule
+        ),
+        auto_schedule=args.schedule == "auto",
         minibatch_size=args.batch_size,
         microbatches=None if args.microbatches == "auto" else args.microbatches,
         auto_microbatches=args.microbatches == "auto",

@@ -110,10 +110,13 @@ def summary(plan: Plan, result: SimulationResult) -> str:
         f"{predicted.samples_per_s:.1f} samples/s; simulated/predicted time {ratio:.3f}",
     ]
     peaks: dict[int, float] = {}
-    for d in result.devices:
-        peaks[d.stage] = max(peaks.get(d.stage, 0.0), d.peak_memory_bytes)
+    for d in result.devices:  # a rank running several stages (chunks) holds them all
+        for s in d.stages or (d.stage,):
+            peaks[s] = max(peaks.get(s, 0.0), d.peak_memory_bytes)
     lines.append(
-        "memory per stage, GiB (predicted / simulated peak): "
+        "memory per stage, GiB (predicted / simulated peak"
+        + (", of the stage's rank" if plan.chunks > 1 else "")
+        + "): "
         + ", ".join(
             f"{s}: {stage.memory_bytes / 1024**3:.2f} / {peaks[s] / 1024**3:.2f}"
             for s, stage in enumerate(plan.stages)
