@@ -174,15 +174,18 @@ def rank_plan(
         solver="dp",
         optimal=False,
         gap=None,
-        note=note
-        or (
-            f"cut: the slowest of {len(stages)} chunks as fast as it can be (exact over the state "
-            f"space){', then the ranks balanced' if candidate.cut == 'ranks' else ''}; "
-            "the shape is the fastest the simulator found"
-        ),
+        note=note or f"cut: {_CUTS[candidate.cut]}; the cut and shape the simulator found fastest",
         baselines=baselines,
         planner_version=__version__,
     )
+
+
+_CUTS = {
+    "min-max": "the slowest chunk as fast as it can be (exact over the state space)",
+    "ranks": "the slowest chunk minimal (exact), then the ranks' loads balanced",
+    "order": "the ranks' loads balanced along the profile's order",
+    "even": "equal layer counts per stage (torch's default split)",
+}
 
 
 def _chain_masks(candidate: RankCandidate, layers: int):  # -> np.ndarray

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ class RankCandidate:
         microbatch_size: Samples per microbatch.
         stages: Layer indices (into the profile given) of the ``p v`` stages, in pipeline order.
         stage_ranks: The rank of each stage.
-        cut: ``"min-max"`` (the slowest chunk minimal, exact) or ``"ranks"`` (then balanced).
+        cut: ``"min-max"`` (the slowest chunk minimal, exact), ``"ranks"`` (then the ranks
+            balanced), ``"order"`` (ranks balanced in the profile's order) or ``"even"`` (equal
+            layer counts, torch's default).
         slowest_chunk_s: The slowest chunk's ``max(C, L_in, L_out)``, seconds.
         minibatch_s: Simulated time per minibatch, seconds.
         peak_bytes: Simulated peak memory of each rank, bytes.
@@ -206,6 +209,63 @@ def balance_ranks(
     return path
 
 
+def _cuts(
+    profile: Profile,
+    tables: DownsetTables,
+    space: StateSpace,
+    topology: Topology,
+    layout: Sequence[int],
+) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The cuts the simulator chooses among, as layer index lists: the exact min-max cut, its
+    rank-balanced refinement, and in the profile's own (topological) order the cut balancing
+    the ranks' compute lexicographically and torch's default of equal layer counts per stage.
+    The last two are often better on chains: the min-max cut is indifferent to every stage but
+    the slowest."""
+    from planner.simulate_costs import rank_balanced_starts
+
+    path, _ = min_max_cut(tables, space, topology, layout)
+    paths = {"min-max": path}
+    if len(set(layout)) < len(layout):
+        paths["ranks"] = balance_ranks(tables, space, topology, layout, path)
+    out: list[tuple[str, list[tuple[int, ...]]]] = []
+    for name, chain in paths.items():
+        stages = [tuple(space.stage(chain[s], chain[s + 1]).tolist()) for s in range(len(layout))]
+        if all(stages != other for _, other in out):
+            out.append((name, stages))
+    count, num = len(profile.layers), len(layout)
+    work = [layer.compute_ms for layer in profile.layers]
+    orders = {
+        "order": rank_balanced_starts(work, layout) if num > 1 else [],
+        "even": [round(i * count / num) for i in range(1, num)],
+    }
+    for name, starts in orders.items():
+        bounds = [0, *starts, count]
+        if any(a >= b for a, b in itertools.pairwise(bounds)):
+            continue
+        stages = [tuple(range(bounds[s], bounds[s + 1])) for s in range(num)]
+        if all(stages != other for _, other in out):
+            out.append((name, stages))
+    return out
+
+
+def _slowest(
+    scaled: Profile,
+    topology: Topology,
+    layout: Sequence[int],
+    stages: Sequence[tuple[int, ...]],
+    optimizer: OptimizerKind,
+) -> float:
+    """The slowest chunk's ``max(C, L_in, L_out)`` of a cut given as layer lists."""
+    masks = np.zeros((len(stages) + 1, len(scaled.layers)), dtype=bool)
+    for s, stage in enumerate(stages):
+        masks[s + 1] = masks[s]
+        masks[s + 1, list(stage)] = True
+    cost = CostModel(scaled, topology, SolverOptions(optimizer=optimizer))
+    tables = DownsetTables.from_masks(cost, masks)
+    compute, links = chunk_costs(tables, topology, layout)
+    return float(_chain_costs(compute, links, list(range(len(stages) + 1))).max())
+
+
 def shapes(
     schedules: Iterable[Schedule], devices: int, layers: int
 ) -> list[tuple[Schedule, int, int]]:
@@ -270,7 +330,7 @@ def plan_rank_schedule(
                 continue
             trials.append((work * minibatch_size / p, schedule, p, v, m))
     trials.sort(key=lambda t: t[0])
-    cuts: dict[tuple[int, tuple[int, ...]], list[tuple[str, list[int], float]]] = {}
+    cuts: dict[tuple[int, tuple[int, ...]], list[tuple[str, list[tuple[int, ...]]]]] = {}
     tables_at: dict[int, DownsetTables] = {}
     best_of: dict[tuple[Schedule, int], RankCandidate] = {}
     fastest = beat_s
@@ -286,18 +346,10 @@ def plan_rank_schedule(
         layout = tuple(stage_ranks(schedule, ranks=p, chunks=v))
         key = (size, layout)
         if key not in cuts:
-            path, slowest = min_max_cut(tables, space, topology, layout)
-            options = [("min-max", path, slowest)]
-            if v > 1:
-                balanced = balance_ranks(tables, space, topology, layout, path)
-                if balanced != path:
-                    compute, links = chunk_costs(tables, topology, layout)
-                    costs = _chain_costs(compute, links, balanced)
-                    options.append(("ranks", balanced, float(costs.max())))
-            cuts[key] = options
+            cuts[key] = _cuts(profile, tables, space, topology, layout)
         scaled = profile.rescale(size)
-        for cut, path, slowest in cuts[key]:
-            layers = [tuple(space.stage(path[s], path[s + 1]).tolist()) for s in range(len(layout))]
+        for cut, layers in cuts[key]:
+            slowest = _slowest(scaled, topology, layout, layers, optimizer)
             stages = layer_stages(
                 scaled,
                 layers,
