@@ -191,7 +191,12 @@ def _search(p: Problem, incumbent: float) -> _Found | None:
 
 
 def _under(p: Problem, bound: float, totals: list[int], best: _Found | None) -> _Found | None:
-    """The best plan with every stage at most ``bound`` (or ``best`` if that is better)."""
+    """The best plan with every stage at most ``bound`` (or ``best`` if that is better).
+
+    ``1f1b``/``gpipe``: returns early, after one program, when the plan found already shows that
+    ``bound`` cannot certify (objective above ``M x bound``); the caller then searches again under
+    ``objective / M``, which certifies in one round (its all-reduce caps are not run twice).
+    """
     work = float(p.t.compute_s[-1])
     m_count = p.microbatches
     n_states = len(p.t.compute_s)
@@ -202,14 +207,18 @@ def _under(p: Problem, bound: float, totals: list[int], best: _Found | None) -> 
             break
         if best is not None and floor * (1 if p.pipedream else m_count) >= best.objective:
             break
-        counts = 0
-        if not p.pipedream:
-            counts = min(total, n_states - 1)
-            if best is not None and floor > 0:
-                counts = min(counts, max(1, math.floor(best.objective / floor) - m_count + 1))
         sync_cap = np.inf
         while True:
-            tab = kernel(p, total, bound, counts, sync_cap)
+            counts, limit = 0, bound
+            if not p.pipedream:
+                # a plan beating ``best`` has (M + S - 1) x slowest < F: at most F / floor - M + 1
+                # stages, each at most F / M
+                counts = min(total, n_states - 1)
+                if best is not None and floor > 0:
+                    counts = min(counts, max(1, math.floor(best.objective / floor) - m_count + 1))
+                if best is not None:
+                    limit = min(bound, best.objective / m_count)
+            tab = kernel(p, total, limit, counts, sync_cap)
             root = _root(p, tab, total, counts, period)
             if root is None:
                 break
@@ -221,7 +230,11 @@ def _under(p: Problem, bound: float, totals: list[int], best: _Found | None) -> 
                 best = _Found(g + y, path, total)
             if p.pipedream or y <= 0 or g >= best.objective:
                 break
-            sync_cap = y
+            if best.objective > m_count * bound * (1 + REL):
+                return best  # ``bound`` cannot certify: the caller raises it to F / M first
+            # a plan whose largest all-reduce is at least F - g has objective at least F (it has
+            # g or more before it): the next cap is the lower of that and this plan's all-reduce
+            sync_cap = min(y, best.objective - g)
     return best
 
 
