@@ -120,6 +120,19 @@ TORCH_CLASSES = {
 """The torch.distributed.pipelining class that runs each schedule under ``--engine torch``."""
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient is made contiguous: gloo and nccl send contiguous tensors
+    only, and torch sizes a stage's gradient buffers by the strides the next stage's gives."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class _FlatStage(nn.Module):
     """A stage module taking and returning flat tensors, as ``PipelineStage`` passes them.
 
@@ -141,14 +154,18 @@ class _FlatStage(nn.Module):
         self._copy = copy_outputs
 
     def forward(self, *tensors: torch.Tensor) -> Any:
+        # the input gradients are sent upstream as they come (a transpose's is transposed)
+        tensors = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in tensors)
         values = self._inputs.unflatten(tensors) if self._inputs is not None else tensors
         out = self.inner(*values)
         if self._outputs is None:
             return out  # the last stage: the model's output, for the loss
         flat = self._outputs.flatten(out, check_grad=False)
         if self._copy:  # see train_torch: torch's split backward detaches outputs in place
-            return tuple(t.clone() for t in flat)
-        return tuple(flat)
+            return tuple(t.clone(memory_format=torch.contiguous_format) for t in flat)
+        # torch sends outputs as they are, and gloo/nccl send contiguous tensors only (CPU
+        # scaled_dot_product_attention returns a transposed layout: a cut right after it failed)
+        return tuple(t.contiguous() for t in flat)
 
 
 def train_torch(

@@ -253,7 +253,10 @@ def test_two_ranks_train_as_a_single_process(trained: dict[str, Any], run: str) 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["interleaved-sgd", "zb-h1-sgd", "zbv-sgd", "zbv-torch"])
+@pytest.mark.parametrize(
+    "run",
+    ["interleaved-sgd", "zb-h1-sgd", "zbv-sgd", "interleaved-torch", "zb-h1-torch", "zbv-torch"],
+)
 def test_same_losses_as_1f1b_step_by_step(trained: dict[str, Any], run: str) -> None:
     def losses(name: str) -> list[float]:
         results = trained["results"][name]

@@ -60,6 +60,8 @@ def _both_engines(plan, tmp_path, *, steps=2, lr=0.1, against_reference=True):
         ("resnet50", ["layer3_0_conv1"], (3, 32, 32), "1f1b"),
         ("vgg16", ["features_17"], (3, 32, 32), "gpipe"),
         ("gpt2-small", ["blocks_6_ln1"], (16,), "1f1b"),
+        # cut right after scaled_dot_product_attention: on CPU its output is not contiguous
+        ("gpt2-tiny", ["transpose"], (16,), "1f1b"),
     ],
 )
 def test_shipped_models_train_the_same_on_both_engines(model, cuts, shape, schedule, tmp_path):
@@ -116,3 +118,26 @@ def test_engine_option_round_trips():
     config = RunConfig(plan_path="p.json", engine=Engine.TORCH)
     assert RunConfig.from_argv(config.to_argv()) == config
     assert RunConfig.from_argv(["p.json"]).engine is Engine.OURS
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_stage_outputs_and_input_gradients_are_contiguous_for_torchs_sends(copy: bool) -> None:
+    # gloo sends contiguous tensors only; torch's PipelineStage sends what the stage returns, and
+    # upstream the input gradient as autograd gives it (a transpose's gradient is transposed)
+    from planner.runtime.comm import BoundaryMeta
+    from planner.runtime.torch_engine import _FlatStage
+
+    class Transposing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (x.transpose(1, 2) * 2,)
+
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    inputs = BoundaryMeta.from_values(["x"], {"x": x})
+    outputs = BoundaryMeta.from_values(["y"], {"y": x.transpose(1, 2)})
+    stage = _FlatStage(Transposing(), inputs, outputs, copy_outputs=copy)
+    (out,) = stage(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, x.transpose(1, 2) * 2)
+    (grad,) = torch.autograd.grad(out, x, torch.ones(2, 4, 3).transpose(1, 2).transpose(1, 2))
+    assert grad.is_contiguous()
+    torch.testing.assert_close(grad, torch.full_like(x, 2.0))
