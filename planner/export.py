@@ -3,7 +3,9 @@
 - ``torch-pipelining``: for ``torch.distributed.pipelining.pipeline``, a ``split_policy``
   (companion ``.py``) that gives exactly the plan's stages, a ``split_spec`` where module names
   suffice, and torchtitan's ``module_fqns_per_model_part`` for transformers
-  (:mod:`planner.export_torch`).
+  (:mod:`planner.export_torch`); the schedule class running the plan's schedule, which stages
+  each rank builds (``stage_to_rank``: loop order, V order for ``zbv``), and every rank's action
+  list as torch's schedule CSV (companion ``.csv``, :mod:`planner.schedule_export`).
 - ``deepspeed``: a ``PipelineModule`` with one ``LayerSpec`` per stage that DeepSpeed partitions
   as planned, and its config (companion ``.py``; :mod:`planner.export_deepspeed`).
 - ``pipedream``: PipeDream's stage-annotated graph (``-- stage_id=K`` on each node line) and its
@@ -127,8 +129,16 @@ def _torch_pipelining(
     note = _replication_note(plan, "torch.distributed.pipelining")
     if note:
         notes.append(note)
-    schedule = "GPipe" if plan.schedule is Schedule.GPIPE else "1F1B"
+    torch_doc, csv_text = _torch_schedule(plan, notes)
+    schedule = str(torch_doc["schedule"])
     hf = bool(fqns)
+    if plan.chunks > 1:
+        build = (
+            f"stages = [pipe.build_stage(s, device) for s in stages_of_rank[rank]]; "
+            f"{schedule}(stages, "
+        )
+    else:
+        build = f"stage = pipe.build_stage(rank, device); {schedule}(stage, "
     doc: dict[str, object] = {
         "format": "torch-pipelining",
         "model": profile.model,
@@ -136,19 +146,24 @@ def _torch_pipelining(
         "split_spec": spec,
         "microbatches": plan.microbatches,
         "microbatch_size": plan.microbatch_size,
-        "schedule": f"Schedule{schedule}",
+        **torch_doc,
         "mb_kwargs": {"use_cache": False} if hf else None,
         "usage": "pipe = pipeline(model, mb_args=(microbatch,), split_policy=split_policy) with "
         "split_policy from the companion .py (or split_spec={fqn: SplitPoint[v]} when split_spec "
-        f"is not null); stage = pipe.build_stage(rank, device); Schedule{schedule}(stage, "
-        "n_microbatches=microbatches, loss_fn=...)",
+        f"is not null); {build}n_microbatches=microbatches, loss_fn=...)"
+        + (
+            "; or load the companion .csv (every rank's actions) with "
+            "_PipelineScheduleRuntime(...)._load_csv(path)"
+            if csv_text
+            else ""
+        ),
     }
     parts = torchtitan_parts(captured, stage_layers, fqns)
     if parts is not None:
         doc["torchtitan"] = {
             "parallelism": {
-                "pipeline_parallel_degree": len(plan.stages),
-                "pipeline_parallel_schedule": schedule,
+                "pipeline_parallel_degree": len(plan.stages) // plan.chunks,
+                "pipeline_parallel_schedule": schedule.removeprefix("Schedule"),
                 "pipeline_parallel_microbatch_size": plan.microbatch_size,
                 "module_fqns_per_model_part": parts,
             }
@@ -162,9 +177,47 @@ def _torch_pipelining(
     )
     return ExportedPlan(
         text=json.dumps(doc, indent=1) + "\n",
-        companions={".py": source},
+        companions={".py": source} | ({".csv": csv_text} if csv_text else {}),
         notes=tuple(notes),
     )
+
+
+def _torch_schedule(plan: Plan, notes: list[str]) -> tuple[dict[str, object], str]:
+    """The plan's schedule in torch's terms (class, ranks, layout) and its per-rank action lists
+    as torch's schedule CSV ("" for ``pipedream``, which torch cannot run)."""
+    from planner.schedule_export import (
+        TORCH_SCHEDULE_CLASSES,
+        schedule_csv,
+        torch_schedule,
+    )
+
+    ranks = len(plan.stages) // plan.chunks
+    if plan.schedule is Schedule.PIPEDREAM:
+        layout = tuple(range(ranks))
+        return {
+            "schedule": TORCH_SCHEDULE_CLASSES[Schedule.ONE_F_ONE_B],
+            "pipeline_ranks": ranks,
+            "stage_to_rank": list(layout),
+            "stages_of_rank": [[r] for r in layout],
+        }, ""
+    try:
+        spec = torch_schedule(
+            plan.schedule, ranks=ranks, microbatches=plan.microbatches, chunks=plan.chunks
+        )
+        layout = spec.stage_to_rank
+    except PlanError as exc:  # Schedule1F1B refuses fewer microbatches than stages
+        notes.append(str(exc))
+        layout = tuple(range(ranks))
+    doc: dict[str, object] = {
+        "schedule": TORCH_SCHEDULE_CLASSES[plan.schedule],
+        "pipeline_ranks": ranks,
+        "stage_to_rank": list(layout),
+        "stages_of_rank": [[s for s, r in enumerate(layout) if r == rank] for rank in range(ranks)],
+    }
+    csv_text = schedule_csv(
+        plan.schedule, ranks=ranks, microbatches=plan.microbatches, chunks=plan.chunks
+    )
+    return doc, csv_text
 
 
 def _captured(

@@ -21,6 +21,8 @@ from planner.plan import Plan
 from planner.planning import PlanOptions, make_plan, shipped_profile
 from planner.profile.capture import capture
 from planner.profile.format import Profile
+from planner.schedule_export import TORCH_SCHEDULE_CLASSES
+from planner.schedules import Schedule
 from planner.topology import Topology
 
 pipelining = pytest.importorskip("torch.distributed.pipelining")
@@ -195,6 +197,60 @@ def test_export_of_a_pipedream_profile_names_the_command_that_profiles_the_model
     with pytest.raises(PlanError, match=r"imported from PipeDream and has no model") as info:
         export_plan(plan, profile, ExportFormat.TORCH_PIPELINING)
     assert "plan profile --model vgg16 --batch-size 128" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "schedule", [Schedule.INTERLEAVED_1F1B, Schedule.ZB_H1, Schedule.ZBV], ids=str
+)
+def test_rank_schedule_exports_torchs_class_layout_and_a_csv_torch_loads(schedule, tmp_path):
+    from test_schedule_export import torch_runtime_loads
+
+    path = shipped_profile("gpt2-small")
+    assert path is not None
+    profile = Profile.load(path)
+    plan = make_plan(
+        profile,
+        path,
+        Topology.from_args(gpus=4),
+        PlanOptions(schedule=schedule, minibatch_size=8, microbatches=8),
+    )
+    spec = load_model("gpt2-small", batch_size=plan.microbatch_size)
+    exported = export_plan(plan, profile, ExportFormat.TORCH_PIPELINING, model=spec)
+    doc = json.loads(exported.text)
+    ranks = len(plan.stages) // plan.chunks
+    assert doc["schedule"] == TORCH_SCHEDULE_CLASSES[schedule]  # not Schedule1F1B
+    assert doc["pipeline_ranks"] == ranks
+    assert [(r,) for r in doc["stage_to_rank"]] == [stage.ranks for stage in plan.stages]
+    assert sorted(s for stages in doc["stages_of_rank"] for s in stages) == list(
+        range(len(plan.stages))
+    )
+    parts = doc["torchtitan"]["parallelism"]
+    assert parts["pipeline_parallel_degree"] == ranks
+    assert parts["pipeline_parallel_schedule"] == doc["schedule"].removeprefix("Schedule")
+    assert len(parts["module_fqns_per_model_part"]) == len(plan.stages)
+    csv = tmp_path / "schedule.csv"
+    csv.write_text(exported.companions[".csv"])
+    runtime = torch_runtime_loads(csv, ranks, len(plan.stages), plan.microbatches)
+    assert runtime.stage_index_to_group_rank == dict(enumerate(doc["stage_to_rank"]))
+
+
+def test_a_1f1b_export_names_schedule1f1b_and_its_csv(tmp_path):
+    from test_schedule_export import torch_runtime_loads
+
+    from planner.export import _torch_schedule
+
+    path = shipped_profile("gpt2-small")
+    assert path is not None
+    plan = make_plan(
+        Profile.load(path), path, Topology.from_args(gpus=4), PlanOptions(straight=True)
+    )
+    notes: list[str] = []
+    doc, text = _torch_schedule(plan, notes)
+    assert doc["schedule"] == "Schedule1F1B" and doc["stage_to_rank"] == [0, 1, 2, 3]
+    csv = tmp_path / "schedule.csv"
+    csv.write_text(text)
+    torch_runtime_loads(csv, 4, 4, plan.microbatches)
 
 
 # --- DeepSpeed -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="FILE",
         help="file to write (pipedream also writes FILE's stem + .conf.json, torch-pipelining "
-        "FILE's stem + .py with the split policy)",
+        "FILE's stem + .py with the split policy and + .csv with every rank's schedule actions)",
     )
     parser.add_argument(
         "--model",
