@@ -455,6 +455,9 @@ class Plan:
             + (
                 f" (simulated; the optimizer's formula: {p.cost_model_minibatch_s * 1e3:.1f} ms)"
                 if p.cost_model_minibatch_s is not None
+                # a rank schedule's plan is ranked and predicted by the simulator alone
+                else " (simulated)"
+                if self.schedule not in PER_STAGE_SCHEDULES
                 else ""
             ),
         ]
@@ -477,7 +480,10 @@ class Plan:
                     f"  {time:>24}{'' if c.fits else '  does not fit'}{tail}"
                 )
         if self.baselines:
-            lines.append("baselines (simulated, as this plan):")
+            # a rank schedule's baselines are 1f1b partitions (the DP's baselines), simulated
+            rank = self.schedule not in PER_STAGE_SCHEDULES
+            label = "under 1f1b, simulated" if rank else "simulated, as this plan"
+            lines.append(f"baselines ({label}):")
             for b in self.baselines:
                 rate = self.minibatch_size / b.minibatch_s if b.minibatch_s > 0 else float("inf")
                 note = printable(b.note, limit=200)

@@ -250,9 +250,11 @@ def choose_plan(
             memory_constraint=options.memory_constraint,
             beat_s=beat,
         )
-    except InfeasibleError:
+    except InfeasibleError as exc:
         if per_stage is None:
-            raise failure or InfeasibleError("nothing fits") from None
+            if failure is None:  # one schedule asked for: its own refusal, values and fix
+                raise
+            raise InfeasibleError(f"{failure}; and {exc}") from None
         found = []
     compared = [
         ScheduleScore(
@@ -290,17 +292,16 @@ def choose_plan(
             optimizer=options.optimizer,
             memory_constraint=options.memory_constraint,
         )
-        scores = tuple(
-            BaselineScore(
-                name=name,
-                minibatch_s=base.minibatch_s,
-                stages=len(base.stages),
-                fits=base.fits,
-                note=base.note,
-            )
-            for name, base in baselines.items()
+        scores = _simulated_baselines(
+            baselines,
+            profile,
+            profile_path,
+            topology,
+            dataclasses.replace(options, schedule=Schedule.ONE_F_ONE_B, auto_schedule=False),
+            minibatch,
+            planned,
         )
-        dp = baselines.get("data-parallel")
+        dp = next((b for b in scores if b.name == "data-parallel"), None)
         chosen = rank_plan(
             best,
             profile,
@@ -320,6 +321,37 @@ def choose_plan(
         schedules_compared=tuple(compared),
         note="; ".join(x for x in (chosen.note, why) if x),
     )
+
+
+def _simulated_baselines(
+    baselines,  # dict[str, Partition]
+    profile: Profile,
+    profile_path: str | os.PathLike[str],
+    topology: Topology,
+    options,  # PlanOptions
+    minibatch: int,
+    planned: Profile,
+) -> tuple[BaselineScore, ...]:
+    """The ``1f1b`` baselines of a rank-schedule plan, each timed by the simulator as the plan is
+    (their formula's time where a baseline is too large to simulate)."""
+    from planner.planning import plan_from_partition
+
+    scores = []
+    for name, base in baselines.items():
+        draft = plan_from_partition(
+            base, profile, profile_path, topology, options, minibatch, planned=planned
+        )
+        simulated = simulated_minibatch_s(draft, profile)
+        scores.append(
+            BaselineScore(
+                name=name,
+                minibatch_s=base.minibatch_s if simulated is None else simulated,
+                stages=len(base.stages),
+                fits=base.fits,
+                note=base.note,
+            )
+        )
+    return tuple(scores)
 
 
 def _why(compared: list[ScheduleScore]) -> str:

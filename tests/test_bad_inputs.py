@@ -295,6 +295,16 @@ CASES: list[Case] = [
         "--solver ilp plans pipedream, 1f1b and gpipe",
     ),
     case(
+        "plan-schedule-zb-h1-microbatches-torch-refuses",
+        f"--profile {PROFILE} --gpus 3 --schedule zb-h1 --batch-size 28 --microbatches 7",
+        r"no shape of zb-h1 can run.*multiple of its 2 rounds.*use 6 or 8 microbatches",
+    ),
+    case(
+        "plan-schedule-zbv-more-stages-than-layers",
+        f"--profile {PROFILE} --gpus 3 --schedule zbv",
+        r"zbv need at least 2 ranks and as many layers as stages.*4 layers on 3 device",
+    ),
+    case(
         "plan-schedule-auto-pipedream-model",
         f"{PLAN_CMD} --schedule auto --cost-model pipedream",
         "has no auto schedule",

@@ -322,11 +322,20 @@ def plan_rank_schedule(
     space = build_states(profile, "auto")
     work = profile.total_compute_ms / 1e3 / profile.batch_size  # seconds per sample
     trials: list[tuple[float, Schedule, int, int, int]] = []
-    for schedule, p, v in shapes(schedules, topology.num_devices, len(profile.layers)):
+    shape_errors: list[str] = []  # torch's constraints, for the refusal when no shape is left
+    tried = shapes(schedules, topology.num_devices, len(profile.layers))
+    if not tried:
+        raise InfeasibleError(
+            f"{', '.join(map(str, schedules))} need at least 2 ranks and as many layers as stages "
+            f"(2 per rank for zbv and interleaved-1f1b); {len(profile.layers)} layers on "
+            f"{topology.num_devices} device(s) give none; use --schedule 1f1b"
+        )
+    for schedule, p, v in tried:
         for m in microbatch_counts:
             try:
                 check_schedule(schedule, ranks=p, microbatches=m, chunks=v)
-            except PlanError:
+            except PlanError as exc:
+                shape_errors.append(str(exc))
                 continue
             trials.append((work * minibatch_size / p, schedule, p, v, m))
     trials.sort(key=lambda t: t[0])
@@ -334,7 +343,7 @@ def plan_rank_schedule(
     tables_at: dict[int, DownsetTables] = {}
     best_of: dict[tuple[Schedule, int], RankCandidate] = {}
     fastest = beat_s
-    refused: list[str] = []
+    refused: list[tuple[float, str]] = []  # (peak bytes, shape)
     for bound, schedule, p, v, m in trials:
         if bound >= fastest:
             break
@@ -383,7 +392,7 @@ def plan_rank_schedule(
                 fits=fits,
             )
             if memory_constraint and not fits:
-                refused.append(f"{schedule} x{v} on {p} ranks, M={m}: {max(peaks) / 2**30:.2f} GiB")
+                refused.append((max(peaks), f"{schedule} x{v} on {p} ranks, M={m}"))
                 continue
             shape = (schedule, v)
             if shape not in best_of or found.minibatch_s < best_of[shape].minibatch_s:
@@ -392,14 +401,17 @@ def plan_rank_schedule(
     out = sorted(best_of.values(), key=lambda c: c.minibatch_s)
     if not out and not math.isfinite(beat_s):
         if refused:
+            peak, smallest = min(refused)
             raise InfeasibleError(
                 f"no shape of {', '.join(map(str, schedules))} fits in "
-                f"{limit / 2**30:.2f} GiB per device (smallest peak: {min(refused)}); "
+                f"{limit / 2**30:.2f} GiB per device (smallest peak: {smallest}: "
+                f"{peak / 2**30:.2f} GiB); "
                 "use more devices, --memory-gb, or --schedule 1f1b with --recompute"
             )
+        why = f" ({shape_errors[0]})" if shape_errors and not trials else ""
         raise InfeasibleError(
             f"no shape of {', '.join(map(str, schedules))} can run: "
             f"{len(profile.layers)} layers on {topology.num_devices} devices with microbatches "
-            f"{list(microbatch_counts)}; use other --microbatches or --schedule 1f1b"
+            f"{list(microbatch_counts)}{why}; use other --microbatches or --schedule 1f1b"
         )
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -196,6 +197,55 @@ def test_rank_schedules_that_cannot_fit_say_so() -> None:
             minibatch_size=16,
             microbatch_counts=[4],
         )
+
+
+def test_a_rank_plans_baselines_are_simulated_as_a_1f1b_plans_are() -> None:
+    # the baselines are 1f1b partitions; their times are the simulator's, not the formula's
+    profile = branched_profile(24, seed=3, batch_size=8)
+    topology = Topology.from_args(gpus=4, bandwidth_gbps=1)
+    rank = _plan(profile, topology, schedule=Schedule.ZBV, minibatch_size=64, microbatches=8)
+    one = _plan(profile, topology, schedule=Schedule.ONE_F_ONE_B, minibatch_size=64, microbatches=8)
+    times = {b.name: b.minibatch_s for b in one.baselines}
+    assert times and {b.name: b.minibatch_s for b in rank.baselines} == pytest.approx(times)
+    assert rank.predicted.data_parallel_s == pytest.approx(one.predicted.data_parallel_s)
+    assert "baselines (under 1f1b, simulated):" in rank.describe()
+
+
+def test_refusals_keep_their_reason() -> None:
+    # one rank schedule asked for: its own reason, not "nothing fits"; auto: both reasons
+    profile = chain([1.0] * 8, params=2 * GIB)
+    topology = Topology.from_args(gpus=2, memory_gb=4)
+    with pytest.raises(InfeasibleError, match=r"no shape of zbv fits in 4\.00 GiB"):
+        _plan(profile, topology, schedule=Schedule.ZBV, minibatch_size=16)
+    with pytest.raises(InfeasibleError, match=r"; and no shape of .* fits in 4\.00 GiB"):
+        _plan(profile, topology, auto_schedule=True, minibatch_size=16)
+
+
+def test_the_refusal_names_the_shape_with_the_smallest_peak() -> None:
+    # the peaks differ by shape; the message names the smallest by bytes, not by name
+    profile = chain([1.0] * 8, out_bytes=64 * 2**20, params=2 * GIB)
+    topology = Topology.from_args(gpus=4, memory_gb=4)
+    schedules = [Schedule.INTERLEAVED_1F1B, Schedule.ZB_H1, Schedule.ZBV]
+    every = plan_rank_schedule(
+        profile,
+        topology,
+        schedules=schedules,
+        minibatch_size=16,
+        microbatch_counts=[4],
+        memory_constraint=False,
+    )
+    assert every and not any(c.fits for c in every)
+    with pytest.raises(InfeasibleError, match="smallest peak") as info:
+        plan_rank_schedule(
+            profile, topology, schedules=schedules, minibatch_size=16, microbatch_counts=[4]
+        )
+    found = re.search(
+        r"smallest peak: (\S+) x\d+ on \d+ ranks, M=4: ([\d.]+) GiB\)", str(info.value)
+    )
+    assert found, str(info.value)
+    peaks = {str(c.schedule): max(c.peak_bytes) / GIB for c in every}
+    assert float(found[2]) <= min(peaks.values()) + 0.005
+    assert float(found[2]) <= peaks[found[1]] + 0.005
 
 
 def test_plans_check_the_rank_layout() -> None:
