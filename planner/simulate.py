@@ -92,8 +92,9 @@ EVENT_KINDS = (
     "allreduce",
     "backward_input",
     "backward_weight",
+    "update",
 )
-COMPUTE_KINDS = ("forward", "backward", "backward_input", "backward_weight")
+COMPUTE_KINDS = ("forward", "backward", "backward_input", "backward_weight", "update")
 EVENT_COLUMNS = (
     "rank",
     "stage",
@@ -132,6 +133,9 @@ class SimStage:
         weight_held_bytes: Of ``activation_bytes``, what a split backward keeps from a
             microbatch's B to its W (the inputs of the weight gradients); the rest is freed at
             the B. Ignored by schedules that do not split the backward.
+        update_s: One optimizer step of the stage's parameters on one replica, seconds; after
+            each all-reduce (or where one would be: once per minibatch, ``pipedream`` once per
+            round of one microbatch on each replica).
     """
 
     forward_s: float
@@ -145,6 +149,7 @@ class SimStage:
     stash_bytes: float = 0.0
     backward_weight_s: float = 0.0
     weight_held_bytes: float = 0.0
+    update_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.ranks:
@@ -160,6 +165,7 @@ class SimStage:
             "stash_bytes",
             "backward_weight_s",
             "weight_held_bytes",
+            "update_s",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -148,6 +148,7 @@ def layer_stages(
                 backward_extra_bytes=saved if recompute else 0.0,
                 weight_held_bytes=0.0 if recompute else min(float(held), saved),
                 stash_bytes=float(params) if schedule is Schedule.PIPEDREAM else 0.0,
+                update_s=0.0 if topology is None else topology.update_s(optimizer, params),
             )
         )
     return out
@@ -333,7 +334,10 @@ def ring_allreduce_s(topology: Topology, ranks: Sequence[int], nbytes: float) ->
     if m < 2 or nbytes <= 0:
         return 0.0
     level = topology.levels[topology.span_level(ranks)]
-    return 2 * (m - 1) / m * nbytes / level.bandwidth_bytes_per_s + 2 * (m - 1) * level.latency_s
+    return (
+        2 * (m - 1) / m * nbytes / level.ring_bandwidth_bytes_per_s
+        + 2 * (m - 1) * level.ring_latency_s
+    )
 
 
 def compare_schedules(

@@ -1,5 +1,12 @@
 """The simulator's event loop: devices advance through their operation lists as far as their
-inputs allow; see :mod:`planner.simulate` for what is modelled."""
+inputs allow; see :mod:`planner.simulate` for what is modelled.
+
+Every forward, backward and weight-gradient operation also costs its device the topology's
+:attr:`planner.topology.Topology.op_overhead_s` (the runtime's own work per operation: posting
+sends and receives, bookkeeping; measured for the ``cpu-loopback`` preset by
+``benchmarks/runtime_overhead.py``, 0 for other topologies): the operation's event spans its
+compute plus that overhead, and what it sends leaves at the end of both.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from planner.topology import Topology
 
 __all__ = ["Engine"]
 
-_F, _B, _SEND, _RECV, _AR, _BI, _W = range(7)  # codes of planner.simulate.EVENT_KINDS
-_COMPUTE = (_F, _B, _BI, _W)
+_F, _B, _SEND, _RECV, _AR, _BI, _W, _UP = range(8)  # codes of planner.simulate.EVENT_KINDS
+_COMPUTE = (_F, _B, _BI, _W, _UP)
 
 
 class Engine:
@@ -43,6 +50,7 @@ class Engine:
         chunks: int,
     ) -> None:
         self.stages, self.schedule, self.topology = list(stages), schedule, topology
+        self.op_overhead_s = topology.op_overhead_s if topology is not None else 0.0
         self.M, self.N, self.mb_size = microbatches, minibatches, microbatch_size
         self.chunks = chunks
         self.total = microbatches * minibatches
@@ -60,18 +68,24 @@ class Engine:
             )
             for r, order in enumerate(orders):
                 self.devices.append((stages[r].ranks[0], r, 0))
-                self.ops.append(
-                    [
-                        (kinds[op.kind], op.stage or 0, k * self.M + op.microbatch)
-                        for k in range(self.N)
-                        for op in order
+                held = sorted({op.stage or 0 for op in order})
+                ops = []
+                for k in range(self.N):
+                    ops += [
+                        (kinds[op.kind], op.stage or 0, k * self.M + op.microbatch) for op in order
                     ]
-                )
+                    # after the minibatch the rank's optimizer steps each of its chunks
+                    ops += [
+                        (_AR, c, k * self.M + self.M - 1) for c in held if stages[c].update_s > 0
+                    ]
+                self.ops.append(ops)
         else:
             for s, st in enumerate(stages):
                 for r, rank in enumerate(st.ranks):
                     self.devices.append((rank, s, r))
-                    self.ops.append(self._device_ops(replicas, s, r, len(st.ranks) > 1))
+                    self.ops.append(
+                        self._device_ops(replicas, s, r, len(st.ranks) > 1 or st.update_s > 0)
+                    )
         self.stages_of: list[tuple[int, ...]] = []
         for d, ops in enumerate(self.ops):
             mine = set()
@@ -103,7 +117,8 @@ class Engine:
     def _device_ops(
         self, replicas: list[int], s: int, r: int, reduce: bool
     ) -> list[tuple[int, int, int]]:
-        """The device's op list from planner.schedules, with an all-reduce per minibatch."""
+        """The device's op list from planner.schedules, with an all-reduce (and optimizer step)
+        per minibatch when ``reduce``."""
         kinds = {"F": _F, "B": _B}
         schedule = self.schedule
         assert schedule in PER_STAGE_SCHEDULES
@@ -159,6 +174,7 @@ class Engine:
         mem_t, mem_v = self.mem_t[d], self.mem_v[d]
         i, t = self.ptr[d], self.free[d]
         last = len(self.stages) - 1
+        overhead = self.op_overhead_s  # the runtime's own time per F, B or W on this device
         while i < len(ops):
             kind, s, g = ops[i]
             st = self.stages[s]
@@ -172,17 +188,20 @@ class Engine:
                     return  # the last replica to arrive releases the others
                 start = self.group_t[key]
                 end = start + st.allreduce_s
+                done = end + st.update_s  # then each replica steps its optimizer
                 for m in arrived:
                     if end > start:
                         ev.append((m, _AR, -1, g // self.M, start, end, -1, 0.0, s))
-                    self.free[m] = end
+                    if done > end:
+                        ev.append((m, _UP, -1, g // self.M, end, done, -1, 0.0, s))
+                    self.free[m] = done
                     self.ptr[m] += 1
                     if m != d:
                         self.queue.append(m)
-                i, t = self.ptr[d], end
+                i, t = self.ptr[d], done
                 continue
             if kind == _W:  # the weight gradient follows this device's own B: no input
-                start, end = t, t + st.backward_weight_s
+                start, end = t, t + st.backward_weight_s + overhead
                 if st.weight_held_bytes:
                     mem_t.append(end)
                     mem_v.append(mem_v[-1] - st.weight_held_bytes)
@@ -196,7 +215,7 @@ class Engine:
                 break
             start = t if t > ready else ready
             if kind == _F:
-                end = start + st.forward_s
+                end = start + st.forward_s + overhead
                 n = self.in_flight[d]
                 mem_t.append(start)
                 mem_v.append(mem_v[-1] + st.activation_bytes + (st.stash_bytes if n else 0.0))
@@ -204,7 +223,12 @@ class Engine:
                 if s < last:
                     self._send(d, rank, s + 1, g, end, st.send_bytes, _F)
             else:
-                end = start + st.backward_s - (st.backward_weight_s if kind == _BI else 0.0)
+                end = (
+                    start
+                    + st.backward_s
+                    - (st.backward_weight_s if kind == _BI else 0.0)
+                    + overhead
+                )
                 n = self.in_flight[d] - 1
                 if st.backward_extra_bytes:
                     mem_t.append(start)

@@ -65,11 +65,19 @@ class Level:
         devices: How many units of the level below (or devices, for level 0) one unit holds.
         bandwidth_bytes_per_s: Point-to-point bandwidth of a link at this level, bytes/s.
         latency_s: Per-message latency of a link at this level, seconds.
+        allreduce_bandwidth_bytes_per_s: Bandwidth one step of a ring all-reduce achieves at this
+            level, bytes/s; None means the links' (an NCCL ring runs at link speed). Set where the
+            collective is measurably slower than point-to-point: gloo on CPU sums on the CPU,
+            between compute (:data:`CPU_LOOPBACK`).
+        allreduce_latency_s: Fixed cost of one step of a ring all-reduce, seconds; None means
+            the links' latency.
     """
 
     devices: int
     bandwidth_bytes_per_s: float
     latency_s: float = 0.0
+    allreduce_bandwidth_bytes_per_s: float | None = None
+    allreduce_latency_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.devices, int) or self.devices < 1:
@@ -80,6 +88,36 @@ class Level:
             )
         if not math.isfinite(self.latency_s) or self.latency_s < 0:
             raise TopologyError(f"latency must be zero or positive, got {self.latency_s!r} s")
+        bw, lat = self.allreduce_bandwidth_bytes_per_s, self.allreduce_latency_s
+        if bw is not None and (not math.isfinite(bw) or bw <= 0):
+            raise TopologyError(f"all-reduce bandwidth must be positive, got {bw!r} bytes/s")
+        if lat is not None and (not math.isfinite(lat) or lat < 0):
+            raise TopologyError(f"all-reduce latency must be zero or positive, got {lat!r} s")
+
+    @property
+    def ring_bandwidth_bytes_per_s(self) -> float:
+        """Bandwidth of one ring all-reduce step (the links' unless measured apart)."""
+        bw = self.allreduce_bandwidth_bytes_per_s
+        return self.bandwidth_bytes_per_s if bw is None else bw
+
+    @property
+    def ring_latency_s(self) -> float:
+        """Fixed cost of one ring all-reduce step (the links' latency unless measured apart)."""
+        lat = self.allreduce_latency_s
+        return self.latency_s if lat is None else lat
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "devices": self.devices,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+            "latency_s": self.latency_s,
+        }
+        # written only when set, so files of topologies without them stay as they were
+        if self.allreduce_bandwidth_bytes_per_s is not None:
+            doc["allreduce_bandwidth_bytes_per_s"] = self.allreduce_bandwidth_bytes_per_s
+        if self.allreduce_latency_s is not None:
+            doc["allreduce_latency_s"] = self.allreduce_latency_s
+        return doc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,12 +132,25 @@ class Topology:
             framework's libraries and runtime), counted in every stage's memory; part of
             ``memory_bytes``. Measured for CPU processes (:data:`CPU_LOOPBACK`); 0 elsewhere:
             on a GPU the CUDA context also takes device memory, but nobody measured it here.
+        op_overhead_s: Seconds each forward or backward operation costs its rank beyond its
+            layers' compute: the runtime's own work per operation (posting its sends and
+            receives, bookkeeping, its share of the data and the optimizer step). The simulator
+            charges it on the rank for every operation. Measured for CPU processes over gloo
+            (:data:`CPU_LOOPBACK`, ``benchmarks/runtime_overhead.py``); 0 elsewhere (not
+            measured on GPUs, where kernels run asynchronously to it).
+        update_s_per_byte: Seconds one optimizer step takes per byte of the parameters it
+            updates, per optimizer kind (``(("sgd", 1.4e-10), ...)``); the simulator charges a
+            stage's step after its minibatch (after the all-reduce). Measured in training runs on
+            this project's CPUs (:data:`CPU_LOOPBACK`); empty elsewhere (on a GPU the step is a
+            few fused kernels).
     """
 
     levels: tuple[Level, ...]
     memory_bytes: float
     name: str = ""
     process_bytes: float = 0.0
+    op_overhead_s: float = 0.0
+    update_s_per_byte: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -110,6 +161,15 @@ class Topology:
             raise TopologyError(
                 f"per-process memory must be zero or positive, got {self.process_bytes!r} bytes"
             )
+        if not math.isfinite(self.op_overhead_s) or self.op_overhead_s < 0:
+            raise TopologyError(
+                f"the overhead per operation must be zero or positive, got {self.op_overhead_s!r} s"
+            )
+        for kind, value in self.update_s_per_byte:
+            if not math.isfinite(value) or value < 0:
+                raise TopologyError(
+                    f"the {kind} step's seconds per byte must be zero or positive, got {value!r}"
+                )
         if self.process_bytes >= self.memory_bytes:
             raise TopologyError(
                 f"a device's memory ({self.memory_bytes / GIB:.3g} GiB) must exceed what each "
@@ -159,7 +219,7 @@ class Topology:
 
         Example:
             >>> with_loopback_links(Topology.from_args(gpus=2)).describe()  # doctest: +ELLIPSIS
-            'cpu-loopback: 2 devices (links ... GB/s + ... us, innermost first), 16 GiB each, ... GiB of it per process'
+            'cpu-loopback: 2 devices (links ... GB/s + ... us, innermost first), 16 GiB each, ... GiB of it per process, ... us of runtime per operation'
         """
         counts = " x ".join(str(lv.devices) for lv in reversed(self.levels))
         bws = ", ".join(
@@ -171,9 +231,14 @@ class Topology:
         process = (
             f", {self.process_bytes / GIB:.2g} GiB of it per process" if self.process_bytes else ""
         )
+        overhead = (
+            f", {self.op_overhead_s * 1e6:.3g} us of runtime per operation"
+            if self.op_overhead_s
+            else ""
+        )
         return (
             f"{label}{counts} devices (links {bws}, innermost first), "
-            f"{self.memory_bytes / GIB:g} GiB each{process}"
+            f"{self.memory_bytes / GIB:g} GiB each{process}{overhead}"
         )
 
     # --- construction --------------------------------------------------------------------
@@ -251,18 +316,26 @@ class Topology:
             "format": "planner.topology/1",
             "name": self.name,
             "memory_bytes": self.memory_bytes,
-            "levels": [
-                {
-                    "devices": lv.devices,
-                    "bandwidth_bytes_per_s": lv.bandwidth_bytes_per_s,
-                    "latency_s": lv.latency_s,
-                }
-                for lv in self.levels
-            ],
+            "levels": [lv.to_dict() for lv in self.levels],
         }
         if self.process_bytes:  # written only when set, so older readers' files stay the same
             doc["process_bytes"] = self.process_bytes
+        if self.op_overhead_s:
+            doc["op_overhead_s"] = self.op_overhead_s
+        if self.update_s_per_byte:
+            doc["update_s_per_byte"] = dict(self.update_s_per_byte)
         return doc
+
+    def update_s(self, optimizer: str, parameter_bytes: float) -> float:
+        """Seconds of one ``optimizer`` step over ``parameter_bytes`` (0 where not measured).
+
+        Example:
+            >>> t = Topology.from_args(gpus=1)
+            >>> measured = Topology(levels=t.levels, memory_bytes=2**30, update_s_per_byte=(("adam", 1e-9),))
+            >>> t.update_s("adam", 1e6), measured.update_s("adam", 1e6), measured.update_s("sgd", 1e6)
+            (0.0, 0.001, 0.0)
+        """
+        return dict(self.update_s_per_byte).get(str(optimizer), 0.0) * parameter_bytes
 
     @classmethod
     def from_dict(cls, doc: Any, what: str = "topology") -> Topology:
@@ -287,6 +360,10 @@ class Topology:
                     devices=lv["devices"],
                     bandwidth_bytes_per_s=float(lv["bandwidth_bytes_per_s"]),
                     latency_s=float(lv.get("latency_s", 0.0)),
+                    allreduce_bandwidth_bytes_per_s=_optional_float(
+                        lv.get("allreduce_bandwidth_bytes_per_s")
+                    ),
+                    allreduce_latency_s=_optional_float(lv.get("allreduce_latency_s")),
                 )
                 for lv in doc["levels"]
             )
@@ -298,6 +375,11 @@ class Topology:
                 memory_bytes=memory,
                 name=printable(doc.get("name", ""), limit=60),
                 process_bytes=float(doc.get("process_bytes", 0.0)),
+                op_overhead_s=float(doc.get("op_overhead_s", 0.0)),
+                update_s_per_byte=tuple(
+                    (str(kind), float(value))
+                    for kind, value in dict(doc.get("update_s_per_byte", {})).items()
+                ),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TopologyError(
@@ -377,12 +459,27 @@ class LoopbackLinks:
         process_bytes: Resident memory of a rank before it builds a model: torch imported, the
             gloo group joined, one tiny training step taken (kernels and autograd loaded).
         source: How and when the numbers were measured.
+        allreduce_latency_s: Fixed cost of one step of gloo's ring all-reduce after compute
+            (:attr:`Level.allreduce_latency_s`), seconds.
+        allreduce_bandwidth_bytes_per_s: Bandwidth of one step of that all-reduce, bytes/s.
+        allreduce_source: How and when the all-reduce was measured.
+        op_overhead_s: The runtime's own seconds per forward or backward on a rank
+            (:attr:`Topology.op_overhead_s`); 0 leaves it out.
+        op_overhead_source: How and when ``op_overhead_s`` was measured.
+        update_s_per_byte: The optimizer step's seconds per parameter byte, per optimizer kind
+            (:attr:`Topology.update_s_per_byte`), measured as ``op_overhead_s`` is.
     """
 
     latency_s: float
     bandwidth_bytes_per_s: float
     process_bytes: float
     source: str
+    allreduce_latency_s: float | None = None
+    allreduce_bandwidth_bytes_per_s: float | None = None
+    allreduce_source: str = ""
+    op_overhead_s: float = 0.0
+    op_overhead_source: str = ""
+    update_s_per_byte: tuple[tuple[str, float], ...] = ()
 
 
 CPU_LOOPBACK_NAME = "cpu-loopback"
@@ -396,31 +493,59 @@ CPU_LOOPBACK = LoopbackLinks(
         "fastest of 50 round trips per size (load 3.5: busy; the median was ~2 ms a message), "
         "resident set after a tiny training step; benchmarks/RESULTS.md"
     ),
+    allreduce_latency_s=130.3e-6,
+    allreduce_bandwidth_bytes_per_s=1.148e9,
+    allreduce_source=(
+        "python benchmarks/loopback_links.py --iters 50 --max-mib 64, 2026-12-06 19:39 UTC, "
+        "load 0.9 (quiet): the median all_reduce of 2 ranks right after ~2 ms of compute, 4 B to "
+        "64 MiB, fitted as a 2-rank ring (2 x 130 us + bytes / 1.15 GB/s); benchmarks/RESULTS.md"
+    ),
+    op_overhead_s=360e-6,
+    op_overhead_source=(
+        "python benchmarks/runtime_overhead.py --repeats 3 --steps 12, 2026-12-06 19:37 UTC, "
+        "load 0.2-1.2 (quiet), this project's 2-core VM, plan run's defaults (gloo, 1 thread per "
+        "rank): the median over the mlp (1f1b; sgd, momentum, adam), gpt2-tiny (gpipe) and "
+        "gpt2-tiny (2 replicas) runs' ranks of (send + other) / operations from the run reports; "
+        "the optimizer step per parameter byte from the mlp runs' update times; "
+        "benchmarks/RESULTS.md"
+    ),
+    update_s_per_byte=(("sgd", 0.135e-9), ("momentum", 0.287e-9), ("adam", 1.082e-9)),
 )
 """gloo on loopback as measured on this project's machine: the ``cpu-loopback`` links."""
 
 
 def with_loopback_links(topology: Topology, links: LoopbackLinks = CPU_LOOPBACK) -> Topology:
-    """``topology`` with its innermost level's links and the per-process memory of CPU processes
-    talking over gloo on loopback (:data:`CPU_LOOPBACK`), named ``cpu-loopback``; levels across
-    machines keep their links (gloo between machines goes over their network).
+    """``topology`` with its innermost level's links, the per-process memory and the runtime's
+    per-operation overhead of CPU processes talking over gloo on loopback (:data:`CPU_LOOPBACK`),
+    named ``cpu-loopback``; levels across machines keep their links (gloo between machines goes
+    over their network).
 
     Example:
         >>> t = with_loopback_links(Topology.from_args(gpus=4))
         >>> t.name, t.levels[0].latency_s == CPU_LOOPBACK.latency_s, t.process_bytes > 0
         ('cpu-loopback', True, True)
+        >>> t.op_overhead_s == CPU_LOOPBACK.op_overhead_s > 0
+        True
     """
     inner = Level(
         devices=topology.levels[0].devices,
         bandwidth_bytes_per_s=links.bandwidth_bytes_per_s,
         latency_s=links.latency_s,
+        allreduce_bandwidth_bytes_per_s=links.allreduce_bandwidth_bytes_per_s,
+        allreduce_latency_s=links.allreduce_latency_s,
     )
     return Topology(
         levels=(inner, *topology.levels[1:]),
         memory_bytes=topology.memory_bytes,
         name=CPU_LOOPBACK_NAME,
         process_bytes=links.process_bytes,
+        op_overhead_s=links.op_overhead_s,
+        update_s_per_byte=links.update_s_per_byte,
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 _UNITS = {"": GB, "gb/s": GB, "gbps": GB / 8, "gbit/s": GB / 8, "mb/s": 1e6, "b/s": 1.0}

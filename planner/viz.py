@@ -53,6 +53,7 @@ COLORS = {
     "backward_weight": "#FFC000",
     "communication": "#70AD47",
     "allreduce": "#8E6BB8",
+    "update": "#7F7F7F",
     "idle": "#F2F2F2",
     "limit": "#C00000",
 }
@@ -74,6 +75,7 @@ _LEGEND = {
     "backward": "backward",
     "backward_input": "backward, input gradient (B)",
     "backward_weight": "backward, weight gradient (W)",
+    "update": "optimizer step",
 }
 _GIB = 1024**3
 _DPI = 100

@@ -178,6 +178,12 @@ def test_process_memory_is_checked_and_written_only_when_set():
 
 
 def _cpu_profile(tmp_path):
+    path = tmp_path / "p.json"
+    _cpu_profile_object().save(path)
+    return path
+
+
+def _cpu_profile_object():
     from planner.profile.format import LayerProfile, Profile
 
     layers = tuple(
@@ -192,9 +198,7 @@ def _cpu_profile(tmp_path):
         )
         for i in range(4)
     )
-    path = tmp_path / "p.json"
-    Profile(model="m", batch_size=4, layers=layers, device="cpu").save(path)
-    return path
+    return Profile(model="m", batch_size=4, layers=layers, device="cpu")
 
 
 def test_plan_from_a_cpu_profile_gets_loopback_links_unless_links_are_given(tmp_path, capsys):
@@ -263,3 +267,108 @@ def test_plans_count_each_process_memory_in_every_stage(tmp_path):
     assert make_plan(profile, path, fits, options).stages
     with pytest.raises(InfeasibleError):
         make_plan(profile, path, dataclasses.replace(fits, process_bytes=process), options)
+
+
+def test_op_overhead_is_checked_and_written_only_when_set():
+    """``Topology.op_overhead_s``: the runtime's seconds per operation; 0 by default (GPU presets,
+    user links), measured for cpu-loopback, round-tripped, refused when negative or not finite."""
+    from planner.topology import CPU_LOOPBACK, with_loopback_links
+
+    plain = Topology.from_args(gpus=2)
+    assert plain.op_overhead_s == 0.0 and "op_overhead_s" not in plain.to_dict()
+    assert "per operation" not in plain.describe()
+    for name in PRESETS:
+        assert Topology.preset(name).op_overhead_s == 0.0
+    for bad in (-1e-6, float("nan"), float("inf")):
+        with pytest.raises(TopologyError, match="overhead per operation"):
+            Topology(levels=plain.levels, memory_bytes=2**30, op_overhead_s=bad)
+    with pytest.raises(TopologyError):
+        Topology.from_dict(plain.to_dict() | {"op_overhead_s": "slow"})
+    with pytest.raises(TopologyError, match="overhead per operation"):
+        Topology.from_dict(plain.to_dict() | {"op_overhead_s": -0.5})
+    # the preset's number is measured, with its source, and carried by the topology
+    loop = with_loopback_links(plain)
+    assert loop.op_overhead_s == CPU_LOOPBACK.op_overhead_s
+    assert 1e-6 < CPU_LOOPBACK.op_overhead_s < 0.01
+    assert "benchmarks/runtime_overhead.py" in CPU_LOOPBACK.op_overhead_source
+    assert "us of runtime per operation" in loop.describe()
+    doc = json.loads(json.dumps(loop.to_dict()))
+    assert doc["op_overhead_s"] == CPU_LOOPBACK.op_overhead_s
+    assert Topology.from_dict(doc) == loop
+    # an older file without the field reads as no overhead
+    del doc["op_overhead_s"]
+    assert Topology.from_dict(doc).op_overhead_s == 0.0
+
+
+def test_a_plan_keeps_its_topologys_op_overhead(tmp_path):
+    """The overhead travels in the plan (schema-checked) and old plans without it still load."""
+    import dataclasses
+
+    from planner.cli import main
+    from planner.plan import Plan
+
+    profile = _cpu_profile(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["--profile", str(profile), "--gpus", "2", "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.topology.op_overhead_s > 0
+    assert Plan.from_json(plan.to_json()) == plan
+    doc = json.loads(out.read_text())
+    del doc["topology"]["op_overhead_s"]
+    old = Plan.from_json(json.dumps(doc))
+    assert old.topology == dataclasses.replace(plan.topology, op_overhead_s=0.0)
+
+
+def test_allreduce_links_default_to_the_point_to_point_ones_and_round_trip():
+    """``Level.allreduce_*``: None means the links' numbers; set, they are what every all-reduce
+    (cost model, DP, bounds, ILP, simulator) charges, and they travel in JSON."""
+    from planner.optimize.cost import CostModel
+    from planner.optimize.formulas import allreduce_s
+    from planner.topology import CPU_LOOPBACK, Level, with_loopback_links
+
+    plain = Level(devices=4, bandwidth_bytes_per_s=2e9, latency_s=1e-5)
+    assert (plain.ring_bandwidth_bytes_per_s, plain.ring_latency_s) == (2e9, 1e-5)
+    assert "allreduce_latency_s" not in plain.to_dict()
+    slow = Level(
+        devices=4,
+        bandwidth_bytes_per_s=2e9,
+        latency_s=1e-5,
+        allreduce_bandwidth_bytes_per_s=5e8,
+        allreduce_latency_s=2e-4,
+    )
+    topo = Topology(levels=(slow,), memory_bytes=2**34)
+    assert Topology.from_dict(json.loads(json.dumps(topo.to_dict()))) == topo
+    for bad in ({"allreduce_bandwidth_bytes_per_s": 0.0}, {"allreduce_latency_s": -1.0}):
+        with pytest.raises(TopologyError, match="all-reduce"):
+            Level(devices=2, bandwidth_bytes_per_s=1e9, **bad)
+    with pytest.raises(TopologyError):
+        Topology.from_dict(
+            topo.to_dict() | {"levels": [slow.to_dict() | {"allreduce_latency_s": "fast"}]}
+        )
+    profile = _cpu_profile_object()
+    cost = CostModel(profile, topo)
+    assert cost.allreduce_level_s(1e6, 4, 0) == pytest.approx(allreduce_s(1e6, 4, 5e8, 2e-4))
+    loop = with_loopback_links(Topology.from_args(gpus=2))
+    assert loop.levels[0].ring_latency_s == CPU_LOOPBACK.allreduce_latency_s
+    assert loop.levels[0].ring_bandwidth_bytes_per_s == CPU_LOOPBACK.allreduce_bandwidth_bytes_per_s
+    assert "loopback_links.py" in CPU_LOOPBACK.allreduce_source
+
+
+def test_update_cost_per_byte_is_checked_and_round_trips():
+    from planner.topology import CPU_LOOPBACK, with_loopback_links
+
+    plain = Topology.from_args(gpus=2)
+    assert plain.update_s("adam", 1e9) == 0.0 and "update_s_per_byte" not in plain.to_dict()
+    loop = with_loopback_links(plain)
+    costs = dict(CPU_LOOPBACK.update_s_per_byte)
+    assert set(costs) == {"sgd", "momentum", "adam"}
+    assert costs["sgd"] < costs["momentum"] < costs["adam"]  # state buffers cost passes
+    assert loop.update_s("adam", 1e6) == pytest.approx(costs["adam"] * 1e6)
+    doc = json.loads(json.dumps(loop.to_dict()))
+    assert doc["update_s_per_byte"] == costs
+    assert Topology.from_dict(doc) == loop
+    for bad in (-1e-9, float("nan")):
+        with pytest.raises(TopologyError, match="seconds per byte"):
+            Topology(levels=plain.levels, memory_bytes=2**30, update_s_per_byte=(("sgd", bad),))
+    with pytest.raises(TopologyError):
+        Topology.from_dict(plain.to_dict() | {"update_s_per_byte": ["sgd"]})

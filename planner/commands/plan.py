@@ -321,10 +321,14 @@ def _loopback_default(args: argparse.Namespace, profile: Profile) -> bool:
 def _loopback_line() -> str:
     """The plan summary's first line when the plan got the ``cpu-loopback`` links."""
     links = CPU_LOOPBACK
+    ring = with_loopback_links(Topology.from_args(gpus=1)).levels[0]
     return (
         f"links: cpu-loopback preset (gloo on loopback between this machine's CPU processes, "
         f"measured: {links.latency_s * 1e6:.3g} us a message, "
         f"{links.bandwidth_bytes_per_s / 1e9:.3g} GB/s; "
+        f"all-reduce {ring.ring_bandwidth_bytes_per_s / 1e9:.3g} GB/s + "
+        f"{ring.ring_latency_s * 1e6:.3g} us a step; {links.op_overhead_s * 1e6:.3g} us of "
+        "runtime per operation and the optimizer's step; "
         f"{links.process_bytes / GIB:.2g} GiB per process in each stage's memory); "
         "pass --bandwidth or --topology for GPUs"
     )

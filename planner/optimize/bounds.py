@@ -199,7 +199,8 @@ def _allreduce_floor(cost: CostModel, replicas: np.ndarray, nbytes: np.ndarray) 
     for level, lv in enumerate(topo.levels):
         value = np.where(
             (m > 1) & (nb > 0),
-            steps / np.maximum(m, 1.0) * nb / lv.bandwidth_bytes_per_s + steps * lv.latency_s,
+            steps / np.maximum(m, 1.0) * nb / lv.ring_bandwidth_bytes_per_s
+            + steps * lv.ring_latency_s,
             0.0,
         )
         best = np.where(level >= first, np.minimum(best, value), best)
@@ -363,7 +364,7 @@ def _allreduce_per_byte(cost: CostModel, replicas: np.ndarray) -> np.ndarray:
         first = np.where(m <= topo.block_size(level), level, first)
     best = np.full(m.shape, np.inf)
     for level, lv in enumerate(topo.levels):
-        value = 2.0 * (m - 1.0) / m / lv.bandwidth_bytes_per_s
+        value = 2.0 * (m - 1.0) / m / lv.ring_bandwidth_bytes_per_s
         best = np.where(level >= first, np.minimum(best, value), best)
     return best
 

@@ -332,7 +332,7 @@ class CostModel:
         if level < 0:
             return 0.0
         lv = self.topology.levels[level]
-        return allreduce_s(nbytes, replicas, lv.bandwidth_bytes_per_s, lv.latency_s)
+        return allreduce_s(nbytes, replicas, lv.ring_bandwidth_bytes_per_s, lv.ring_latency_s)
 
     def link_level_s(self, nbytes: float, level: int) -> float:
         """Link seconds per microbatch at a topology level (-1: same device, 0 s)."""

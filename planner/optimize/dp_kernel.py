@@ -41,8 +41,10 @@ class Problem:
     succ: list[np.ndarray]
     devices: int
     blocks: tuple[int, ...]  # devices per unit of every level but the outermost
-    bandwidth: np.ndarray  # per level
+    bandwidth: np.ndarray  # per level, of its links
     latency: np.ndarray
+    ring_bandwidth: np.ndarray  # per level, of one ring all-reduce step
+    ring_latency: np.ndarray
     max_replicas: int
     memory_cap: float
     schedule: Schedule
@@ -75,6 +77,8 @@ def build_problem(cost: CostModel, space: StateSpace) -> Problem:
         blocks=tuple(topo.block_size(lv) for lv in range(len(topo.levels) - 1)),
         bandwidth=np.array([lv.bandwidth_bytes_per_s for lv in topo.levels]),
         latency=np.array([lv.latency_s for lv in topo.levels]),
+        ring_bandwidth=np.array([lv.ring_bandwidth_bytes_per_s for lv in topo.levels]),
+        ring_latency=np.array([lv.ring_latency_s for lv in topo.levels]),
         max_replicas=1 if o.straight else n,
         memory_cap=cost.memory_limit_bytes if o.memory_constraint else np.inf,
         schedule=o.schedule,
@@ -129,7 +133,7 @@ def allreduce_seconds(p: Problem, params: np.ndarray, reps: np.ndarray, first, l
     level = link_level(first, last, p.blocks) if p.levels > 1 else 0
     out = np.zeros(np.broadcast_shapes(np.shape(params), m.shape, np.shape(level)))
     for lv in range(p.levels):
-        ring = 2 * (m - 1) / m * params / p.bandwidth[lv] + 2 * (m - 1) * p.latency[lv]
+        ring = 2 * (m - 1) / m * params / p.ring_bandwidth[lv] + 2 * (m - 1) * p.ring_latency[lv]
         out = np.where(np.asarray(level) == lv, ring, out) if p.levels > 1 else ring + out
     return np.where((m > 1) & (params > 0), out, 0.0)
 

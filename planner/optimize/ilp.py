@@ -191,6 +191,8 @@ def _offsets(replicas: list[int]) -> list[int]:
 class _Level:
     bandwidth: float
     latency: float
+    ring_bandwidth: float  # of one all-reduce step (Level.ring_bandwidth_bytes_per_s)
+    ring_latency: float
 
 
 class _Model:
@@ -208,7 +210,13 @@ class _Model:
         cuts = DownsetTables.from_masks(cost, masks).cut_bytes
         self.pipedream = o.cost_model is CostModelKind.PIPEDREAM
         self.levels = [
-            _Level(lv.bandwidth_bytes_per_s, lv.latency_s) for lv in cost.topology.levels
+            _Level(
+                lv.bandwidth_bytes_per_s,
+                lv.latency_s,
+                lv.ring_bandwidth_bytes_per_s,
+                lv.ring_latency_s,
+            )
+            for lv in cost.topology.levels
         ]
 
         # units: time relative to total compute, memory relative to the device memory
@@ -292,7 +300,7 @@ class _Model:
 
         # has_p[s] = 1 when the stage owns parameters: only then does an all-reduce pay latency
         has_p: list[pulp.LpVariable | float] = [0.0] * slots
-        if p_tot > 0 and any(lv.latency > 0 for lv in self.levels):
+        if p_tot > 0 and any(lv.ring_latency > 0 for lv in self.levels):
             has_p = [prob.add_variable(f"p_{s}", cat="Binary") for s in S]
             for s in S:
                 prob += (1.0 / p_tot) * params[s] <= has_p[s]
@@ -307,9 +315,9 @@ class _Model:
             if level < 0 or m <= 1:
                 return 0.0, 0.0
             lv = self.levels[level]
-            return allreduce_s(1.0, m, lv.bandwidth, 0.0), allreduce_s(1.0, m, 1.0, lv.latency) - (
-                allreduce_s(1.0, m, 1.0, 0.0)
-            )
+            return allreduce_s(1.0, m, lv.ring_bandwidth, 0.0), allreduce_s(
+                1.0, m, 1.0, lv.ring_latency
+            ) - (allreduce_s(1.0, m, 1.0, 0.0))
 
         # Stage work, disaggregated by placement (no big-M on B): yc[s, d, m] carries slot s's
         # compute and yp[s, d, m] its share of the parameters when it runs on ranks d..d+m-1, so
@@ -409,7 +417,7 @@ class _Model:
                 if self.pipedream
                 else max(
                     (
-                        allreduce_s(p_tot, m, lv.bandwidth, lv.latency)
+                        allreduce_s(p_tot, m, lv.ring_bandwidth, lv.ring_latency)
                         for lv in self.levels
                         for m in reps
                     ),
