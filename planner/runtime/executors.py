@@ -299,6 +299,11 @@ class FlushSchedule:
         optimizer: The stage's optimizer (None for a stage without parameters).
         clipper: Clips the whole model's gradient after the all-reduce (None: no clipping).
         buffers: Combines a replicated stage's BatchNorm statistics at the flush.
+        loss_group: On the last stage when replicated: the group of its replicas. Each step
+            then sums the replicas' losses in the gradient all-reduce (one collective fewer)
+            into :attr:`loss_sum`.
+        loss_sum: After :meth:`step` with a ``loss_group``: the sum of the minibatch's
+            microbatch losses over every replica.
     """
 
     executor: StageExecutor
@@ -308,7 +313,9 @@ class FlushSchedule:
     optimizer: torch.optim.Optimizer | None
     clipper: GradientClipper | None = None
     buffers: BufferSync | None = None
+    loss_group: Any = None
     step_s: float = 0.0
+    loss_sum: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is Schedule.PIPEDREAM:
@@ -348,7 +355,11 @@ class FlushSchedule:
         ex.plan_receives(ops, window=2 * depth)
         ex.run_ops(ops, inputs=inputs, targets=targets)
         ex.p2p.flush()
-        self.sync.all_reduce()
+        losses = ex.take_losses()
+        local = None
+        if self.loss_group is not None:
+            local = torch.stack(losses).sum() if losses else torch.zeros((), device=ex.p2p.device)
+        self.loss_sum = self.sync.all_reduce(local, extra_group=self.loss_group)
         if self.buffers is not None:
             self.buffers.finish()
         start = time.perf_counter()
@@ -358,4 +369,4 @@ class FlushSchedule:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step_s += time.perf_counter() - start
-        return ex.take_losses()
+        return losses

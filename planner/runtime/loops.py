@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from planner.errors import PlannerError
 from planner.plan import Plan
@@ -204,6 +203,7 @@ def run_flush(ctx: StageContext) -> LoopResult:
         optimizer=ctx.optimizer(),
         clipper=ctx.clipper(),
         buffers=buffers,
+        loss_group=ctx.stage_group if ctx.is_last else None,
     )
     logs = ctx.replica == 0 and ctx.is_last
     mine = sum(1 for op in runner.ops if op.kind == "F")
@@ -222,9 +222,10 @@ def run_flush(ctx: StageContext) -> LoopResult:
         )
         loss = float("nan")
         if ctx.is_last:  # the minibatch's loss: mean of its microbatches' over all replicas
-            total = torch.stack(losses).sum() if losses else torch.zeros((), device=ctx.device)
-            if ctx.stage_group is not None:
-                dist.all_reduce(total, group=ctx.stage_group)
+            if runner.loss_sum is not None:  # summed in the gradient all-reduce
+                total = runner.loss_sum
+            else:
+                total = torch.stack(losses).sum() if losses else torch.zeros((), device=ctx.device)
             loss = total.item() / plan.microbatches
         wall = time.perf_counter() - t0
         steps.append(
