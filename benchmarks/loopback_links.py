@@ -10,8 +10,13 @@ busy machine a message often waits a scheduler tick (~2 ms) for its receiver to 
 the median shows and the fastest leaves out, as the CPU-time profiles leave out the time other
 jobs hold the core (both predict the machine when quiet). A line
 ``t = latency + bytes / bandwidth`` is fitted by least squares on the relative error (so the
-small messages fix the latency and the large ones the bandwidth). A 2-rank ``all_reduce`` is timed too, to compare with the ring formula the cost model
-uses (``2 (m - 1) latency + 2 (m - 1) / m * bytes / bandwidth``).
+small messages fix the latency and the large ones the bandwidth).
+
+The gradient all-reduce is timed as the runtime calls it: each rank first computes (a fixed
+burst of matrix products, ~2 ms, as a backward ends) and then calls ``all_reduce``; the median
+per size is fitted as a 2-rank ring, ``t = 2 latency + bytes / bandwidth``, which gives the
+preset's ``allreduce_latency_s`` and ``allreduce_bandwidth_bytes_per_s`` (gloo sums on the CPU,
+in threads that compete with the ranks' own: several times slower than its point-to-point).
 
 Memory: each rank's resident set (``/proc/self/statm``) right after ``import torch``, after
 joining the gloo group, and after one tiny training step (a Linear(4, 4) forward, backward and
@@ -95,12 +100,15 @@ def _rank(rank: int, port: int, sizes: list[int], iters: int, out: str) -> None:
         p2p_median[nbytes] = statistics.median(samples)
         dist.barrier()
         ar = []
+        work = torch.randn(160, 160)
         for i in range(iters + 3):
+            for _ in range(40):  # ~2 ms of compute, as a backward ends before the all-reduce
+                work @ work
             t0 = time.perf_counter()
             dist.all_reduce(buf)
             if i >= 3:
                 ar.append(time.perf_counter() - t0)
-        allreduce[nbytes] = min(ar)
+        allreduce[nbytes] = statistics.median(ar)
         dist.barrier()
     dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
     one_way = [ranks[0]["p2p_one_way_s"][str(n)] for n in sizes]
     latency, bandwidth = fit_link(sizes, one_way)
+    reduce = [ranks[0]["allreduce_s"][str(n)] for n in sizes]
+    ring_two_latency, ring_bandwidth = fit_link(sizes, reduce)
     when = datetime.datetime.now(datetime.timezone.utc)
     print(
         f"{when:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {os.cpu_count()} cores, load "
@@ -154,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'bytes':>10} {'one way us':>11} {'median us':>10} {'fit us':>8} "
-        f"{'all_reduce us':>14} {'ring us':>8}"
+        f"{'all_reduce us':>14} {'fit us':>8}"
     )
     for n, t in zip(sizes, one_way, strict=True):
         ar = ranks[0]["allreduce_s"][str(n)]
         med = ranks[0]["p2p_one_way_median_s"][str(n)]
-        ring = 2 * latency + n / bandwidth  # 2 (m - 1) latency + 2 (m - 1) / m * n / bw, m = 2
+        ring = ring_two_latency + n / ring_bandwidth  # 2 (m - 1) L + 2 (m - 1) / m * n / B, m = 2
         print(
             f"{n:>10} {t * 1e6:>11.1f} {med * 1e6:>10.1f} {(latency + n / bandwidth) * 1e6:>8.1f} "
             f"{ar * 1e6:>14.1f} {ring * 1e6:>8.1f}"
@@ -168,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     rss = {k: max(r[f"rss_{k}_bytes"] for r in ranks) for k in ("import", "group", "step")}
     print(
         f"fit: latency {latency * 1e6:.1f} us, bandwidth {bandwidth / 1e9:.3f} GB/s\n"
+        f"all-reduce after compute (median), fitted as a 2-rank ring: latency per step "
+        f"{ring_two_latency / 2 * 1e6:.1f} us, bandwidth {ring_bandwidth / 1e9:.3f} GB/s\n"
         f"rank resident set, MiB (larger rank): after import torch {rss['import'] / mib:.0f}, "
         f"after joining gloo {rss['group'] / mib:.0f}, after a tiny training step "
         f"{rss['step'] / mib:.0f}"
@@ -182,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     "one_way_s": one_way,
                     "latency_s": latency,
                     "bandwidth_bytes_per_s": bandwidth,
+                    "allreduce_latency_s": ring_two_latency / 2,
+                    "allreduce_bandwidth_bytes_per_s": ring_bandwidth,
                     "ranks": ranks,
                 },
                 indent=1,

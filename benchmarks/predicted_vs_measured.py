@@ -190,7 +190,9 @@ def build_plan(
         comm = 2 * (topology.transfer_s(inbound, 0) + topology.transfer_s(sim.send_bytes, 0))
         compute = sim.forward_s + sim.backward_s
         params = sum(profile.layers[profile.index(n)].parameter_bytes for n in stage.layers)
-        reduce = allreduce_s(params, stage.replicas, level.bandwidth_bytes_per_s, level.latency_s)
+        reduce = allreduce_s(
+            params, stage.replicas, level.ring_bandwidth_bytes_per_s, level.ring_latency_s
+        )
         real.append(
             dataclasses.replace(
                 stage,
