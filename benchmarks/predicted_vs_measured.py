@@ -140,6 +140,24 @@ def _cut(profile: Profile, fraction: float) -> int:
     return len(profile.layers) - 1
 
 
+def profile_target(target: Target, folder: Path) -> Profile:
+    """Profile ``target``'s model as ``plan profile`` does by default (the threads a rank of a
+    2-rank run gets, CPU time for one thread) and save it as ``folder/profile.json``."""
+    threads = rank_threads(ranks_on_host=DEFAULT_PROFILE_RANKS)
+    clock = time.process_time if default_clock("cpu", threads) == "cpu" else time.perf_counter
+    folder.mkdir(parents=True, exist_ok=True)
+    profile = profile_model(
+        target.model,
+        batch_size=target.microbatch_size,
+        input_shape=target.input_shape,
+        threads=threads,
+        clock=clock,
+        progress=False,
+    )
+    profile.save(folder / "profile.json")
+    return profile
+
+
 def build_plan(
     profile: Profile, profile_path: Path, topology: Topology, target: Target
 ) -> tuple[Plan, dict[int, float]]:
@@ -323,16 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and args.only not in target.name:
             continue
         folder = out / target.name.replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        profile = profile_model(  # what `plan profile` does by default
-            target.model,
-            batch_size=target.microbatch_size,
-            input_shape=target.input_shape,
-            threads=threads,
-            clock=clock,
-            progress=False,
-        )
-        profile.save(folder / "profile.json")
+        profile = profile_target(target, folder)
         plan, memory = build_plan(profile, folder / "profile.json", DEFAULT_TOPOLOGY, target)
         runs = sorted(
             (_run(plan, folder, f"run-{i}", args.steps) for i in range(args.repeats)),

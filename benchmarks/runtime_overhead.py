@@ -39,7 +39,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,7 @@ sys.path.insert(0, str(HERE))
 import predicted_vs_measured as pvm  # noqa: E402  (a sibling script, not a package)
 
 from planner.plan import Plan  # noqa: E402
-from planner.profile.conditions import DEFAULT_PROFILE_RANKS, default_clock, rank_threads  # noqa: E402
-from planner.profile.measure import profile_model  # noqa: E402
+from planner.profile.conditions import DEFAULT_PROFILE_RANKS, rank_threads  # noqa: E402
 from planner.runtime.config import Backend, RunConfig  # noqa: E402
 from planner.runtime.worker import DistEnv, load_spec, train  # noqa: E402
 from planner.schedules import OptimizerKind  # noqa: E402
@@ -120,20 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out or tempfile.mkdtemp(prefix="overhead-"))
     threads = rank_threads(ranks_on_host=DEFAULT_PROFILE_RANKS)
-    clock = time.process_time if default_clock("cpu", threads) == "cpu" else time.perf_counter
     rows: list[dict[str, Any]] = []
     for target in _targets():
         folder = out / target.name.replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        profile = profile_model(
-            target.model,
-            batch_size=target.microbatch_size,
-            input_shape=target.input_shape,
-            threads=threads,
-            clock=clock,
-            progress=False,
-        )
-        profile.save(folder / "profile.json")
+        profile = pvm.profile_target(target, folder)
         plan, _ = pvm.build_plan(profile, folder / "profile.json", pvm.DEFAULT_TOPOLOGY, target)
         stage_params = [
             sum(profile.layers[profile.index(n)].parameter_bytes for n in st.layers)
