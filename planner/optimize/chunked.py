@@ -269,18 +269,27 @@ def _slowest(
 def shapes(
     schedules: Iterable[Schedule], devices: int, layers: int
 ) -> list[tuple[Schedule, int, int]]:
-    """``(schedule, ranks p, chunks v)`` to try: every device, then halves of it (at least 2
-    ranks), each with the chunk counts of :data:`CHUNK_CHOICES` that the layers can fill."""
+    """``(schedule, ranks p, chunks v)`` to try, most ranks first: every device, then halves of
+    it (at least 2 ranks), and with more devices than the layers can fill the most that they
+    can (``layers // v`` ranks), each with the chunk counts of :data:`CHUNK_CHOICES`.
+
+    Example:
+        >>> [p for _, p, _ in shapes([Schedule.ZB_H1], devices=16, layers=10)]
+        [10, 8, 4, 2]
+    """
     out = []
     for schedule in schedules:
         if schedule not in RANK_SCHEDULES:
             raise PlanError(f"schedule {schedule} is not a rank schedule")
+        halves = []
         p = devices
         while p >= 2:
-            for v in CHUNK_CHOICES[schedule]:
-                if p * v <= layers:
-                    out.append((schedule, p, v))
+            halves.append(p)
             p //= 2
+        for v in CHUNK_CHOICES[schedule]:
+            most = min(devices, layers // v)  # torch's even split fills this many
+            ranks = {r for r in halves if r * v <= layers} | ({most} if most >= 2 else set())
+            out += [(schedule, r, v) for r in sorted(ranks, reverse=True)]
     return out
 
 

@@ -137,11 +137,20 @@ def test_balance_ranks_reaches_the_best_rank_loads_on_the_v() -> None:
 def test_shapes_halve_the_ranks_and_respect_the_layers() -> None:
     got = shapes([Schedule.ZBV, Schedule.ZB_H1], devices=8, layers=10)
     assert got == [
+        (Schedule.ZBV, 5, 2),  # the most ranks 10 layers fill, as torch's even split does
         (Schedule.ZBV, 4, 2),
         (Schedule.ZBV, 2, 2),
         (Schedule.ZB_H1, 8, 1),
         (Schedule.ZB_H1, 4, 1),
         (Schedule.ZB_H1, 2, 1),
+    ]
+    assert [p for _, p, _ in shapes([Schedule.ZB_H1], devices=64, layers=50)] == [
+        50,
+        32,
+        16,
+        8,
+        4,
+        2,
     ]
     with pytest.raises(PlanError, match="not a rank schedule"):
         shapes([Schedule.ONE_F_ONE_B], devices=8, layers=10)
@@ -209,6 +218,13 @@ def test_a_rank_plans_baselines_are_simulated_as_a_1f1b_plans_are() -> None:
     assert times and {b.name: b.minibatch_s for b in rank.baselines} == pytest.approx(times)
     assert rank.predicted.data_parallel_s == pytest.approx(one.predicted.data_parallel_s)
     assert "baselines (under 1f1b, simulated):" in rank.describe()
+
+
+def test_more_devices_than_layers_fills_as_many_ranks_as_layers() -> None:
+    # 6 equal layers on 8 devices: 6 ranks (torch's even split) beat the 4 a halving gives
+    profile = chain([1.0] * 6, out_bytes=0)
+    plan = _plan(profile, Topology.from_args(gpus=8), schedule=Schedule.ZB_H1, minibatch_size=24)
+    assert plan.num_ranks == 6
 
 
 def test_refusals_keep_their_reason() -> None:
