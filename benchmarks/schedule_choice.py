@@ -29,6 +29,7 @@ from pathlib import Path
 
 from planner.errors import PlannerError
 from planner.optimize.chunked import CHUNK_CHOICES
+from planner.plan import ScheduleScore
 from planner.planning import PlanOptions, make_plan
 from planner.profile import LayerProfile, Profile
 from planner.schedules import RANK_SCHEDULES, OptimizerKind, Schedule
@@ -137,7 +138,8 @@ def main() -> None:
     }
     print(
         "| model | devices | minibatch | auto plan | auto ms | best 1f1b ms | auto / 1f1b speed-up "
-        "| torch even split, same schedule and M (ms) | seconds to plan |"
+        "| each rank schedule: auto's best (ms @ranks) vs torch's even split, same schedule, "
+        "chunks and M | seconds to plan |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, profile in models.items():
@@ -163,7 +165,9 @@ def main() -> None:
                     print(f"| {name} | {n} | {batch} | {exc} |")
                     continue
                 seconds = time.perf_counter() - t
-                by = {c.schedule: c for c in auto.schedules_compared}
+                by: dict[str, ScheduleScore] = {}  # each schedule's fastest shape (listed first)
+                for c in auto.schedules_compared:
+                    by.setdefault(c.schedule, c)
                 one = by.get("1f1b")
                 shape = f"{auto.schedule}" + (f" x{auto.chunks}" if auto.chunks > 1 else "")
                 shape += f", {auto.num_ranks} ranks, M={auto.microbatches}"
@@ -177,10 +181,9 @@ def main() -> None:
                         even = even_split(profile, topology, sched, p, v, m, batch // m)
                     except PlannerError:  # torch's shape rules
                         even = None
-                    ours = f"{c.minibatch_s * 1e3:.0f}" if c is not None else "-"
-                    evens.append(
-                        f"{sched}: {ours} vs {even * 1e3:.0f}" if even else f"{sched}: {ours} vs -"
-                    )
+                    ours = f"{c.minibatch_s * 1e3:.0f} @{c.ranks}" if c is not None else "-"
+                    theirs = f"{even * 1e3:.0f} @{p}" if even else "-"
+                    evens.append(f"{sched}: {ours} vs {theirs}")
                 ratio = (
                     f"{one.minibatch_s / auto.predicted.minibatch_s:.2f}x"
                     if one
