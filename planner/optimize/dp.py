@@ -27,7 +27,12 @@ largest all-reduce`` (:func:`~planner.optimize.cost.schedule_objective`): the pr
 the slowest stage per stage count, and the all-reduce term is handled by capping the stages'
 all-reduce strictly below the last plan's largest and solving again until the rest of the
 objective alone can no longer improve (each plan found is the best with all-reduces below the
-cap; the optimum's largest all-reduce is below every earlier cap).
+cap; the optimum's largest all-reduce is below every earlier cap). The next cap is also at most
+``F - g`` (``F`` the best objective so far, ``g`` the last plan's objective without its
+all-reduce: a plan with a larger all-reduce cannot beat ``F``). Solving again does not start
+over: each cell records the largest all-reduce along its chosen suffix, and only the cells whose
+suffix the new cap removes are computed again
+(:func:`~planner.optimize.dp_kernel.lower_cap`).
 
 Speed: the search is *bounded*. For a trial bound ``b`` on the slowest stage, a stage of compute
 ``C`` needs ``m >= C / b`` devices, so the devices a suffix can use lie in the window
@@ -35,9 +40,12 @@ Speed: the search is *bounded*. For a trial bound ``b`` on the slowest stage, a 
 ``pipedream``: ``b`` starts at 1.1 x the perfect balance ``total work / N`` and grows by 1.1x
 until a plan is found; that plan is optimal (every plan not searched has a stage slower than
 ``b``). ``1f1b``/``gpipe``: a plan of objective ``F`` found under ``b`` is optimal once
-``F <= M b`` (a plan with a stage slower than ``b`` costs more than ``M b``); otherwise ``b``
-becomes ``F / M`` and one more search certifies it. Stage counts that cannot beat the best
-objective found, ``(M + S - 1) x total work / N > F``, are not tracked.
+``F <= M b`` (a plan with a stage slower than ``b`` costs more than ``M b``), or once
+``F <= (M + 1) b`` when no one-stage plan costs less than ``F`` (a plan of two stages or more
+with a stage slower than ``b`` costs more than ``(M + 1) b``); otherwise ``b`` becomes ``F / M``
+(or ``F / (M + 1)``) and one more search certifies it. Stage counts that cannot beat the best
+objective found (or reach the best baseline's), ``(M + S - 1) x total work / N > F``, are not
+tracked, and neither are all-reduces of ``F - M x total work / N`` or more.
 
 With idle devices allowed, multi-level topologies solve one program per total ``T`` modulo the
 devices of one outermost unit (levels only see positions modulo that size), largest first,
@@ -77,6 +85,7 @@ from planner.optimize.dp_kernel import (
     kernel,
     link_level,
     loose_variant,
+    lower_cap,
 )
 from planner.optimize.dp_pipedream import solve_pipedream
 from planner.optimize.feasibility import check_fits, explain_infeasible
@@ -136,13 +145,16 @@ class _Found:
     total: int
 
 
-def search(cost: CostModel, space: StateSpace) -> tuple[list[tuple[int, int, int]], float] | None:
+def search(
+    cost: CostModel, space: StateSpace, *, incumbent: float | None = None
+) -> tuple[list[tuple[int, int, int]], float] | None:
     """The optimal stages ``[(start state, end state, replicas), ...]`` and objective, or None.
 
-    Stages take contiguous ranks in order from rank 0 (module docstring).
+    Stages take contiguous ranks in order from rank 0 (module docstring). ``incumbent``: the
+    objective of a plan known to be in the space (default: the best fitting baseline's).
     """
     p = build_problem(cost, space)
-    found = _search(p, _incumbent(cost))
+    found = _search(p, _incumbent(cost) if incumbent is None else incumbent)
     return None if found is None else (found.path, found.objective)
 
 
@@ -173,13 +185,17 @@ def _search(p: Problem, incumbent: float) -> _Found | None:
     totals = list(range(n, max(n - period, 0), -1)) if p.allow_fewer else [n]
     ceiling = incumbent / per_bound * (1 + 1e-6) if np.isfinite(incumbent) else np.inf
     bound = min(1.1 * work / n, ceiling) if work > 0 else ceiling
+    single = np.inf if p.pipedream else _one_stage_floor(p)
     best: _Found | None = None
     while True:
-        best = _under(p, bound, totals, best)
-        if best is not None and best.objective <= per_bound * bound * (1 + REL):
+        cert = _certifies(p, bound, single)
+        best = _under(p, bound, totals, best, ceiling * per_bound, cert)
+        if best is not None and best.objective <= cert * (1 + REL):
             return best
         if best is not None:  # anything better has every stage faster than F (1f1b/gpipe: F / M)
             bound = best.objective / per_bound
+            if not p.pipedream and single >= best.objective:  # ... or F / (M + 1)
+                bound = best.objective / (per_bound + 1)
             continue
         if not np.isfinite(bound):
             return None
@@ -190,12 +206,51 @@ def _search(p: Problem, incumbent: float) -> _Found | None:
             bound = np.inf
 
 
-def _under(p: Problem, bound: float, totals: list[int], best: _Found | None) -> _Found | None:
+def _certifies(p: Problem, bound: float, single: float) -> float:
+    """The objective up to which the best plan with every stage at most ``bound`` is optimal.
+
+    A plan not searched has a stage slower than ``bound``: ``pipedream`` costs more than
+    ``bound``; ``1f1b``/``gpipe`` more than ``(M + S - 1) x bound``, so more than
+    ``(M + 1) x bound`` with two stages or more, and one stage costs at least ``single``
+    (:func:`_one_stage_floor`) and more than ``M x bound``.
+    """
+    if p.pipedream:
+        return bound
+    m_count = p.microbatches
+    return min((m_count + 1) * bound, max(single, m_count * bound))
+
+
+def _one_stage_floor(p: Problem) -> float:
+    """No one-stage plan costs less (``1f1b``/``gpipe``): ``M`` microbatches of the whole model
+    on ``m`` replicas plus their all-reduce, at the best position, memory ignored."""
+    work = float(p.t.compute_s[-1])
+    params = float(p.t.parameter_bytes[-1])
+    reps = np.arange(1, min(p.devices, p.max_replicas) + 1)[:, None]
+    # positions modulo one outermost unit are all the all-reduce can see
+    first = np.arange(p.blocks[-1] if p.blocks else 1)[None, :]
+    ar = allreduce_seconds(p, np.array([[params]]), reps, first, first + reps - 1)
+    share = (-(-p.microbatches // reps[:, 0])) / p.microbatches
+    return float(np.min(p.microbatches * work * share + np.min(ar, axis=1)))
+
+
+def _under(
+    p: Problem,
+    bound: float,
+    totals: list[int],
+    best: _Found | None,
+    cutoff: float,
+    cert: float = np.inf,
+) -> _Found | None:
     """The best plan with every stage at most ``bound`` (or ``best`` if that is better).
 
-    ``1f1b``/``gpipe``: returns early, after one program, when the plan found already shows that
-    ``bound`` cannot certify (objective above ``M x bound``); the caller then searches again under
-    ``objective / M``, which certifies in one round (its all-reduce caps are not run twice).
+    ``cutoff``: an objective some plan of the space reaches (a baseline's, with slack), or inf;
+    plans above it are not searched. ``cert``: what :func:`_certifies` allows under ``bound``.
+
+    ``1f1b``/``gpipe``: one table per total, filled once and then updated in place under each
+    lower all-reduce cap (:func:`~planner.optimize.dp_kernel.lower_cap`). Returns early, after
+    the first cap, when the plan found already shows that ``bound`` cannot certify (objective
+    above ``M x bound``); the caller then searches again under ``objective / M``, which
+    certifies in one round.
     """
     work = float(p.t.compute_s[-1])
     m_count = p.microbatches
@@ -205,20 +260,21 @@ def _under(p: Problem, bound: float, totals: list[int], best: _Found | None) -> 
         floor = work / total  # the slowest stage of any plan on ``total`` devices or fewer
         if floor > bound * (1 + REL):
             break
-        if best is not None and floor * (1 if p.pipedream else m_count) >= best.objective:
+        # what a plan must beat (``best``) or reach (``cutoff``) to matter
+        target = min(best.objective if best is not None else np.inf, cutoff)
+        if floor * (1 if p.pipedream else m_count) >= target:
             break
-        sync_cap = np.inf
+        counts, limit, sync_cap = 0, bound, np.inf
+        if not p.pipedream and np.isfinite(target):
+            # (M + S - 1) x slowest <= target: at most target / floor - M + 1 stages, each at most
+            # target / M; and its largest all-reduce is below target - M x floor
+            counts = max(1, math.floor(target / floor) - m_count + 1) if floor > 0 else n_states
+            limit = min(bound, target / m_count)
+            sync_cap = target * (1 + REL) - m_count * floor
+        if not p.pipedream:
+            counts = min(counts or n_states, total, n_states - 1)
+        tab = kernel(p, total, limit, counts, sync_cap)
         while True:
-            counts, limit = 0, bound
-            if not p.pipedream:
-                # a plan beating ``best`` has (M + S - 1) x slowest < F: at most F / floor - M + 1
-                # stages, each at most F / M
-                counts = min(total, n_states - 1)
-                if best is not None and floor > 0:
-                    counts = min(counts, max(1, math.floor(best.objective / floor) - m_count + 1))
-                if best is not None:
-                    limit = min(bound, best.objective / m_count)
-            tab = kernel(p, total, limit, counts, sync_cap)
             root = _root(p, tab, total, counts, period)
             if root is None:
                 break
@@ -230,11 +286,15 @@ def _under(p: Problem, bound: float, totals: list[int], best: _Found | None) -> 
                 best = _Found(g + y, path, total)
             if p.pipedream or y <= 0 or g >= best.objective:
                 break
-            if best.objective > m_count * bound * (1 + REL):
-                return best  # ``bound`` cannot certify: the caller raises it to F / M first
+            if g > cert * (1 + REL):
+                # every plan left under this bound and cap costs more than g: none certifies,
+                # so the caller raises the bound at once
+                return best
             # a plan whose largest all-reduce is at least F - g has objective at least F (it has
             # g or more before it): the next cap is the lower of that and this plan's all-reduce
-            sync_cap = min(y, best.objective - g)
+            f = best.objective  # as for the first fill: stage counts and stages that can beat F
+            fewer = max(1, math.floor(f / floor) - m_count + 1) if floor > 0 else counts
+            tab = lower_cap(p, tab, min(y, f - g), bound=f / m_count, counts=min(counts, fewer))
     return best
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "kernel",
     "link_level",
     "loose_variant",
+    "lower_cap",
 ]
 
 REL = 1e-9  # relative slack for float comparisons against trial bounds
@@ -152,6 +153,13 @@ class Tables:
     arg_j: np.ndarray
     arg_m: np.ndarray
     arg_l: np.ndarray
+    # 1f1b/gpipe: the largest all-reduce along each cell's chosen suffix (what a cap tests)
+    path_y: np.ndarray
+    total: int = 0
+    limit: float = np.inf
+    scale: float = 0.0
+    counts: int = 0
+    active: int = 0  # stage counts still filled (lower_cap may drop the larger ones)
 
     def rows(self, states: np.ndarray, rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Flat rows of cells ``(states, rs)`` (broadcast) and whether they are in the window."""
@@ -194,25 +202,71 @@ def kernel(p: Problem, total: int, bound: float, counts: int, sync_cap: float) -
         arg_j=np.full(shape, -1, dtype=np.int32),
         arg_m=np.zeros(shape, dtype=np.int32),
         arg_l=np.zeros(shape, dtype=np.int8),
+        path_y=np.zeros(shape if counts else (0, 1, 1)),
+        total=total,
+        limit=limit,
+        scale=scale,
+        counts=counts,
+        active=counts,
     )
     tab.value[offset[last]] = np.inf
     tab.value[offset[last], :, 0] = 0.0
-    o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
     for k in range(last - 1, -1, -1):
         if width[k] == 0 or len(p.succ[k]) == 0:
             continue
         if k == 0 and hi[0] < lo[0]:
             continue
-        _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac)
+        _fill(p, tab, k, int(lo[k]), int(hi[k]), sync_cap, None)
     return tab
 
 
-def _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac) -> None:
-    """One state's row: every (devices from here, incoming variant, stage count) cell."""
+def lower_cap(
+    p: Problem, tab: Tables, sync_cap: float, *, bound: float = np.inf, counts: int | None = None
+) -> Tables:
+    """``tab`` (filled by :func:`kernel`, ``1f1b``/``gpipe``) under a lower all-reduce cap.
+
+    Lowering the cap only removes candidates, so no cell's value decreases. A cell whose chosen
+    suffix has every all-reduce below the new cap (``path_y < sync_cap``) therefore keeps its
+    value and choice (its suffix is still allowed and nothing else got better); only the other
+    cells are computed again, states last to first as in :func:`kernel`, against successors
+    that are already final.
+
+    ``bound`` and ``counts`` may also shrink (the caller's best plan improved): cells above the
+    bound and stage counts above ``counts`` then become empty (inf) and are not filled again.
+    """
+    last = len(p.t.compute_s) - 1
+    if counts is not None and 0 < counts < tab.active:
+        tab.value[:, :, counts + 1 :] = np.inf
+        tab.active = counts
+    limit = bound * (1 + REL)
+    if limit < tab.limit:
+        tab.value[tab.value > limit] = np.inf
+        tab.limit, tab.scale = limit, 1.0 / limit if limit > 0 else 0.0
+    for k in range(last - 1, -1, -1):
+        a, b = int(tab.offset[k]), int(tab.offset[k] + tab.hi[k] - tab.lo[k] + 1)
+        if b <= a:
+            continue
+        dirty = np.isfinite(tab.value[a:b]) & (tab.path_y[a:b] >= sync_cap)
+        if not dirty.any():
+            continue
+        tab.value[a:b][dirty] = np.inf
+        tab.arg_j[a:b][dirty] = -1
+        tab.path_y[a:b][dirty] = 0.0
+        at = np.flatnonzero(dirty.any(axis=(1, 2)))
+        r_from, r_to = int(tab.lo[k] + at[0]), int(tab.lo[k] + at[-1])
+        _fill(p, tab, k, r_from, r_to, sync_cap, dirty[at[0] : at[-1] + 1])
+    return tab
+
+
+def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
+    """One state's row: every (devices from here, incoming variant, stage count) cell with
+    ``r_from <= devices <= r_to`` (``only``: of those, the cells to write; None for all)."""
     t = p.t
     work = t.compute_s
     js = p.succ[k]
-    rs = np.arange(tab.lo[k], tab.hi[k] + 1)
+    total, limit, scale, counts = tab.total, tab.limit, tab.scale, tab.active
+    o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
+    rs = np.arange(r_from, r_to + 1)
     # replicas: enough for the stage's compute within the bound, leaving the rest its minimum
     r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - REL).astype(np.int64))
     r_hi = np.minimum(p.max_replicas, rs[-1] - tab.lo[js])
@@ -221,16 +275,28 @@ def _fill(p, tab, k, total, limit, scale, counts, sync_cap, o_fac) -> None:
         return
     js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
     # bounded memory: next states in chunks of at most _CHUNK_CELLS candidate cells
-    per_j = (int((r_hi - r_lo).max()) + 1) * len(rs) * p.variants * tab.value.shape[2]
+    per_j = (int((r_hi - r_lo).max()) + 1) * len(rs) * p.variants * (counts + 1)
     size = max(1, _CHUNK_CELLS // max(per_j, 1))
     for start in range(0, len(js), size):
         part = slice(start, start + size)
         _fill_chunk(
-            p, tab, k, js[part], r_lo[part], r_hi[part], rs, total, limit, counts, sync_cap, o_fac
+            p,
+            tab,
+            k,
+            js[part],
+            r_lo[part],
+            r_hi[part],
+            rs,
+            total,
+            limit,
+            counts,
+            sync_cap,
+            o_fac,
+            only,
         )
 
 
-def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o_fac) -> None:
+def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o_fac, only) -> None:
     """The cells of state ``k`` reachable through next states ``js``, merged into the table."""
     t = p.t
     work = t.compute_s
@@ -260,10 +326,10 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
     alive = fits & (rest >= 0) & r_ok[:, :, None]
     # the rest after j: its value under each outgoing level, the best level kept
     rows, in_window = tab.rows(js[:, None, None], np.maximum(rest, 0))
-    nxt = np.where(
-        (in_window & alive)[..., None, None], tab.value[rows], np.inf
-    )  # (j, w, d, variants, cols)
-    nxt = nxt[..., :-1] if counts else nxt  # the rest has one stage fewer
+    # (j, w, d, variants, cols); the rest has one stage fewer
+    rest_values = tab.value[:, :, :counts] if counts else tab.value
+    nxt = np.where((in_window & alive)[..., None, None], rest_values[rows], np.inf)
+    alpha = None
     if p.levels == 1:
         out = _link(p, t.cut_bytes[js], 0)[:, None, None] * share
         tail = np.maximum(out[..., None], nxt[..., 0, :])
@@ -283,7 +349,7 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
         tail_l = stacked.argmin(axis=0).astype(np.int8)
         tail = np.take_along_axis(stacked, tail_l[None].astype(np.int64), axis=0)[0]
     n_d = len(rs)
-    base_row = tab.offset[k]
+    base_row = tab.offset[k] + rs[0] - tab.lo[k]
     variants = [0] if k == 0 else range(p.variants)
     beta = (
         link_level(first[None, None, :] - 1, end - 1, p.blocks) if p.levels > 1 and k > 0 else None
@@ -311,12 +377,31 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
         chosen_l = tail_l.reshape(-1, n_d, cand.shape[-1])
         chosen_l = np.take_along_axis(chosen_l, best[None], axis=0)[0]
         sl = slice(base_row, base_row + n_d)
-        cols = slice(1, None) if counts else slice(0, 1)
+        cols = slice(1, counts + 1) if counts else slice(0, 1)
         better = value < tab.value[sl, v, cols]  # earlier chunks may hold better cells
-        for array, new in (
+        if only is not None:
+            better &= only[:, v, cols]
+        updates = [
             (tab.value, value),
             (tab.arg_j, js[bj]),
             (tab.arg_m, reps[bj, bw]),
             (tab.arg_l, chosen_l),
-        ):
+        ]
+        if counts:
+            updates.append((tab.path_y, _path_y(p, tab, ar, rows, alpha, bj, bw, chosen_l)))
+        for array, new in updates:
             array[sl, v, cols] = np.where(better, new, array[sl, v, cols])
+
+
+def _path_y(p, tab, ar, rows, alpha, bj, bw, chosen_l) -> np.ndarray:
+    """The largest all-reduce along each chosen suffix: the chosen stage's and its rest's."""
+    d = np.arange(bj.shape[0])[:, None]
+    col = np.arange(bj.shape[1])[None, :]  # the rest's column (one stage fewer)
+    row = rows[bj, bw, d]
+    ar = np.broadcast_to(ar, rows.shape)  # one level: the same at every position
+    if p.levels == 1:
+        variant = np.zeros_like(row)
+    else:
+        lv = chosen_l.astype(np.int64)
+        variant = np.where(alpha[bj, bw, d] == lv, 2 * lv, 2 * lv + 1)
+    return np.maximum(ar[bj, bw, d], tab.path_y[row, variant, col])
