@@ -89,6 +89,7 @@ from planner.optimize.dp_kernel import (
 )
 from planner.optimize.dp_pipedream import solve_pipedream
 from planner.optimize.feasibility import check_fits, explain_infeasible
+from planner.optimize.refine import band_space
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
 
@@ -108,7 +109,8 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
 
     Returns:
         The optimum over the state space and contiguous ranks, scored by
-        :meth:`CostModel.evaluate` (``solver="dp"``, ``optimal=True``).
+        :meth:`CostModel.evaluate` (``solver="dp"``, ``optimal=True``); on a thinned space,
+        then improved over the states thinning dropped near its boundaries (:func:`_refine`).
 
     Raises:
         InfeasibleError: No partition fits in memory; the message names what would fit.
@@ -129,7 +131,9 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
     found = search(cost, space)
     if found is None:
         raise explain_infeasible(cost, lambda c: search(c, space) is not None)
-    path, _ = found
+    path, objective = found
+    if space.pool is not None:  # a thinned space: move the boundaries finely
+        space, path = _refine(cost, space, path, objective)
     stages = [space.stage(k, j).tolist() for k, j, _ in path]
     replicas = [m for _, _, m in path]
     return cost.evaluate(stages, replicas, solver="dp", optimal=True)
@@ -156,6 +160,29 @@ def search(
     p = build_problem(cost, space)
     found = _search(p, _incumbent(cost) if incumbent is None else incumbent)
     return None if found is None else (found.path, found.objective)
+
+
+#: Rounds of local refinement at most (each one a DP over the bands around the boundaries).
+_REFINE_ROUNDS = 4
+
+
+def _refine(
+    cost: CostModel, space: StateSpace, path: list[tuple[int, int, int]], objective: float
+) -> tuple[StateSpace, list[tuple[int, int, int]]]:
+    """The plan ``path`` on the thinned ``space``, improved over the states thinning dropped
+    near its boundaries (:mod:`planner.optimize.refine`); the space its path indexes."""
+    compute = np.asarray(cost.compute_s, dtype=float)
+    current = space
+    for _ in range(_REFINE_ROUNDS):
+        boundaries = [current.masks[j] for _, j, _ in path[:-1]]
+        if not boundaries:
+            break
+        bands = band_space(space, boundaries, compute)
+        found = search(cost, bands, incumbent=objective)
+        if found is None or found[1] >= objective * (1 - 1e-9):
+            break
+        current, (path, objective) = bands, found
+    return current, path
 
 
 def _incumbent(cost: CostModel) -> float:

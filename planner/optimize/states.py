@@ -122,6 +122,8 @@ class StateSpace:
             state (activation bytes of its augmented antichain); else None.
         complete: Every downset of the graph is a state, so a DP exact over the space is
             optimal over every partition (added later; False by default, safe for old callers).
+        pool: For a thinned space, the masks of every state before thinning (what
+            :mod:`planner.optimize.refine` moves a plan's boundaries among); else None.
     """
 
     masks: np.ndarray
@@ -129,6 +131,7 @@ class StateSpace:
     kind: str
     frontier_bytes: np.ndarray | None = None
     complete: bool = False
+    pool: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -357,10 +360,17 @@ def _build(profile: Profile, kind: str) -> StateSpace:
         for v in seg:
             base |= 1 << v
         ends.append(base)
+    pool: list[int] | None = None
     if len(bitsets) > MAX_STATES:
+        pool = bitsets
         bitsets, seg_of = _thin(graph, bitsets, seg_of, set(ends), THINNED_STATES)
         complete = False
-    return _from_bitsets(graph, bitsets, kind, seg_of, complete=complete)
+    space = _from_bitsets(graph, bitsets, kind, seg_of, complete=complete)
+    if pool is None:
+        return space
+    masks = np.stack([_bits_to_mask(b, n) for b in pool])
+    masks.setflags(write=False)
+    return dataclasses.replace(space, pool=masks)
 
 
 def _is_chain(graph: _Graph) -> bool:
