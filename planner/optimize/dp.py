@@ -89,9 +89,10 @@ from planner.optimize.dp_kernel import (
 )
 from planner.optimize.dp_pipedream import solve_pipedream
 from planner.optimize.feasibility import check_fits, explain_infeasible
-from planner.optimize.refine import band_space
+from planner.optimize.refine import NARROW, WIDE, band_space
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
+from planner.schedules import Schedule
 
 __all__ = ["MAX_DEVICES", "search", "solve"]
 
@@ -172,12 +173,13 @@ def _refine(
     """The plan ``path`` on the thinned ``space``, improved over the states thinning dropped
     near its boundaries (:mod:`planner.optimize.refine`); the space its path indexes."""
     compute = np.asarray(cost.compute_s, dtype=float)
+    p_dream = cost.options.schedule is Schedule.PIPEDREAM  # many stages: wide bands pay off
     current = space
     for _ in range(_REFINE_ROUNDS):
         boundaries = [current.masks[j] for _, j, _ in path[:-1]]
         if not boundaries:
             break
-        bands = band_space(space, boundaries, compute)
+        bands = band_space(space, boundaries, compute, WIDE if p_dream else NARROW)
         found = search(cost, bands, incumbent=objective)
         if found is None or found[1] >= objective * (1 - 1e-9):
             break
