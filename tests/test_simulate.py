@@ -21,6 +21,7 @@ from planner.profile.format import LayerProfile, Profile
 from planner.rank_schedules import rank_in_flight, stage_ranks
 from planner.schedules import (
     PER_STAGE_SCHEDULES,
+    RANK_SCHEDULES,
     OptimizerKind,
     Schedule,
     format_ops,
@@ -571,31 +572,21 @@ def test_every_operation_starts_as_soon_as_its_device_and_input_allow(seed: int)
 
 # --- agreement with the optimizer's objective ----------------------------------------------------
 #
-# ``plan`` (planner.planning.make_plan, default options) plans each shared PipeDream profile and
-# the simulator runs the plan. Measured on 2026-11-24 (simulated / predicted time per minibatch):
+# Issue 14: the number the optimizer ranks plans by agrees with its own simulator within 5%, for
+# every schedule. ``make_plan`` ranks its candidates (microbatch counts, the solver's partition
+# against the baselines, rank-schedule cuts and shapes, ``auto``'s schedules) by the simulated
+# minibatch time and the plan predicts that time (the formula's stays beside it as
+# ``cost_model_minibatch_s``). Before that (measured 2026-11-24) the formula alone was up to 1.75x
+# optimistic for 1f1b/gpipe and 3.0x for pipedream on hybrid plans (a replicated stage's
+# all-reduce re-aligns its replicas every round; 1F1B's warm-up does not hide transfer latency),
+# and VGG16 on 3 stages under 1f1b simulated 1.17x its prediction.
 #
-# * exactly 1 (to 1e-9) for pure data parallelism with R dividing M and for unreplicated
-#   pipedream pipelines whose transfers hide behind compute: alexnet, resnet18, vgg16 at 4 GPUs,
-#   resnet18/vgg16 at 8, gnmt pipedream at 4;
-# * 1.05-3.0 for hybrid plans (replicated stages next to narrower ones), where the objective is
-#   optimistic: (1) the gradient all-reduce is a barrier among replicas that re-aligns them every
-#   round, so a replicated stage fed by one narrower stage loses (R - 1) upstream periods per
-#   round (resnet50 1-1-6 pipedream: 1.67; gnmt 1-1-3-1-2-7-1 on 16 GPUs: 2.99); (2) 1F1B's
-#   warm-up (one microbatch per device downstream) does not hide transfer latency. 1f1b/gpipe
-#   stay within 1.55 (resnet50 2-2-2-2-8 1f1b on 16 GPUs: 1.54; alexnet 8-8 gpipe: 1.33).
-#   The objective charges a flushed stage of R replicas ceil(M / R) microbatches on its busiest
-#   replica (round-robin routing, cost.replica_share); with M / R it was up to 1.73 (alexnet 7-1,
-#   M = 8, now planned as 8-way data parallelism at 1.0).
-# * never below 0.95: the (M + S - 1) x slowest-stage bubble of the flushed objective and its
-#   shared-link transfer time (activations and gradients on one link) are upper bounds.
-#
-# The test keeps that envelope per schedule, and exactness where the closed form holds.
+# The tests plan every shared PipeDream profile and every shipped profile under every schedule and
+# ``auto``, on one server and on two (a slow link between them), and require the simulated time
+# of the written plan within 5% of its prediction, and exactly 1 where the closed form holds.
 
-AGREEMENT = {
-    Schedule.PIPEDREAM: (0.95, 3.5),
-    Schedule.ONE_F_ONE_B: (0.95, 1.75),
-    Schedule.GPIPE: (0.95, 1.75),
-}
+AGREEMENT = 0.05
+EVERY = [*Schedule, "auto"]
 
 
 def _pipedream_profile(model: str) -> Profile:
@@ -609,24 +600,37 @@ def _pipedream_profile(model: str) -> Profile:
 
 
 def _check_agreement(
-    profile: Profile, tmp_path: Path, topology: Topology, schedule: Schedule
+    profile: Profile, tmp_path: Path, topology: Topology, schedule: Schedule | str
 ) -> None:
     from planner.errors import InfeasibleError
     from planner.planning import PlanOptions, make_plan
 
     path = tmp_path / f"{profile.model}.json"
     profile.save(path)
+    options = (
+        PlanOptions(auto_schedule=True)
+        if schedule == "auto"
+        else PlanOptions(schedule=Schedule(schedule))
+    )
     try:
-        plan = make_plan(profile, path, topology, PlanOptions(schedule=schedule))
+        plan = make_plan(profile, path, topology, options)
     except InfeasibleError as exc:
         pytest.skip(f"no plan fits: {exc}")
-    result = simulate(plan, profile)
+    assert "too large to simulate" not in plan.note, plan.note
+    result = simulate(Plan.load(_saved(plan, tmp_path)), profile)
     ratio = result.minibatch_s / plan.predicted.minibatch_s
-    low, high = AGREEMENT[schedule]
-    assert low <= ratio <= high, (profile.model, schedule, [s.replicas for s in plan.stages], ratio)
+    where = (profile.model, str(plan.schedule), [s.replicas for s in plan.stages], ratio)
+    assert abs(ratio - 1) <= AGREEMENT, where
     replicas = [s.replicas for s in plan.stages]
     if len(replicas) == 1 and plan.microbatches % replicas[0] == 0:
         assert ratio == pytest.approx(1.0, rel=1e-9)
+
+
+def _saved(plan: Plan, tmp_path: Path) -> Path:
+    """The plan as ``plan simulate`` reads it: written and loaded back."""
+    out = tmp_path / "plan.json"
+    plan.save(out)
+    return out
 
 
 @pytest.mark.parametrize("schedule", ALL)
@@ -639,12 +643,22 @@ def test_simulation_agrees_with_the_objective_on_pipedream_profiles_4_gpus(
     )
 
 
+@pytest.mark.parametrize("schedule", [*RANK_SCHEDULES, "auto"], ids=str)
+@pytest.mark.parametrize("model", ["alexnet", "gnmt", "resnet18", "resnet50", "vgg16"])
+def test_the_rank_schedules_and_auto_predict_their_simulation_4_gpus(
+    model: str, schedule: Schedule | str, tmp_path: Path
+) -> None:
+    _check_agreement(
+        _pipedream_profile(model), tmp_path, Topology.from_args(gpus=4, bandwidth_gbps=25), schedule
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gpus", [8, 16])
-@pytest.mark.parametrize("schedule", ALL)
+@pytest.mark.parametrize("schedule", EVERY, ids=str)
 @pytest.mark.parametrize("model", ["alexnet", "gnmt", "resnet18", "resnet50", "vgg16"])
 def test_simulation_agrees_with_the_objective_on_pipedream_profiles(
-    model: str, schedule: Schedule, gpus: int, tmp_path: Path
+    model: str, schedule: Schedule | str, gpus: int, tmp_path: Path
 ) -> None:
     topology = Topology.from_args(
         gpus=gpus,
@@ -659,11 +673,11 @@ SHIPPED = sorted((Path(__file__).resolve().parent.parent / "profiles").glob("*.j
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ALL)
+@pytest.mark.parametrize("schedule", EVERY, ids=str)
 @pytest.mark.parametrize("gpus", [8, 16])
 @pytest.mark.parametrize("path", SHIPPED or [None], ids=[p.stem for p in SHIPPED] or ["none"])
 def test_simulation_agrees_with_the_objective_on_shipped_profiles(
-    path: Path | None, gpus: int, schedule: Schedule, tmp_path: Path
+    path: Path | None, gpus: int, schedule: Schedule | str, tmp_path: Path
 ) -> None:
     if path is None:
         pytest.skip("no shipped profiles in profiles/ yet")
