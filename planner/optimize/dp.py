@@ -88,7 +88,7 @@ from planner.optimize.dp_kernel import (
     lower_cap,
 )
 from planner.optimize.dp_pipedream import solve_pipedream
-from planner.optimize.feasibility import check_fits, explain_infeasible
+from planner.optimize.feasibility import LazyInfeasibleError, check_fits, explain_infeasible
 from planner.optimize.refine import NARROW, WIDE, band_space
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
@@ -131,7 +131,9 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
     space = states or build_states(cost.profile, options.state_space)
     found = search(cost, space)
     if found is None:
-        raise explain_infeasible(cost, lambda c: search(c, space) is not None)
+        raise LazyInfeasibleError(
+            lambda: explain_infeasible(cost, lambda c: search(c, space) is not None)
+        )
     path, objective = found
     if space.pool is not None:  # a thinned space: move the boundaries finely
         space, path = _refine(cost, space, path, objective)

@@ -42,7 +42,13 @@ from planner.optimize.states import StateSpace, build_states
 from planner.schedules import OptimizerKind, Schedule
 from planner.topology import GIB
 
-__all__ = ["check_fits", "explain_infeasible", "fewest_devices", "memory_floor_bytes"]
+__all__ = [
+    "LazyInfeasibleError",
+    "check_fits",
+    "explain_infeasible",
+    "fewest_devices",
+    "memory_floor_bytes",
+]
 
 _BIG = 2**62
 
@@ -153,7 +159,26 @@ def check_fits(cost: CostModel, space: StateSpace | None = None) -> None:
         need = fewest_devices(cost, space)
         if need is not None and need <= n:
             return
-    raise explain_infeasible(cost, None, space)
+    raise LazyInfeasibleError(lambda: explain_infeasible(cost, None, space))
+
+
+class LazyInfeasibleError(InfeasibleError):
+    """An :class:`InfeasibleError` whose message is built when first read.
+
+    Naming the smallest fix takes a few more feasibility searches (a memory bisection, other
+    options); a caller trying several microbatch counts keeps one failure at most, so the
+    others never pay for theirs.
+    """
+
+    def __init__(self, explain: Callable[[], InfeasibleError]) -> None:
+        super().__init__()
+        self._explain = explain
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = str(self._explain())
+        return self._text
 
 
 def _with(cost: CostModel, **changes) -> CostModel:
