@@ -288,6 +288,7 @@ def _rank(rank: int, plan_json: str, config: RunConfig, world: int, port: int, o
     if result.report is not None:
         record["samples_per_s"] = result.report.samples_per_s
         record["threads"] = result.report.threads
+        record["report"] = result.report.to_dict()
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -318,6 +319,7 @@ def _run(plan: Plan, folder: Path, name: str, steps: int) -> dict[str, Any]:
         "peak": {r["rank"]: r["peak"] for r in ranks},
         "start": {r["rank"]: r["start"] for r in ranks},
         "cpu_wait_share": max(r["cpu_wait_share"] for r in ranks),
+        "report": ranks[0]["report"],
     }
 
 

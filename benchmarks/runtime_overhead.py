@@ -43,17 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import predicted_vs_measured as pvm  # noqa: E402  (a sibling script, not a package)
 
-from planner.plan import Plan  # noqa: E402
 from planner.profile.conditions import DEFAULT_PROFILE_RANKS, rank_threads  # noqa: E402
-from planner.runtime.config import Backend, RunConfig  # noqa: E402
-from planner.runtime.worker import DistEnv, load_spec, train  # noqa: E402
 from planner.schedules import OptimizerKind  # noqa: E402
 
 __all__ = ["CASES", "OPTIMIZERS", "main", "overhead_per_op"]
@@ -81,31 +77,6 @@ def _targets() -> list[Any]:
     ]
 
 
-def _rank(rank: int, plan_json: str, config: RunConfig, world: int, port: int, out: str) -> None:
-    sys.path.insert(0, str(HERE))
-    plan = Plan.from_json(plan_json)
-    os.environ["LOCAL_WORLD_SIZE"] = str(world)
-    env = DistEnv(rank=rank, world_size=world, master_port=port)
-    result = train(plan, lambda: load_spec(plan, seed=config.seed), config, env)
-    if result.report is not None:
-        Path(out, "report.json").write_text(json.dumps(result.report.to_dict()))
-
-
-def _run(plan: Plan, folder: Path, name: str, steps: int) -> dict[str, Any]:
-    path = folder / f"{name}.json"
-    plan.save(path)
-    world = 1 + max(r for s in plan.stages for r in s.ranks)
-    config = RunConfig(
-        plan_path=str(path), steps=steps, timeout_s=120, log_every=0, backend=Backend.GLOO
-    )
-    out = folder / f"{name}.out"
-    out.mkdir(exist_ok=True)
-    load = os.getloadavg()[0]
-    mp.spawn(_rank, args=(plan.to_json(), config, world, pvm._free_port(), str(out)), nprocs=world)
-    report = json.loads((out / "report.json").read_text())
-    return {"load": load, "ranks": report["ranks"], "samples_per_s": report["samples_per_s"]}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per case")
@@ -128,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             for st in plan.stages
         ]
         for i in range(args.repeats):
-            run = _run(plan, folder, f"run-{i}", args.steps)
-            for rank in run["ranks"]:
+            run = pvm._run(plan, folder, f"run-{i}", args.steps)
+            for rank in run["report"]["ranks"]:
                 steps_ops = rank["steps"] * 2 * rank["microbatches_per_step"]
                 rows.append(
                     {
