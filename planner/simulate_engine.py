@@ -5,7 +5,10 @@ Every forward, backward and weight-gradient operation also costs its device the 
 :attr:`planner.topology.Topology.op_overhead_s` (the runtime's own work per operation: posting
 sends and receives, bookkeeping; measured for the ``cpu-loopback`` preset by
 ``benchmarks/runtime_overhead.py``, 0 for other topologies): the operation's event spans its
-compute plus that overhead, and what it sends leaves at the end of both.
+compute plus that overhead, and what it sends leaves at the end of both. A stage's optimizer
+step (:attr:`planner.simulate.SimStage.update_s`, from ``Topology.update_s_per_byte``) is an
+``update`` event on each of its devices right after the all-reduce, or where one would be: once
+per minibatch (``pipedream``: once per round of one microbatch on each replica).
 """
 
 from __future__ import annotations
