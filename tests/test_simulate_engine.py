@@ -138,10 +138,10 @@ def test_update_runs_once_per_minibatch_after_the_flush(schedule: Schedule) -> N
         minibatches=3,
     )
     assert no_update.minibatch_s == pytest.approx((4 + 3 - 1) * 3.0)
-    # rank 0 finishes its minibatch last and steps 0.5 s; rank 1's 2.0 s step starts 2 s earlier
-    # (after its last backward, which precedes rank 0's by one backward), so it ends at the same
-    # time: the next minibatch's first forward waits for rank 0's step, then for rank 1's
-    assert result.minibatch_s > no_update.minibatch_s
+    # rank 0's last backward ends the minibatch (18 s) and its step takes 0.5 s more; rank 1's
+    # last backward ends 2 s earlier, its 2 s step at 18 s, before the next forward reaches it
+    # (19.5 s); rank 2's at 14.25 s. So only rank 0's step delays the next minibatch: 18.5 s.
+    assert result.minibatch_s == pytest.approx(18.0 + 0.5)
 
 
 def test_update_is_the_rank_stepping_every_chunk_under_rank_schedules() -> None:

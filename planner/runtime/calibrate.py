@@ -2,7 +2,7 @@
 
 A run's report (with its predicted-vs-measured comparison) says how far the prediction was off:
 ``compute_scale`` is measured over predicted compute, summed over every replica of every stage
-(the optimizer step, which the simulator does not model, is counted as compute);
+(the layers' forward and backward only: the optimizer step is the topology's);
 ``comm_scale`` is measured over predicted transfer time likewise (None when the plan predicted no
 communication). :func:`calibrate` multiplies every layer's forward and backward time by
 ``compute_scale``; for communication, given the plan that was run, it fits the topology's
