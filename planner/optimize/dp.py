@@ -37,15 +37,21 @@ suffix the new cap removes are computed again
 Speed: the search is *bounded*. For a trial bound ``b`` on the slowest stage, a stage of compute
 ``C`` needs ``m >= C / b`` devices, so the devices a suffix can use lie in the window
 ``[work after / b, T - work before / b]`` and only those cells are stored (flat, per state).
-``pipedream``: ``b`` starts at 1.1 x the perfect balance ``total work / N`` and grows by 1.1x
-until a plan is found; that plan is optimal (every plan not searched has a stage slower than
+From :data:`WINDOWS_FROM` devices on the windows are narrowed to ``[g, T - h]``, the fewest
+devices any suffix (prefix) under ``b`` needs by a shortest path over the states that relaxes
+only where a stage's links lie (:mod:`planner.optimize.windows`), and the first trial bound is
+1% above the *floor*, the smallest bound whose fewest devices fit (bisected); bounds then grow
+in doubling steps (1%, 2%, 4%, ... at most 25%): near the optimum the windows are a few devices
+wide. Below, ``b`` starts at 1.1 x the perfect balance ``total work / N`` and grows by 1.25x.
+``pipedream``: the first plan found is optimal (every plan not searched has a stage slower than
 ``b``). ``1f1b``/``gpipe``: a plan of objective ``F`` found under ``b`` is optimal once
 ``F <= M b`` (a plan with a stage slower than ``b`` costs more than ``M b``), or once
 ``F <= (M + 1) b`` when no one-stage plan costs less than ``F`` (a plan of two stages or more
 with a stage slower than ``b`` costs more than ``(M + 1) b``); otherwise ``b`` becomes ``F / M``
-(or ``F / (M + 1)``) and one more search certifies it. Stage counts that cannot beat the best
-objective found (or reach the best baseline's), ``(M + S - 1) x total work / N > F``, are not
-tracked, and neither are all-reduces of ``F - M x total work / N`` or more.
+(or ``F / (M + 1)``, or the next step if that is lower) and one more search certifies it. Stage
+counts that cannot beat the best objective found (or reach the best baseline's),
+``(M + S - 1) x floor > F``, are not tracked, and neither are all-reduces of ``F - M x floor`` or
+more (``floor``: the larger of the floor and ``total work / N``).
 
 With idle devices allowed, multi-level topologies solve one program per total ``T`` modulo the
 devices of one outermost unit (levels only see positions modulo that size), largest first,
@@ -79,6 +85,7 @@ from planner.optimize.dp_kernel import (
     REL,
     Problem,
     Tables,
+    Windows,
     allreduce_seconds,
     build_problem,
     exact_variant,
@@ -92,12 +99,17 @@ from planner.optimize.feasibility import LazyInfeasibleError, check_fits, explai
 from planner.optimize.refine import NARROW, WIDE, band_space
 from planner.optimize.result import Partition
 from planner.optimize.states import StateSpace, build_states
+from planner.optimize.windows import Pairs, fewest_devices, floor_bound
 from planner.schedules import Schedule
 
-__all__ = ["MAX_DEVICES", "search", "solve"]
+__all__ = ["MAX_DEVICES", "WINDOWS_FROM", "search", "solve"]
 
 #: Devices the DP plans for at most; beyond, its tables would not fit in memory anyway.
 MAX_DEVICES = 65_536
+#: From this many devices on, the search starts just above the floor and keeps only the cells
+#: inside the fewest-devices windows (:mod:`planner.optimize.windows`); below, the tables are
+#: small and the windows would cost more than they save.
+WINDOWS_FROM = 32
 
 
 def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
@@ -158,10 +170,12 @@ def search(
     """The optimal stages ``[(start state, end state, replicas), ...]`` and objective, or None.
 
     Stages take contiguous ranks in order from rank 0 (module docstring). ``incumbent``: the
-    objective of a plan known to be in the space (default: the best fitting baseline's).
+    objective of a plan known to be in the space (default: the best fitting baseline's); when
+    given, it is taken to be near the optimum and the first trial bound is the one it implies.
     """
     p = build_problem(cost, space)
-    found = _search(p, _incumbent(cost) if incumbent is None else incumbent)
+    near = incumbent is not None
+    found = _search(p, _incumbent(cost) if incumbent is None else incumbent, near=near)
     return None if found is None else (found.path, found.objective)
 
 
@@ -206,7 +220,7 @@ def _incumbent(cost: CostModel) -> float:
     return float(best)
 
 
-def _search(p: Problem, incumbent: float) -> _Found | None:
+def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | None:
     work = float(p.t.compute_s[-1])
     n = p.devices
     per_bound = 1 if p.pipedream else p.microbatches  # objective >= per_bound x slowest stage
@@ -215,26 +229,53 @@ def _search(p: Problem, incumbent: float) -> _Found | None:
     period = p.blocks[-1] if p.blocks else 1
     totals = list(range(n, max(n - period, 0), -1)) if p.allow_fewer else [n]
     ceiling = incumbent / per_bound * (1 + 1e-6) if np.isfinite(incumbent) else np.inf
-    bound = min(1.1 * work / n, ceiling) if work > 0 else ceiling
+    # no plan's slowest stage is below ``floor``; the first trial bound sits just above it
+    pairs = Pairs.of(p) if n >= WINDOWS_FROM else None
+    if pairs is None:  # few devices: the kernel is cheap without windows
+        floor = 0.0
+        bound = min(1.1 * work / n, ceiling) if work > 0 else ceiling
+    elif near and np.isfinite(ceiling):
+        # the incumbent is close to the optimum (local refinement): its bound certifies at
+        # once, and the floor only narrows the stage counts
+        floor = 0.0 if p.pipedream else floor_bound(p, ceiling, pairs=pairs, tolerance=0.01)
+        bound = ceiling
+    else:
+        # to about half a device of slack in the windows: coarse on few devices, fine on many
+        tolerance = max(_FLOOR_TOLERANCE, 0.5 / n)
+        floor = floor_bound(p, ceiling, pairs=pairs, tolerance=tolerance) if work > 0 else 0.0
+        bound = min(floor * (1 + _FIRST_STEP), ceiling) if work > 0 else ceiling
+    step = _FIRST_STEP
     single = np.inf if p.pipedream else _one_stage_floor(p)
     best: _Found | None = None
     while True:
         cert = _certifies(p, bound, single)
-        best = _under(p, bound, totals, best, ceiling * per_bound, cert)
+        best = _under(p, bound, totals, best, ceiling * per_bound, cert, floor, pairs)
         if best is not None and best.objective <= cert * (1 + REL):
             return best
+        step = min(2 * step, 0.25)
         if best is not None:  # anything better has every stage faster than F (1f1b/gpipe: F / M)
-            bound = best.objective / per_bound
+            enough = best.objective / per_bound
             if not p.pipedream and single >= best.objective:  # ... or F / (M + 1)
-                bound = best.objective / (per_bound + 1)
+                enough = best.objective / (per_bound + 1)
+            # a plan found under a tight bound may be far from the best (a large all-reduce):
+            # growing the bound step by step keeps the windows narrow until F certifies
+            bound = min(enough, bound * (1 + step))
             continue
         if not np.isfinite(bound):
             return None
         if bound >= ceiling:  # the incumbent lies outside the space searched: search everything
             ceiling = np.inf
-        bound = min(bound * 1.25 if bound > 0 else np.inf, ceiling)
+        # the windows of a bound just above the optimum are narrow, those far above it wide:
+        # small steps first, doubling (a failed search near the optimum costs little)
+        bound = min(bound * (1 + step) if bound > 0 else np.inf, ceiling)
         if bound > max(work, 1e-300) * 1e3:  # links can be slower than all compute: no bound
             bound = np.inf
+
+
+#: The first trial bound is this much above the floor (:func:`~planner.optimize.windows.floor_bound`).
+_FIRST_STEP = 0.01
+#: The floor's relative precision at most (on many devices).
+_FLOOR_TOLERANCE = 2e-3
 
 
 def _certifies(p: Problem, bound: float, single: float) -> float:
@@ -271,11 +312,14 @@ def _under(
     best: _Found | None,
     cutoff: float,
     cert: float = np.inf,
+    least: float = 0.0,
+    pairs: Pairs | None = None,
 ) -> _Found | None:
     """The best plan with every stage at most ``bound`` (or ``best`` if that is better).
 
     ``cutoff``: an objective some plan of the space reaches (a baseline's, with slack), or inf;
     plans above it are not searched. ``cert``: what :func:`_certifies` allows under ``bound``.
+    ``least``: a lower bound on every plan's slowest stage (:func:`floor_bound`).
 
     ``1f1b``/``gpipe``: one table per total, filled once and then updated in place under each
     lower all-reduce cap (:func:`~planner.optimize.dp_kernel.lower_cap`). Returns early, after
@@ -287,8 +331,10 @@ def _under(
     m_count = p.microbatches
     n_states = len(p.t.compute_s)
     period = p.blocks[-1] if p.blocks else 1
+    windows: dict[float, Windows] = {}
     for total in totals:
-        floor = work / total  # the slowest stage of any plan on ``total`` devices or fewer
+        # the slowest stage of any plan on ``total`` devices or fewer is at least this
+        floor = max(work / total, least)
         if floor > bound * (1 + REL):
             break
         # what a plan must beat (``best``) or reach (``cutoff``) to matter
@@ -304,7 +350,9 @@ def _under(
             sync_cap = target * (1 + REL) - m_count * floor
         if not p.pipedream:
             counts = min(counts or n_states, total, n_states - 1)
-        tab = kernel(p, total, limit, counts, sync_cap)
+        if pairs is not None and limit not in windows:
+            windows[limit] = fewest_devices(p, limit, pairs)
+        tab = kernel(p, total, limit, counts, sync_cap, windows.get(limit))
         while True:
             root = _root(p, tab, total, counts, period)
             if root is None:

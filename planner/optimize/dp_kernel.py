@@ -20,6 +20,7 @@ __all__ = [
     "REL",
     "Problem",
     "Tables",
+    "Windows",
     "allreduce_seconds",
     "build_problem",
     "exact_variant",
@@ -112,14 +113,14 @@ def _link(p: Problem, nbytes, level: int):
     return np.where(nbytes > 0, 2 * (p.latency[level] + nbytes / p.bandwidth[level]), 0.0)
 
 
-def _share(p: Problem, reps: np.ndarray) -> np.ndarray:
+def share(p: Problem, reps: np.ndarray) -> np.ndarray:
     """cost.replica_share: 1 / m in steady state; ceil(M / m) / M on a flush's busiest replica."""
     if p.pipedream:
         return 1.0 / reps
     return (-(-p.microbatches // reps)) / p.microbatches
 
 
-def _flights(p: Problem, reps: np.ndarray, from_here: np.ndarray) -> np.ndarray:
+def flights(p: Problem, reps: np.ndarray, from_here: np.ndarray) -> np.ndarray:
     """cost.in_flight, vectorised (``reps`` and ``from_here`` broadcast)."""
     total = -(-p.microbatches // reps)
     if p.schedule is Schedule.GPIPE:
@@ -142,6 +143,17 @@ def allreduce_seconds(p: Problem, params: np.ndarray, reps: np.ndarray, first, l
 # --- the kernel ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Windows:
+    """What the fewest-devices relaxation (:func:`planner.optimize.windows.fewest_devices`)
+    allows under a trial bound: per state the fewest devices of a suffix from it and of a prefix
+    up to it, and the successors a stage can reach on some plan that fits in ``devices``."""
+
+    suffix: np.ndarray
+    prefix: np.ndarray
+    succ: list[np.ndarray]
+
+
 @dataclass
 class Tables:
     """Values and choices of every (state, devices from here) cell inside the windows."""
@@ -155,6 +167,7 @@ class Tables:
     arg_l: np.ndarray
     # 1f1b/gpipe: the largest all-reduce along each cell's chosen suffix (what a cap tests)
     path_y: np.ndarray
+    succ: list[np.ndarray]  # per state, the next states tried
     total: int = 0
     limit: float = np.inf
     scale: float = 0.0
@@ -168,10 +181,21 @@ class Tables:
         return np.where(ok, self.offset[states] + rs - lo, 0), ok
 
 
-def kernel(p: Problem, total: int, bound: float, counts: int, sync_cap: float) -> Tables:
+def kernel(
+    p: Problem,
+    total: int,
+    bound: float,
+    counts: int,
+    sync_cap: float,
+    fewest: Windows | None = None,
+) -> Tables:
     """Fill the suffix values for ``total`` devices under a trial bound and an all-reduce cap.
 
     ``counts``: stage counts tracked (``1f1b``/``gpipe``), 0 for the ``pipedream`` objective.
+    ``fewest``: per state, the fewest devices a suffix from it and a prefix up to it need under
+    ``bound`` (:func:`planner.optimize.windows.fewest_devices`): cells outside
+    ``[suffix, total - prefix]`` are on no plan and are not stored, nor tried are stages on no
+    plan that fits.
     """
     t = p.t
     work = t.compute_s
@@ -182,6 +206,12 @@ def kernel(p: Problem, total: int, bound: float, counts: int, sync_cap: float) -
     lo = np.maximum(np.ceil((work[last] - work) * scale - REL).astype(np.int64), 1)
     hi = np.minimum(total - np.ceil(work * scale - REL).astype(np.int64), total)
     hi[1:] = np.minimum(hi[1:], total - 1)  # a stage before it needs a device
+    succ = p.succ
+    if fewest is not None:
+        suffix, prefix, succ = fewest.suffix, fewest.prefix, fewest.succ
+        with np.errstate(invalid="ignore"):
+            lo = np.maximum(lo, np.where(np.isfinite(suffix), suffix, total + 1)).astype(np.int64)
+            hi = np.minimum(hi, np.where(np.isfinite(prefix), total - prefix, -1)).astype(np.int64)
     lo[last] = hi[last] = 0
     width = np.maximum(hi - lo + 1, 0)
     offset = np.concatenate([[0], np.cumsum(width)[:-1]])
@@ -203,6 +233,7 @@ def kernel(p: Problem, total: int, bound: float, counts: int, sync_cap: float) -
         arg_m=np.zeros(shape, dtype=np.int32),
         arg_l=np.zeros(shape, dtype=np.int8),
         path_y=np.zeros(shape if counts else (0, 1, 1)),
+        succ=succ,
         total=total,
         limit=limit,
         scale=scale,
@@ -212,7 +243,7 @@ def kernel(p: Problem, total: int, bound: float, counts: int, sync_cap: float) -
     tab.value[offset[last]] = np.inf
     tab.value[offset[last], :, 0] = 0.0
     for k in range(last - 1, -1, -1):
-        if width[k] == 0 or len(p.succ[k]) == 0:
+        if width[k] == 0 or len(succ[k]) == 0:
             continue
         if k == 0 and hi[0] < lo[0]:
             continue
@@ -263,7 +294,7 @@ def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
     ``r_from <= devices <= r_to`` (``only``: of those, the cells to write; None for all)."""
     t = p.t
     work = t.compute_s
-    js = p.succ[k]
+    js = tab.succ[k]
     total, limit, scale, counts = tab.total, tab.limit, tab.scale, tab.active
     o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
     rs = np.arange(r_from, r_to + 1)
@@ -308,7 +339,7 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
     first = total - rs  # (d,) first rank of the stage
     end = first[None, None, :] + m3  # (j, w, d): one past its last rank
     rest = rs[None, None, :] - m3
-    share = _share(p, reps)[:, :, None]
+    sh = share(p, reps)[:, :, None]
     c = work[js] - work[k]
     params = t.parameter_bytes[js] - t.parameter_bytes[k]
     ar = allreduce_seconds(p, params[:, None, None], m3, first[None, None, :], end - 1)
@@ -321,8 +352,8 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
     base = base + (saved if p.recompute else 0.0)
     per_flight = (params if p.pipedream else 0.0) + (t.cut_bytes[k] if p.recompute else saved)
     per_flight = np.broadcast_to(per_flight, js.shape)
-    flights = _flights(p, m3, rs[None, None, :])
-    fits = base[:, None, None] + per_flight[:, None, None] * flights <= p.memory_cap
+    in_flight = flights(p, m3, rs[None, None, :])
+    fits = base[:, None, None] + per_flight[:, None, None] * in_flight <= p.memory_cap
     alive = fits & (rest >= 0) & r_ok[:, :, None]
     # the rest after j: its value under each outgoing level, the best level kept
     rows, in_window = tab.rows(js[:, None, None], np.maximum(rest, 0))
@@ -331,7 +362,7 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
     nxt = np.where((in_window & alive)[..., None, None], rest_values[rows], np.inf)
     alpha = None
     if p.levels == 1:
-        out = _link(p, t.cut_bytes[js], 0)[:, None, None] * share
+        out = _link(p, t.cut_bytes[js], 0)[:, None, None] * sh
         tail = np.maximum(out[..., None], nxt[..., 0, :])
         tail_l = np.zeros(tail.shape, dtype=np.int8)
     else:
@@ -343,7 +374,7 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
                 nxt[..., exact_variant(p, lv), :],
                 np.where((alpha < lv)[..., None], nxt[..., loose_variant(lv), :], np.inf),
             )
-            out = _link(p, t.cut_bytes[js], lv)[:, None, None] * share
+            out = _link(p, t.cut_bytes[js], lv)[:, None, None] * sh
             options.append(np.maximum(out[..., None], pick))
         stacked = np.stack(options)
         tail_l = stacked.argmin(axis=0).astype(np.int8)
@@ -366,7 +397,7 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
             valid = alive
             if beta is not None:
                 valid = valid & ((beta <= level_in) if v % 2 == 0 else (beta == level_in))
-        time = np.maximum(body, link_in) * share
+        time = np.maximum(body, link_in) * sh
         time = np.where(valid & (time <= limit), time, np.inf)
         cand = np.maximum(time[..., None], tail)  # (j, w, d, cols)
         cand = np.where(cand <= limit, cand, np.inf)  # the link out counts towards the bound too

@@ -234,6 +234,26 @@ def test_dp_equals_brute_force_many(levels: int, schedule: Schedule, memory: str
     _check_combination(levels, schedule, memory, examples=84)
 
 
+@pytest.mark.parametrize(("levels", "schedule", "memory"), _COMBINATIONS)
+def test_dp_with_device_windows_equals_brute_force(
+    levels: int, schedule: Schedule, memory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search plans of 32 devices or more take (a floor, fewest-devices windows,
+    :mod:`planner.optimize.windows`), forced on small problems: still exact (quick tier)."""
+    monkeypatch.setattr(dp, "WINDOWS_FROM", 1)
+    _check_combination(levels, schedule, memory, examples=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("levels", "schedule", "memory"), _COMBINATIONS)
+def test_dp_with_device_windows_equals_brute_force_many(
+    levels: int, schedule: Schedule, memory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, 84 examples per combination: 504 per level count."""
+    monkeypatch.setattr(dp, "WINDOWS_FROM", 1)
+    _check_combination(levels, schedule, memory, examples=84)
+
+
 def _check_combination(levels: int, schedule: Schedule, memory: str, *, examples: int) -> None:
     limited = memory == "limited"
 
