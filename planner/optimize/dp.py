@@ -147,7 +147,7 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
             lambda: explain_infeasible(cost, lambda c: search(c, space) is not None)
         )
     path, objective = found
-    if space.pool is not None:  # a thinned space: move the boundaries finely
+    if space.pool is not None and n <= _REFINE_DEVICES:  # thinned: move the boundaries finely
         space, path = _refine(cost, space, path, objective)
     stages = [space.stage(k, j).tolist() for k, j, _ in path]
     replicas = [m for _, _, m in path]
@@ -181,6 +181,10 @@ def search(
 
 #: Rounds of local refinement at most (each one a DP over the bands around the boundaries).
 _REFINE_ROUNDS = 4
+#: Refinement runs up to this many devices: beyond, plans have so many stages that the bands
+#: hold millions of stages (1,024 devices: minutes); the plan on the thinned space stands, and
+#: its certificate (:mod:`planner.optimize.bounds`) says how far from the bound it may be.
+_REFINE_DEVICES = 256
 
 
 def _refine(
@@ -245,6 +249,13 @@ def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | Non
         floor = floor_bound(p, ceiling, pairs=pairs, tolerance=tolerance) if work > 0 else 0.0
         bound = min(floor * (1 + _FIRST_STEP), ceiling) if work > 0 else ceiling
     step = _FIRST_STEP
+    if pairs is not None and not p.pipedream and not near and work > 0:
+        # a good plan first, so that few stage counts and all-reduces are tracked
+        quick = _quick_plan(p, floor, totals[0], pairs, ceiling)
+        if quick < incumbent:
+            incumbent = quick
+            ceiling = min(ceiling, incumbent / per_bound * (1 + 1e-6))
+            bound = min(bound, ceiling)
     single = np.inf if p.pipedream else _one_stage_floor(p)
     best: _Found | None = None
     while True:
@@ -270,6 +281,25 @@ def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | Non
         bound = min(bound * (1 + step) if bound > 0 else np.inf, ceiling)
         if bound > max(work, 1e-300) * 1e3:  # links can be slower than all compute: no bound
             bound = np.inf
+
+
+def _quick_plan(p: Problem, floor: float, total: int, pairs: Pairs, ceiling: float) -> float:
+    """``1f1b``/``gpipe``: the objective of the plan with the fastest slowest stage (the kernel
+    without stage counts or all-reduce cap, its bound grown as in :func:`_search`), or inf: a
+    plan of the space, so an incumbent; on many microbatches usually close to the optimum."""
+    period = p.blocks[-1] if p.blocks else 1
+    bound, step = floor * (1 + _FIRST_STEP), _FIRST_STEP
+    while bound < ceiling * (1 + REL):
+        tab = kernel(p, total, bound, 0, np.inf, fewest_devices(p, bound, pairs))
+        root = _root(p, tab, total, 0, period)
+        if root is not None:
+            g, r, _ = root
+            path = _walk(p, tab, total, r, 0, 0)
+            slots = p.microbatches + len(path) - 1
+            return slots * g + max(_syncs(p, path, total - r), default=0.0)
+        step = min(2 * step, 0.25)
+        bound *= 1 + step
+    return np.inf
 
 
 #: The first trial bound is this much above the floor (:func:`~planner.optimize.windows.floor_bound`).
