@@ -34,6 +34,13 @@ def _slowest(part) -> float:
     return max(s.time_s for s in part.stages)
 
 
+def _solved(profile, topology, opts):
+    """The state space, the brute-force optimum (or None) and the DP's problem."""
+    cost = CostModel(profile, topology, opts)
+    space = build_states(profile, opts.state_space)
+    return space, brute_force(cost, space), build_problem(cost, space)
+
+
 @pytest.mark.parametrize("levels", [1, 2, 3])
 @pytest.mark.parametrize("schedule", PER_STAGE_SCHEDULES)
 def test_the_optimal_plan_lies_inside_the_windows(levels: int, schedule: Schedule) -> None:
@@ -44,12 +51,9 @@ def test_the_optimal_plan_lies_inside_the_windows(levels: int, schedule: Schedul
         options(schedules=(schedule,), memory=(True, False)),
     )
     def check(profile, topology, opts) -> None:
-        cost = CostModel(profile, topology, opts)
-        space = build_states(profile, opts.state_space)
-        best = brute_force(cost, space)
+        space, best, p = _solved(profile, topology, opts)
         if best is None:
             return
-        p = build_problem(cost, space)
         bound = _slowest(best)
         w = fewest_devices(p, bound)
         g, h = w.suffix, w.prefix
@@ -84,12 +88,9 @@ def _state_of(space, layers: set[int]) -> int:
 )
 @settings(max_examples=40, **_SETTINGS)
 def test_on_one_level_the_floor_brackets_the_optimum(profile, topology, opts) -> None:
-    cost = CostModel(profile, topology, opts)
-    space = build_states(profile, opts.state_space)
-    best = brute_force(cost, space)
+    _, best, p = _solved(profile, topology, opts)
     if best is None:
         return
-    p = build_problem(cost, space)
     assume(p.t.compute_s[-1] > 0)  # without compute the floor is 0 (the DP does not use it)
     assume(opts.allow_fewer_devices)  # else a plan must use every device: more than the fewest
     tolerance = 1e-3
