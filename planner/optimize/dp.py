@@ -249,9 +249,10 @@ def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | Non
         floor = floor_bound(p, ceiling, pairs=pairs, tolerance=tolerance) if work > 0 else 0.0
         bound = min(floor * (1 + _FIRST_STEP), ceiling) if work > 0 else ceiling
     step = _FIRST_STEP
+    windows = _WindowsOf(p, pairs)
     if pairs is not None and not p.pipedream and not near and work > 0:
         # a good plan first, so that few stage counts and all-reduces are tracked
-        quick = _quick_plan(p, floor, totals[0], pairs, ceiling)
+        quick = _quick_plan(p, floor, totals[0], windows, ceiling)
         if quick < incumbent:
             incumbent = quick
             ceiling = min(ceiling, incumbent / per_bound * (1 + 1e-6))
@@ -260,7 +261,7 @@ def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | Non
     best: _Found | None = None
     while True:
         cert = _certifies(p, bound, single)
-        best = _under(p, bound, totals, best, ceiling * per_bound, cert, floor, pairs)
+        best = _under(p, bound, totals, best, ceiling * per_bound, cert, floor, windows)
         if best is not None and best.objective <= cert * (1 + REL):
             return best
         step = min(2 * step, 0.25)
@@ -283,14 +284,30 @@ def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | Non
             bound = np.inf
 
 
-def _quick_plan(p: Problem, floor: float, total: int, pairs: Pairs, ceiling: float) -> float:
+class _WindowsOf:
+    """The fewest-devices windows of each trial bound, computed once per search (None without
+    ``pairs``: few devices)."""
+
+    def __init__(self, p: Problem, pairs: Pairs | None) -> None:
+        self.p, self.pairs = p, pairs
+        self.known: dict[float, Windows] = {}
+
+    def __call__(self, bound: float) -> Windows | None:
+        if self.pairs is None:
+            return None
+        if bound not in self.known:
+            self.known[bound] = fewest_devices(self.p, bound, self.pairs)
+        return self.known[bound]
+
+
+def _quick_plan(p: Problem, floor: float, total: int, windows: _WindowsOf, ceiling: float) -> float:
     """``1f1b``/``gpipe``: the objective of the plan with the fastest slowest stage (the kernel
     without stage counts or all-reduce cap, its bound grown as in :func:`_search`), or inf: a
     plan of the space, so an incumbent; on many microbatches usually close to the optimum."""
     period = p.blocks[-1] if p.blocks else 1
     bound, step = floor * (1 + _FIRST_STEP), _FIRST_STEP
     while bound < ceiling * (1 + REL):
-        tab = kernel(p, total, bound, 0, np.inf, fewest_devices(p, bound, pairs))
+        tab = kernel(p, total, bound, 0, np.inf, windows(bound))
         root = _root(p, tab, total, 0, period)
         if root is not None:
             g, r, _ = root
@@ -343,13 +360,14 @@ def _under(
     cutoff: float,
     cert: float = np.inf,
     least: float = 0.0,
-    pairs: Pairs | None = None,
+    windows: _WindowsOf | None = None,
 ) -> _Found | None:
     """The best plan with every stage at most ``bound`` (or ``best`` if that is better).
 
     ``cutoff``: an objective some plan of the space reaches (a baseline's, with slack), or inf;
     plans above it are not searched. ``cert``: what :func:`_certifies` allows under ``bound``.
-    ``least``: a lower bound on every plan's slowest stage (:func:`floor_bound`).
+    ``least``: a lower bound on every plan's slowest stage (:func:`floor_bound`). ``windows``:
+    the fewest-devices windows by bound (none: the kernel's own).
 
     ``1f1b``/``gpipe``: one table per total, filled once and then updated in place under each
     lower all-reduce cap (:func:`~planner.optimize.dp_kernel.lower_cap`). Returns early, after
@@ -361,7 +379,6 @@ def _under(
     m_count = p.microbatches
     n_states = len(p.t.compute_s)
     period = p.blocks[-1] if p.blocks else 1
-    windows: dict[float, Windows] = {}
     for total in totals:
         # the slowest stage of any plan on ``total`` devices or fewer is at least this
         floor = max(work / total, least)
@@ -380,9 +397,7 @@ def _under(
             sync_cap = target * (1 + REL) - m_count * floor
         if not p.pipedream:
             counts = min(counts or n_states, total, n_states - 1)
-        if pairs is not None and limit not in windows:
-            windows[limit] = fewest_devices(p, limit, pairs)
-        tab = kernel(p, total, limit, counts, sync_cap, windows.get(limit))
+        tab = kernel(p, total, limit, counts, sync_cap, windows(limit) if windows is not None else None)
         while True:
             root = _root(p, tab, total, counts, period)
             if root is None:

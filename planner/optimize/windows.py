@@ -9,12 +9,14 @@ ranks) lies on a plan that starts at rank 0 only if ``g(k) <= r <= T - h(k)``: t
 only that window. Near the optimum the windows are narrow (a plan of slowest stage close to the
 best needs close to all devices), which is what makes a thousand devices tractable.
 
-The counts are a *relaxation*, so the windows never drop a cell some plan uses: a stage's time
-is charged at the cheapest level any of its links or all-reduce could use (the true level depends
-on where its ranks lie), its microbatches in flight are counted with the fewest devices the rest
-can take (in flight only grows with devices from here), and a stage's replicas are the fewest
-that pass every such test, found by scanning up from ``compute / b`` (the first ``_SCAN`` counts;
-beyond them the count stays a lower bound). On one level nothing is relaxed but the scan.
+The counts are a *relaxation*, so the windows never drop a cell some plan uses. On several
+levels they run over the residue of each stage's first rank modulo one outermost unit: a stage's
+all-reduce is charged at its exact level, its links at the least level its own ranks force (the
+neighbour may push them higher). Microbatches in flight are counted with the fewest devices the
+rest can take (in flight only grows with devices from here). A stage's replicas up to one unit
+are tried one by one; above, every level is the outermost, the tests without the all-reduce's
+latency are monotone and bisected, and the first ``_SCAN`` counts from there are tried exactly
+(beyond them the count stays a lower bound). On one level nothing is relaxed but that scan.
 
 :func:`floor_bound` bisects on ``b`` for the smallest bound whose fewest devices fit in ``N``:
 no plan has a slowest stage below it, a lower bound the DP uses to start its trial bounds and to
@@ -234,7 +236,7 @@ def _align(values: np.ndarray, period: int) -> np.ndarray:
     return np.min(gap + values[..., None, :], axis=-1)
 
 
-def _suffixes(p: Problem, q: Pairs, c: _Counts) -> np.ndarray:
+def _suffixes(q: Pairs, c: _Counts) -> np.ndarray:
     """Fewest devices of a suffix from each state, by the residue of its first rank
     (shortest paths, states last to first).
 
@@ -270,7 +272,7 @@ def _suffixes(p: Problem, q: Pairs, c: _Counts) -> np.ndarray:
     return g
 
 
-def _prefixes(p: Problem, q: Pairs, c: _Counts) -> np.ndarray:
+def _prefixes(q: Pairs, c: _Counts) -> np.ndarray:
     """Fewest devices of a prefix from rank 0 up to each state, by their residue (the next
     stage's first rank), states first to last (as :func:`_suffixes`, forwards)."""
     period = c.small.shape[0]
@@ -319,8 +321,8 @@ def _fewest(p: Problem, q: Pairs, bound: float) -> tuple[_Counts, np.ndarray]:
     if np.isfinite(p.memory_cap):
         # memory too, in flight counted with the rest's fewest devices by time alone (a lower
         # bound on the rest's true count, so in flight is never overcounted)
-        c = _counts(p, q, scale, _suffixes(p, q, c), timed=c)
-    return c, _suffixes(p, q, c)
+        c = _counts(p, q, scale, _suffixes(q, c), timed=c)
+    return c, _suffixes(q, c)
 
 
 def fewest_devices(p: Problem, bound: float, pairs: Pairs | None = None) -> Windows:
@@ -330,7 +332,7 @@ def fewest_devices(p: Problem, bound: float, pairs: Pairs | None = None) -> Wind
     ``p.devices`` devices can take (fewest before + the stage's fewest + fewest after)."""
     q = pairs if pairs is not None else Pairs.of(p)
     c, g = _fewest(p, q, bound)
-    h = _prefixes(p, q, c)
+    h = _prefixes(q, c)
     suffix, prefix = np.min(g, axis=1), np.min(h, axis=1)
     any_start = c.small.any(axis=1)  # (m, pairs): m replicas pass from some residue
     least = np.where(any_start.any(axis=0), np.argmax(any_start, axis=0) + 1.0, c.large)
