@@ -397,7 +397,9 @@ def _under(
             sync_cap = target * (1 + REL) - m_count * floor
         if not p.pipedream:
             counts = min(counts or n_states, total, n_states - 1)
-        tab = kernel(p, total, limit, counts, sync_cap, windows(limit) if windows is not None else None)
+        tab = kernel(
+            p, total, limit, counts, sync_cap, windows(limit) if windows is not None else None
+        )
         while True:
             root = _root(p, tab, total, counts, period)
             if root is None:
