@@ -230,6 +230,7 @@ class CostModel:
             value.setflags(write=False)
             object.__setattr__(self, name, value)
         object.__setattr__(self, "consumers", tuple(tuple(c) for c in self.profile.consumers()))
+        object.__setattr__(self, "_edge_arrays", self._edges())
         memory = self.options.memory_bytes
         # what a stage's tensors may use: each process holds topology.process_bytes before them
         # (torch and gloo loaded; planner/topology.py), which plans add to every stage's memory
@@ -248,6 +249,7 @@ class CostModel:
     output_bytes: np.ndarray = field(init=False, repr=False, compare=False)
     saved_bytes: np.ndarray = field(init=False, repr=False, compare=False)
     consumers: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _edge_arrays: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
     memory_limit_bytes: float = field(init=False, repr=False, compare=False)
 
     @property
@@ -276,7 +278,8 @@ class CostModel:
             10.0
         """
         mask = self._mask(downset)
-        crossing = [i for i in np.flatnonzero(mask) if any(not mask[c] for c in self.consumers[i])]
+        src, dst = self._edge_arrays
+        crossing = np.unique(src[mask[src] & ~mask[dst]])
         return float(self.output_bytes[crossing].sum())
 
     def _edges(self) -> tuple[np.ndarray, np.ndarray]:
