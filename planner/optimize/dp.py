@@ -74,6 +74,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -90,6 +91,7 @@ from planner.optimize.dp_kernel import (
     build_problem,
     exact_variant,
     kernel,
+    kernel_work,
     link_level,
     loose_variant,
     lower_cap,
@@ -102,7 +104,7 @@ from planner.optimize.states import StateSpace, build_states
 from planner.optimize.windows import Pairs, fewest_devices, floor_bound
 from planner.schedules import Schedule
 
-__all__ = ["MAX_DEVICES", "WINDOWS_FROM", "search", "solve"]
+__all__ = ["MAX_DEVICES", "WINDOWS_FROM", "WORK_BUDGET", "Found", "search", "solve"]
 
 #: Devices the DP plans for at most; beyond, its tables would not fit in memory anyway.
 MAX_DEVICES = 65_536
@@ -110,6 +112,12 @@ MAX_DEVICES = 65_536
 #: inside the fewest-devices windows (:mod:`planner.optimize.windows`); below, the tables are
 #: small and the windows would cost more than they save.
 WINDOWS_FROM = 32
+#: Candidate cells (:func:`~planner.optimize.dp_kernel.kernel_work`) one :func:`solve` computes
+#: at most once it holds a plan (refinement included): about 6-7 s here. Past it the search returns its best plan unproven (the
+#: certificate, :mod:`planner.optimize.bounds`, then gives its gap); below it every answer is
+#: exact for its space. Only ``1f1b``/``gpipe`` on hundreds of devices with as many
+#: microbatches come near it (their stage-count axis).
+WORK_BUDGET = 8e8
 
 
 def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
@@ -141,42 +149,61 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
         )
     check_fits(cost)  # lower bounds first: "does not fit" without any search
     space = states or build_states(cost.profile, options.state_space)
-    found = search(cost, space)
+    budget = _Budget(WORK_BUDGET)
+    found = search(cost, space, budget=budget)
     if found is None:
         raise LazyInfeasibleError(
             lambda: explain_infeasible(cost, lambda c: search(c, space) is not None)
         )
-    path, objective = found
+    path, proven = found.path, found.proven
     if space.pool is not None and n <= _REFINE_DEVICES:  # thinned: move the boundaries finely
-        space, path = _refine(cost, space, path, objective)
+        space, path, refined = _refine(cost, space, path, found.objective, budget)
+        proven = proven and refined
     stages = [space.stage(k, j).tolist() for k, j, _ in path]
     replicas = [m for _, _, m in path]
-    return cost.evaluate(stages, replicas, solver="dp", optimal=True)
+    part = cost.evaluate(stages, replicas, solver="dp", optimal=proven)
+    if proven:
+        return part
+    note = (
+        "the DP stopped at its work limit with this plan (its gap is to the lower bound over "
+        "every partition)"
+    )
+    return dataclasses.replace(part, note=f"{part.note}; {note}" if part.note else note)
 
 
 # --- the search ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Found:
+class Found:
+    """A plan the search found: stages ``[(start state, end state, replicas), ...]`` on
+    contiguous ranks from rank 0, its objective and the devices the program was solved for;
+    ``proven``: optimal over the space (false when the search stopped at :data:`WORK_BUDGET`)."""
+
     objective: float
     path: list[tuple[int, int, int]]
     total: int
+    proven: bool = True
 
 
 def search(
-    cost: CostModel, space: StateSpace, *, incumbent: float | None = None
-) -> tuple[list[tuple[int, int, int]], float] | None:
-    """The optimal stages ``[(start state, end state, replicas), ...]`` and objective, or None.
+    cost: CostModel,
+    space: StateSpace,
+    *,
+    incumbent: float | None = None,
+    budget: _Budget | None = None,
+) -> Found | None:
+    """The optimal plan over ``space`` (:class:`Found`), or None when nothing fits.
 
     Stages take contiguous ranks in order from rank 0 (module docstring). ``incumbent``: the
     objective of a plan known to be in the space (default: the best fitting baseline's); when
     given, it is taken to be near the optimum and the first trial bound is the one it implies.
+    ``budget``: the work left (default: a fresh :data:`WORK_BUDGET`).
     """
     p = build_problem(cost, space)
     near = incumbent is not None
-    found = _search(p, _incumbent(cost) if incumbent is None else incumbent, near=near)
-    return None if found is None else (found.path, found.objective)
+    budget = budget if budget is not None else _Budget(WORK_BUDGET)
+    return _search(p, _incumbent(cost) if incumbent is None else incumbent, budget, near=near)
 
 
 #: Rounds of local refinement at most (each one a DP over the bands around the boundaries).
@@ -188,23 +215,31 @@ _REFINE_DEVICES = 256
 
 
 def _refine(
-    cost: CostModel, space: StateSpace, path: list[tuple[int, int, int]], objective: float
-) -> tuple[StateSpace, list[tuple[int, int, int]]]:
+    cost: CostModel,
+    space: StateSpace,
+    path: list[tuple[int, int, int]],
+    objective: float,
+    budget: _Budget,
+) -> tuple[StateSpace, list[tuple[int, int, int]], bool]:
     """The plan ``path`` on the thinned ``space``, improved over the states thinning dropped
-    near its boundaries (:mod:`planner.optimize.refine`); the space its path indexes."""
+    near its boundaries (:mod:`planner.optimize.refine`); the space its path indexes; whether
+    every round finished within the budget (no round starts once it is spent)."""
     compute = np.asarray(cost.compute_s, dtype=float)
     p_dream = cost.options.schedule is Schedule.PIPEDREAM  # many stages: wide bands pay off
     current = space
+    proven = True
     for _ in range(_REFINE_ROUNDS):
         boundaries = [current.masks[j] for _, j, _ in path[:-1]]
-        if not boundaries:
+        if not boundaries or budget.left <= 0:
             break
         bands = band_space(space, boundaries, compute, WIDE if p_dream else NARROW)
-        found = search(cost, bands, incumbent=objective)
-        if found is None or found[1] >= objective * (1 - 1e-9):
+        found = search(cost, bands, incumbent=objective, budget=budget)
+        if found is not None and not found.proven:
+            proven = False
+        if found is None or found.objective >= objective * (1 - 1e-9):
             break
-        current, (path, objective) = bands, found
-    return current, path
+        current, path, objective = bands, found.path, found.objective
+    return current, path, proven
 
 
 def _incumbent(cost: CostModel) -> float:
@@ -224,7 +259,7 @@ def _incumbent(cost: CostModel) -> float:
     return float(best)
 
 
-def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | None:
+def _search(p: Problem, incumbent: float, budget: _Budget, *, near: bool = False) -> Found | None:
     work = float(p.t.compute_s[-1])
     n = p.devices
     per_bound = 1 if p.pipedream else p.microbatches  # objective >= per_bound x slowest stage
@@ -250,19 +285,25 @@ def _search(p: Problem, incumbent: float, *, near: bool = False) -> _Found | Non
         bound = min(floor * (1 + _FIRST_STEP), ceiling) if work > 0 else ceiling
     step = _FIRST_STEP
     windows = _WindowsOf(p, pairs)
+    best: Found | None = None
     if pairs is not None and not p.pipedream and not near and work > 0:
         # a good plan first, so that few stage counts and all-reduces are tracked
-        quick = _quick_plan(p, floor, totals[0], windows, ceiling)
-        if quick < incumbent:
-            incumbent = quick
+        best = _quick_plan(p, floor, totals[0], windows, ceiling, budget)
+        if best is not None and best.objective < incumbent:
+            incumbent = best.objective
             ceiling = min(ceiling, incumbent / per_bound * (1 + 1e-6))
             bound = min(bound, ceiling)
     single = np.inf if p.pipedream else _one_stage_floor(p)
-    best: _Found | None = None
+    # with windows the next bound's tables are much larger: finish this one (its best plan
+    # bounds the stage counts and all-reduces there) rather than leave as soon as it cannot
+    # certify
+    early = pairs is None
     while True:
         cert = _certifies(p, bound, single)
-        best = _under(p, bound, totals, best, ceiling * per_bound, cert, floor, windows)
-        if best is not None and best.objective <= cert * (1 + REL):
+        best = _under(
+            p, bound, totals, best, ceiling * per_bound, cert, floor, windows, budget, early
+        )
+        if best is not None and (not best.proven or best.objective <= cert * (1 + REL)):
             return best
         step = min(2 * step, 0.25)
         if best is not None:  # anything better has every stage faster than F (1f1b/gpipe: F / M)
@@ -300,23 +341,36 @@ class _WindowsOf:
         return self.known[bound]
 
 
-def _quick_plan(p: Problem, floor: float, total: int, windows: _WindowsOf, ceiling: float) -> float:
-    """``1f1b``/``gpipe``: the objective of the plan with the fastest slowest stage (the kernel
-    without stage counts or all-reduce cap, its bound grown as in :func:`_search`), or inf: a
-    plan of the space, so an incumbent; on many microbatches usually close to the optimum."""
+class _Budget:
+    """What is left of a search's :data:`WORK_BUDGET` (candidate cells)."""
+
+    def __init__(self, cells: float) -> None:
+        self.left = cells
+
+    def spend(self, tab: Tables, before: float = 0.0) -> None:
+        self.left -= tab.work - before
+
+
+def _quick_plan(
+    p: Problem, floor: float, total: int, windows: _WindowsOf, ceiling: float, budget: _Budget
+) -> Found | None:
+    """``1f1b``/``gpipe``: the plan with the fastest slowest stage (the kernel without stage
+    counts or all-reduce cap, its bound grown as in :func:`_search`), or None: a plan of the
+    space, so an incumbent; on many microbatches usually close to the optimum."""
     period = p.blocks[-1] if p.blocks else 1
     bound, step = floor * (1 + _FIRST_STEP), _FIRST_STEP
     while bound < ceiling * (1 + REL):
         tab = kernel(p, total, bound, 0, np.inf, windows(bound))
+        budget.spend(tab)
         root = _root(p, tab, total, 0, period)
         if root is not None:
             g, r, _ = root
             path = _walk(p, tab, total, r, 0, 0)
             slots = p.microbatches + len(path) - 1
-            return slots * g + max(_syncs(p, path, total - r), default=0.0)
+            return Found(slots * g + max(_syncs(p, path, total - r), default=0.0), path, total)
         step = min(2 * step, 0.25)
         bound *= 1 + step
-    return np.inf
+    return None
 
 
 #: The first trial bound is this much above the floor (:func:`~planner.optimize.windows.floor_bound`).
@@ -356,18 +410,21 @@ def _under(
     p: Problem,
     bound: float,
     totals: list[int],
-    best: _Found | None,
+    best: Found | None,
     cutoff: float,
     cert: float = np.inf,
     least: float = 0.0,
     windows: _WindowsOf | None = None,
-) -> _Found | None:
+    budget: _Budget | None = None,
+    early: bool = True,
+) -> Found | None:
     """The best plan with every stage at most ``bound`` (or ``best`` if that is better).
 
     ``cutoff``: an objective some plan of the space reaches (a baseline's, with slack), or inf;
     plans above it are not searched. ``cert``: what :func:`_certifies` allows under ``bound``.
     ``least``: a lower bound on every plan's slowest stage (:func:`floor_bound`). ``windows``:
-    the fewest-devices windows by bound (none: the kernel's own).
+    the fewest-devices windows by bound (none: the kernel's own). ``budget``: once it is spent
+    (and a plan is known), the best plan so far is returned with ``proven`` false.
 
     ``1f1b``/``gpipe``: one table per total, filled once and then updated in place under each
     lower all-reduce cap (:func:`~planner.optimize.dp_kernel.lower_cap`). Returns early, after
@@ -378,7 +435,7 @@ def _under(
     work = float(p.t.compute_s[-1])
     m_count = p.microbatches
     n_states = len(p.t.compute_s)
-    period = p.blocks[-1] if p.blocks else 1
+    budget = budget if budget is not None else _Budget(np.inf)
     for total in totals:
         # the slowest stage of any plan on ``total`` devices or fewer is at least this
         floor = max(work / total, least)
@@ -397,31 +454,78 @@ def _under(
             sync_cap = target * (1 + REL) - m_count * floor
         if not p.pipedream:
             counts = min(counts or n_states, total, n_states - 1)
-        tab = kernel(
-            p, total, limit, counts, sync_cap, windows(limit) if windows is not None else None
-        )
+        fewest = windows(limit) if windows is not None else None
+        # many stage counts (many microbatches): fewer first; the plan they give bounds the
+        # counts worth tracking, usually below what was tried
+        tried = counts if p.pipedream else min(counts, _FIRST_COUNTS)
         while True:
-            root = _root(p, tab, total, counts, period)
-            if root is None:
-                break
-            g, r, c = root
-            path = _walk(p, tab, total, r, c, counts)
-            syncs = [] if p.pipedream else _syncs(p, path, total - r)
-            y = max(syncs, default=0.0)
-            if best is None or g + y < best.objective:
-                best = _Found(g + y, path, total)
-            if p.pipedream or y <= 0 or g >= best.objective:
-                break
-            if g > cert * (1 + REL):
-                # every plan left under this bound and cap costs more than g: none certifies,
-                # so the caller raises the bound at once
+            best, status = _one_total(
+                p, total, limit, tried, sync_cap, fewest, best, cert, floor, budget, early
+            )
+            if status != "done":
                 return best
-            # a plan whose largest all-reduce is at least F - g has objective at least F (it has
-            # g or more before it): the next cap is the lower of that and this plan's all-reduce
-            f = best.objective  # as for the first fill: stage counts and stages that can beat F
-            fewer = max(1, math.floor(f / floor) - m_count + 1) if floor > 0 else counts
-            tab = lower_cap(p, tab, min(y, f - g), bound=f / m_count, counts=min(counts, fewer))
+            needed = counts  # no plan yet: any count may hold one
+            if best is not None and floor > 0:
+                needed = min(counts, max(1, math.floor(best.objective / floor) - m_count + 1))
+            if p.pipedream or needed <= tried:
+                break
+            tried = min(needed, 2 * tried)
     return best
+
+
+#: Stage counts the first table of a total tracks (``1f1b``/``gpipe``); doubled until the best
+#: plan found shows that more stages cannot beat it.
+_FIRST_COUNTS = 16
+
+
+def _one_total(
+    p: Problem,
+    total: int,
+    limit: float,
+    counts: int,
+    sync_cap: float,
+    fewest: Windows | None,
+    best: Found | None,
+    cert: float,
+    floor: float,
+    budget: _Budget,
+    early: bool = True,
+) -> tuple[Found | None, str]:
+    """The best plan on ``total`` devices with at most ``counts`` stages (``1f1b``/``gpipe``)
+    under ``limit`` and the all-reduce caps (or ``best``), and how the search ended: ``done``,
+    ``early`` (the bound cannot certify; :func:`_under`) or ``budget`` (``proven`` now false)."""
+    m_count = p.microbatches
+    period = p.blocks[-1] if p.blocks else 1
+    if best is not None and kernel_work(p, total, limit, counts, fewest) > budget.left:
+        return dataclasses.replace(best, proven=False), "budget"
+    tab = kernel(p, total, limit, counts, sync_cap, fewest)
+    budget.spend(tab)
+    while True:
+        root = _root(p, tab, total, counts, period)
+        if root is None:
+            break
+        g, r, c = root
+        path = _walk(p, tab, total, r, c, counts)
+        syncs = [] if p.pipedream else _syncs(p, path, total - r)
+        y = max(syncs, default=0.0)
+        if best is None or g + y < best.objective:
+            best = Found(g + y, path, total)
+        if p.pipedream or y <= 0 or g >= best.objective:
+            break
+        if early and g > cert * (1 + REL):
+            # every plan left under this bound and cap costs more than g: none certifies,
+            # so the caller raises the bound at once
+            return best, "early"
+        # a plan whose largest all-reduce is at least F - g has objective at least F (it has
+        # g or more before it): the next cap is the lower of that and this plan's all-reduce
+        f = best.objective  # as for the first fill: stage counts and stages that can beat F
+        fewer = max(1, math.floor(f / floor) - m_count + 1) if floor > 0 else counts
+        if budget.left <= 0:
+            return dataclasses.replace(best, proven=False), "budget"
+        before = tab.work
+        tab = lower_cap(p, tab, min(y, f - g), bound=f / m_count, counts=min(counts, fewer))
+        budget.spend(tab, before)
+    return best, "done"
 
 
 def _root(

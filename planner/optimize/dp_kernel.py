@@ -25,6 +25,7 @@ __all__ = [
     "build_problem",
     "exact_variant",
     "kernel",
+    "kernel_work",
     "link_level",
     "loose_variant",
     "lower_cap",
@@ -33,6 +34,9 @@ __all__ = [
 REL = 1e-9  # relative slack for float comparisons against trial bounds
 _CHUNK_CELLS = 4_000_000  # candidate cells (next state x replicas x devices x ...) per batch
 _TABLE_CELLS = 40_000_000  # stored (state, devices, variant, stage count) cells at most
+#: What one batch of array operations costs beyond its cells, in cells (about half a
+#: millisecond here): the work a search counts (:attr:`Tables.work`) is cells plus this per batch.
+CALL_CELLS = 30_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,12 +177,57 @@ class Tables:
     scale: float = 0.0
     counts: int = 0
     active: int = 0  # stage counts still filled (lower_cap may drop the larger ones)
+    work: float = 0.0  # candidate cells computed so far (kernel and lower_cap)
 
     def rows(self, states: np.ndarray, rs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Flat rows of cells ``(states, rs)`` (broadcast) and whether they are in the window."""
         lo, hi = self.lo[states], self.hi[states]
         ok = (rs >= lo) & (rs <= hi)
         return np.where(ok, self.offset[states] + rs - lo, 0), ok
+
+
+def _windows(p: Problem, total: int, bound: float, fewest: Windows | None):
+    """Per state the devices ``[lo, hi]`` a suffix from it may use, the next states tried, the
+    bound with its float slack and ``1 / limit`` (0 without a bound)."""
+    work = p.t.compute_s
+    last = len(work) - 1
+    limit = bound * (1 + REL)
+    scale = 1.0 / limit if np.isfinite(bound) and limit > 0 else 0.0
+    lo = np.maximum(np.ceil((work[last] - work) * scale - REL).astype(np.int64), 1)
+    hi = np.minimum(total - np.ceil(work * scale - REL).astype(np.int64), total)
+    hi[1:] = np.minimum(hi[1:], total - 1)  # a stage before it needs a device
+    succ = p.succ
+    if fewest is not None:
+        suffix, prefix, succ = fewest.suffix, fewest.prefix, fewest.succ
+        with np.errstate(invalid="ignore"):
+            lo = np.maximum(lo, np.where(np.isfinite(suffix), suffix, total + 1)).astype(np.int64)
+            hi = np.minimum(hi, np.where(np.isfinite(prefix), total - prefix, -1)).astype(np.int64)
+    lo[last] = hi[last] = 0
+    return lo, hi, succ, limit, scale
+
+
+def kernel_work(
+    p: Problem, total: int, bound: float, counts: int, fewest: Windows | None = None
+) -> float:
+    """The candidate cells :func:`kernel` would compute (what its time grows with): per state,
+    each next state's replica range x the state's devices x variants x stage counts, plus
+    :data:`CALL_CELLS` per state filled."""
+    if bound <= 0:
+        return 0.0
+    lo, hi, succ, _, scale = _windows(p, total, bound, fewest)
+    work = p.t.compute_s
+    width = np.maximum(hi - lo + 1, 0)
+    per_cell = p.variants * (counts if counts else 1)
+    out = 0.0
+    for k in np.flatnonzero(width[:-1] > 0):
+        js = succ[k]
+        if len(js) == 0:
+            continue
+        r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - REL))
+        r_hi = np.minimum(p.max_replicas, hi[k] - lo[js])
+        span = float(np.clip(r_hi - r_lo + 1, 0, None).sum())
+        out += span * int(width[k]) * per_cell + (CALL_CELLS if span > 0 else 0)
+    return out
 
 
 def kernel(
@@ -197,22 +246,10 @@ def kernel(
     ``[suffix, total - prefix]`` are on no plan and are not stored, nor tried are stages on no
     plan that fits.
     """
-    t = p.t
-    work = t.compute_s
+    work = p.t.compute_s
     n_states = len(work)
     last = n_states - 1
-    limit = bound * (1 + REL)
-    scale = 1.0 / limit if np.isfinite(bound) and limit > 0 else 0.0
-    lo = np.maximum(np.ceil((work[last] - work) * scale - REL).astype(np.int64), 1)
-    hi = np.minimum(total - np.ceil(work * scale - REL).astype(np.int64), total)
-    hi[1:] = np.minimum(hi[1:], total - 1)  # a stage before it needs a device
-    succ = p.succ
-    if fewest is not None:
-        suffix, prefix, succ = fewest.suffix, fewest.prefix, fewest.succ
-        with np.errstate(invalid="ignore"):
-            lo = np.maximum(lo, np.where(np.isfinite(suffix), suffix, total + 1)).astype(np.int64)
-            hi = np.minimum(hi, np.where(np.isfinite(prefix), total - prefix, -1)).astype(np.int64)
-    lo[last] = hi[last] = 0
+    lo, hi, succ, limit, scale = _windows(p, total, bound, fewest)
     width = np.maximum(hi - lo + 1, 0)
     offset = np.concatenate([[0], np.cumsum(width)[:-1]])
     cols = counts + 1 if counts else 1
@@ -296,6 +333,13 @@ def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
     work = t.compute_s
     js = tab.succ[k]
     total, limit, scale, counts = tab.total, tab.limit, tab.scale, tab.active
+    # the table columns written (stage counts; 0 alone without counts): under lower_cap only
+    # those holding a cell to recompute
+    cols = np.arange(1, counts + 1) if counts else np.zeros(1, dtype=np.int64)
+    if only is not None and counts:
+        cols = cols[only[:, :, 1 : counts + 1].any(axis=(0, 1))]
+        if len(cols) == 0:
+            return
     o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
     rs = np.arange(r_from, r_to + 1)
     # replicas: enough for the stage's compute within the bound, leaving the rest its minimum
@@ -306,7 +350,8 @@ def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
         return
     js, r_lo, r_hi = js[keep], r_lo[keep], r_hi[keep]
     # bounded memory: next states in chunks of at most _CHUNK_CELLS candidate cells
-    per_j = (int((r_hi - r_lo).max()) + 1) * len(rs) * p.variants * (counts + 1)
+    per_j = (int((r_hi - r_lo).max()) + 1) * len(rs) * p.variants * len(cols)
+    tab.work += float(np.sum(r_hi - r_lo + 1)) * len(rs) * p.variants * len(cols) + CALL_CELLS
     size = max(1, _CHUNK_CELLS // max(per_j, 1))
     for start in range(0, len(js), size):
         part = slice(start, start + size)
@@ -320,14 +365,14 @@ def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
             rs,
             total,
             limit,
-            counts,
+            cols,
             sync_cap,
             o_fac,
             only,
         )
 
 
-def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o_fac, only) -> None:
+def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, cols, sync_cap, o_fac, only) -> None:
     """The cells of state ``k`` reachable through next states ``js``, merged into the table."""
     t = p.t
     work = t.compute_s
@@ -358,8 +403,11 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
     # the rest after j: its value under each outgoing level, the best level kept
     rows, in_window = tab.rows(js[:, None, None], np.maximum(rest, 0))
     # (j, w, d, variants, cols); the rest has one stage fewer
-    rest_values = tab.value[:, :, :counts] if counts else tab.value
-    nxt = np.where((in_window & alive)[..., None, None], rest_values[rows], np.inf)
+    counted = tab.counts > 0
+    rest_cols = cols - 1 if counted else cols
+    variant_ix = np.arange(p.variants)[:, None]
+    rest_values = tab.value[rows[..., None, None], variant_ix, rest_cols[None, :]]
+    nxt = np.where((in_window & alive)[..., None, None], rest_values, np.inf)
     alpha = None
     if p.levels == 1:
         out = _link(p, t.cut_bytes[js], 0)[:, None, None] * sh
@@ -393,6 +441,8 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
             level_in = v // 2 if p.levels > 1 else 0
             if p.levels > 1 and v == 1:
                 continue  # level 0 cannot be promised loosely
+            if only is not None and not only[:, v, cols].any():
+                continue  # nothing to recompute under this variant
             link_in = float(_link(p, t.cut_bytes[k], level_in))
             valid = alive
             if beta is not None:
@@ -408,7 +458,6 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
         chosen_l = tail_l.reshape(-1, n_d, cand.shape[-1])
         chosen_l = np.take_along_axis(chosen_l, best[None], axis=0)[0]
         sl = slice(base_row, base_row + n_d)
-        cols = slice(1, counts + 1) if counts else slice(0, 1)
         better = value < tab.value[sl, v, cols]  # earlier chunks may hold better cells
         if only is not None:
             better &= only[:, v, cols]
@@ -418,16 +467,17 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, counts, sync_cap, o
             (tab.arg_m, reps[bj, bw]),
             (tab.arg_l, chosen_l),
         ]
-        if counts:
-            updates.append((tab.path_y, _path_y(p, tab, ar, rows, alpha, bj, bw, chosen_l)))
+        if counted:
+            path_y = _path_y(p, tab, ar, rows, alpha, bj, bw, chosen_l, rest_cols)
+            updates.append((tab.path_y, path_y))
         for array, new in updates:
             array[sl, v, cols] = np.where(better, new, array[sl, v, cols])
 
 
-def _path_y(p, tab, ar, rows, alpha, bj, bw, chosen_l) -> np.ndarray:
+def _path_y(p, tab, ar, rows, alpha, bj, bw, chosen_l, rest_cols) -> np.ndarray:
     """The largest all-reduce along each chosen suffix: the chosen stage's and its rest's."""
     d = np.arange(bj.shape[0])[:, None]
-    col = np.arange(bj.shape[1])[None, :]  # the rest's column (one stage fewer)
+    col = rest_cols[None, :]  # the rest's column (one stage fewer)
     row = rows[bj, bw, d]
     ar = np.broadcast_to(ar, rows.shape)  # one level: the same at every position
     if p.levels == 1:

@@ -235,3 +235,28 @@ def test_all_devices_are_used_when_asked():
     part = optimize(profile, topo, allow_fewer_devices=False)
     assert part.num_devices_used == 5
     assert all(s.replicas == 1 for s in optimize(profile, topo, straight=True).stages)
+
+
+# --- the work budget ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [Schedule.ONE_F_ONE_B, Schedule.GPIPE])
+def test_a_search_past_its_work_budget_returns_its_best_plan_unproven(monkeypatch, schedule):
+    """Once the budget is spent the DP stops with the best plan it holds: a plan the cost model
+    scores as it says, that fits, never better than the exact answer, and marked not proven
+    (with a note) so the certificate decides what is claimed."""
+    profile = branched_profile(60, seed=3)
+    topo = Topology.from_args(gpus=8, gpus_per_node=4)
+    cost = CostModel(profile, topo, SolverOptions(schedule=schedule, microbatches=8))
+    monkeypatch.setattr(dp_module, "WINDOWS_FROM", 1)  # the quick plan first, then the budget
+    exact = dp_module.solve(cost)
+    assert exact.optimal and "work limit" not in exact.note
+    monkeypatch.setattr(dp_module, "WORK_BUDGET", 1.0)
+    cut = dp_module.solve(cost)
+    assert not cut.optimal and "work limit" in cut.note
+    assert cost.fits(cut)
+    again = cost.evaluate(
+        [s.layers for s in cut.stages], [s.replicas for s in cut.stages], solver="dp"
+    )
+    assert again.objective_s == cut.objective_s
+    assert cut.objective_s >= exact.objective_s * (1 - 1e-9)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from planner.optimize.cost import CostModel, SolverOptions
-from planner.optimize.dp_kernel import build_problem, kernel, lower_cap
+from planner.optimize.dp_kernel import build_problem, kernel, kernel_work, lower_cap
 from planner.optimize.states import build_states
 from planner.optimize.synthetic import branched_profile
 from planner.schedules import Schedule
@@ -83,3 +83,26 @@ def test_lower_cap_with_a_lower_bound_and_fewer_stage_counts_equals_a_fresh_tabl
             theirs = fresh.value[fresh.offset[k] + r - fresh.lo[k]]
             np.testing.assert_array_equal(mine, theirs)
     assert np.isinf(tab.value[:, :, counts + 1 :]).all()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "counts", "memory_gb"),
+    [((8,), 0, 16), ((8,), 6, 16), ((4, 2), 6, 16), ((4, 2), 0, 0.02), ((2, 2, 2), 5, 16)],
+)
+def test_kernel_work_is_what_the_kernel_computes(sizes, counts, memory_gb):
+    """The search's work budget reads kernel_work before it fills a table: it must be the
+    candidate cells the fill then counts, exactly."""
+    profile = branched_profile(30, seed=6)
+    topo = _topology(sizes, memory_gb)
+    gpus = topo.num_devices
+    schedule = Schedule.GPIPE if counts else Schedule.PIPEDREAM
+    cost = CostModel(profile, topo, SolverOptions(schedule=schedule, microbatches=gpus))
+    p = build_problem(cost, build_states(profile))
+    work = float(p.t.compute_s[-1])
+    seen = set()
+    for scale in (1.2, 2.0, 4.0):
+        bound = scale * work / gpus
+        tab = kernel(p, gpus, bound, counts, np.inf)
+        assert kernel_work(p, gpus, bound, counts) == tab.work
+        seen.add(tab.work)
+    assert len(seen) == 3 and min(seen) > 0  # the bounds give different tables

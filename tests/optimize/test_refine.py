@@ -59,7 +59,7 @@ def test_refined_plan_is_never_worse_and_scored_by_the_cost_model(schedule):
     found = dp.search(cost, space)
     assert found is not None
     part = dp.solve(cost, states=space)
-    assert part.objective_s <= found[1] * (1 + 1e-9)
+    assert part.objective_s <= found.objective * (1 + 1e-9)
     again = cost.evaluate(
         [s.layers for s in part.stages],
         [s.replicas for s in part.stages],
