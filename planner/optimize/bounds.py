@@ -27,6 +27,12 @@ retire: ``m`` for ``pipedream``, ``M / ceil(M / m)`` for ``1f1b``/``gpipe``):
 
   and the objective is minimised over ``S`` and ``m``: ``(M + S - 1) T + Z`` for flushed
   schedules, ``T`` for ``pipedream``.
+* **Small stages hold little compute** (flushed schedules, any device count): with the slowest
+  stage at ``t``, stages on at most ``μ`` replicas hold at most ``t f(μ)`` each, so the larger
+  ones hold the rest of the compute and at least its fewest parameters, one of them ``1 / S`` of
+  those, reduced at no less than ``a(μ + 1)`` per byte: a largest all-reduce that grows as ``t``
+  shrinks, traded against ``(M + S - 1) t`` (:func:`_split_allreduce`). This is what prices
+  many stages against large all-reduces on a thousand devices.
 * **Sharing the all-reduce** (flushed schedules, up to 128 devices). Every replica vector
   ``m_1..m_S`` gives at least ``(M + S - 1) W / sum f(m_s)`` plus ``P / sum 1 / a(m_s)`` (``a`` the
   all-reduce seconds per byte: however the parameters split, some stage reduces its share that
@@ -306,10 +312,59 @@ def _many_stages(cost: CostModel, work: float, heaviest: float, most_stages: int
         t = np.maximum(floor_t, largest / top)
         past = t if o.schedule is Schedule.PIPEDREAM else (o.microbatches + stages - 1) * t
         per_stages = np.where(many, np.minimum(per_stages, past), per_stages)
-    if o.schedule is not Schedule.PIPEDREAM and not o.straight and devices <= _SHARED_MAX_DEVICES:
-        shared = _shared_allreduce(cost, work, stages, devices)
-        per_stages = np.maximum(per_stages, shared)
+    if o.schedule is not Schedule.PIPEDREAM and not o.straight:
+        per_stages = np.maximum(per_stages, _split_allreduce(cost, work, stages, floor_t))
+        if devices <= _SHARED_MAX_DEVICES:
+            per_stages = np.maximum(per_stages, _shared_allreduce(cost, work, stages, devices))
     return float(per_stages.min())
+
+
+#: Points per stage count on which :func:`_split_allreduce` minimises over the slowest stage.
+_SPLIT_GRID = 33
+
+
+def _split_allreduce(
+    cost: CostModel, work: float, stages: np.ndarray, floor_t: np.ndarray
+) -> np.ndarray:
+    """Per stage count ``S`` (flushed schedules): a bound from the compute small stages can hold.
+
+    In a plan whose slowest stage takes ``t``, a stage on ``m <= μ`` replicas holds compute at
+    most ``t f(μ)``, so the stages on more than ``μ`` replicas hold at least
+    ``W - S t f(μ)`` of it, hence at least ``g`` of that in parameters (``g`` as in
+    :func:`_param_floor`), and one of these at most ``S`` stages holds ``1 / S`` of those and
+    reduces them at ``a(μ + 1)`` seconds per byte or more (``a`` grows with replicas, latency left
+    out). So the largest all-reduce is at least ``Z(t) = max over μ of a(μ + 1) g(W - S t f(μ)) / S``
+    and the objective at least ``(M + S - 1) t + Z(t)``, minimised over ``t >= floor_t(S)`` on a
+    grid (``Z`` falls with ``t``: each interval counts with its left end in the first term and its
+    right end in the second; past ``t_end = floor_t + Z(floor_t) / (M + S - 1)`` the first term
+    alone is larger than at ``floor_t``). ``μ`` runs over powers of two and the levels' unit sizes.
+    """
+    o = cost.options
+    devices = cost.topology.num_devices
+    slots = (o.microbatches + stages - 1).astype(float)  # (S,)
+    if float(np.sum(cost.parameter_bytes)) <= 0 or devices < 2:
+        return slots * floor_t
+    g = _param_floor(cost)
+    powers = 2 ** np.arange(int(math.log2(devices - 1)) + 1) if devices > 2 else np.array([1])
+    units = [cost.topology.block_size(lv) for lv in range(len(cost.topology.levels) - 1)]
+    mus = np.unique(np.concatenate([powers, units]).astype(np.int64))
+    mus = mus[(mus >= 1) & (mus < devices)]
+    per_byte = _allreduce_per_byte(cost, mus + 1)  # (U,)
+    cap = _capacity(o.schedule, o.microbatches, mus)  # (U,)
+    count = stages.astype(float)[:, None, None]
+
+    def least_allreduce(t: np.ndarray) -> np.ndarray:  # t: (S, K) -> (S, K)
+        cross = np.maximum(work - count * t[:, :, None] * cap[None, None, :], 0.0)
+        return np.max(per_byte[None, None, :] * g(cross) / count, axis=2)
+
+    start = floor_t.astype(float)
+    first = least_allreduce(start[:, None])[:, 0]
+    end = start + first / slots
+    steps = np.linspace(0.0, 1.0, _SPLIT_GRID)[None, :]
+    grid = start[:, None] + (end - start)[:, None] * steps  # (S, K)
+    z = least_allreduce(grid)
+    intervals = slots[:, None] * grid[:, :-1] + z[:, 1:]
+    return np.minimum(np.min(intervals, axis=1), slots * end)
 
 
 #: Replica counts enumerated per stage; larger ones are bounded together (absurd device counts).

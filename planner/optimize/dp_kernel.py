@@ -76,16 +76,17 @@ def build_problem(cost: CostModel, space: StateSpace) -> Problem:
     o = cost.options
     topo = cost.topology
     n = topo.num_devices
+    blocks = tuple(topo.block_size(lv) for lv in range(len(topo.levels) - 1))
     return Problem(
         t=DownsetTables.from_masks(cost, space.masks),
         succ=[np.flatnonzero(space.includes[k]) for k in range(len(space))],
         devices=n,
-        blocks=tuple(topo.block_size(lv) for lv in range(len(topo.levels) - 1)),
+        blocks=blocks,
         bandwidth=np.array([lv.bandwidth_bytes_per_s for lv in topo.levels]),
         latency=np.array([lv.latency_s for lv in topo.levels]),
         ring_bandwidth=np.array([lv.ring_bandwidth_bytes_per_s for lv in topo.levels]),
         ring_latency=np.array([lv.ring_latency_s for lv in topo.levels]),
-        max_replicas=1 if o.straight else n,
+        max_replicas=1 if o.straight else _most_replicas(o, n, blocks),
         memory_cap=cost.memory_limit_bytes if o.memory_constraint else np.inf,
         schedule=o.schedule,
         microbatches=o.microbatches,
@@ -93,6 +94,22 @@ def build_problem(cost: CostModel, space: StateSpace) -> Problem:
         recompute=o.recompute,
         allow_fewer=o.allow_fewer_devices,
     )
+
+
+def _most_replicas(o, n: int, blocks: tuple[int, ...]) -> int:
+    """Replicas one stage needs at most: ``n``; ``1f1b``/``gpipe`` with idle devices allowed,
+    ``M + P - 1`` (``P`` devices in one outermost unit, 1 on one level).
+
+    Past ``M`` replicas a flushed stage is no faster (each replica runs ``ceil(M / m) = 1``
+    microbatch) and holds one microbatch in flight, so a stage on ``m >= M + P`` replicas can
+    give up ``P`` of them: its all-reduce spans fewer ranks (no higher level, fewer ring steps),
+    every later stage moves down one whole unit (levels see positions modulo ``P``), every earlier
+    one has fewer devices after it (no more in flight), and the plan leaves ``P`` more idle: never
+    worse. Without idle devices allowed the plan must use all ``n``, so nothing is capped.
+    """
+    if o.schedule is Schedule.PIPEDREAM or not o.allow_fewer_devices:
+        return n
+    return min(n, o.microbatches + (blocks[-1] if blocks else 1) - 1)
 
 
 def link_level(x, y, blocks: tuple[int, ...]):
