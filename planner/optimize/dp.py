@@ -312,8 +312,12 @@ def _search(p: Problem, incumbent: float, budget: _Budget, *, near: bool = False
             if not p.pipedream and single >= best.objective:  # ... or F / (M + 1)
                 enough = best.objective / (per_bound + 1)
             # a plan found under a tight bound may be far from the best (a large all-reduce):
-            # growing the bound step by step keeps the windows narrow until F certifies
-            bound = min(enough, bound * (1 + step))
+            # growing the bound step by step keeps the windows narrow until F certifies, unless
+            # the bound that certifies costs about as little
+            step_bound = bound * (1 + step)
+            if step_bound < enough and not _much_wider(p, totals[0], step_bound, enough, windows):
+                step_bound = enough
+            bound = min(enough, step_bound)
             continue
         if not np.isfinite(bound):
             return None
@@ -340,6 +344,16 @@ class _WindowsOf:
         if bound not in self.known:
             self.known[bound] = fewest_devices(self.p, bound, self.pairs)
         return self.known[bound]
+
+
+def _much_wider(p: Problem, total: int, near: float, far: float, windows: _WindowsOf) -> bool:
+    """Whether the tables under bound ``far`` would cost more than twice those under ``near``
+    (always, without windows: few devices, where the steps are cheap anyway)."""
+    if windows.pairs is None:
+        return True
+    return kernel_work(p, total, far, 0, windows(far)) > 2 * kernel_work(
+        p, total, near, 0, windows(near)
+    )
 
 
 class _Budget:
