@@ -198,7 +198,9 @@ def search(
 
     Stages take contiguous ranks in order from rank 0 (module docstring). ``incumbent``: the
     objective of a plan known to be in the space (default: the best fitting baseline's); when
-    given, it is taken to be near the optimum and the first trial bound is the one it implies.
+    given, it is taken to be near the optimum: trial bounds stay below what it implies, and no
+    fewest-devices windows are computed (local refinement's dense bands: they cost more there
+    than they save).
     ``budget``: the work left (default: a fresh :data:`WORK_BUDGET`).
     """
     p = build_problem(cost, space)
@@ -270,15 +272,12 @@ def _search(p: Problem, incumbent: float, budget: _Budget, *, near: bool = False
     totals = list(range(n, max(n - period, 0), -1)) if p.allow_fewer else [n]
     ceiling = incumbent / per_bound * (1 + 1e-6) if np.isfinite(incumbent) else np.inf
     # no plan's slowest stage is below ``floor``; the first trial bound sits just above it
-    pairs = Pairs.of(p) if n >= WINDOWS_FROM else None
+    # with an incumbent close to the optimum (local refinement over bands) windows on the
+    # bands' dense state graph cost more than they save
+    pairs = Pairs.of(p) if n >= WINDOWS_FROM and not near else None
     if pairs is None:  # few devices: the kernel is cheap without windows
         floor = 0.0
         bound = min(1.1 * work / n, ceiling) if work > 0 else ceiling
-    elif near and np.isfinite(ceiling):
-        # the incumbent is close to the optimum (local refinement): its bound certifies at
-        # once, and the floor only narrows the stage counts
-        floor = 0.0 if p.pipedream else floor_bound(p, ceiling, pairs=pairs, tolerance=0.01)
-        bound = ceiling
     else:
         # to about half a device of slack in the windows: coarse on few devices, fine on many
         tolerance = max(_FLOOR_TOLERANCE, 0.5 / n)
@@ -287,7 +286,7 @@ def _search(p: Problem, incumbent: float, budget: _Budget, *, near: bool = False
     step = _FIRST_STEP
     windows = _WindowsOf(p, pairs)
     best: Found | None = None
-    if pairs is not None and not p.pipedream and not near and work > 0:
+    if pairs is not None and not p.pipedream and work > 0:
         # a good plan first, so that few stage counts and all-reduces are tracked
         best = _quick_plan(p, floor, totals[0], windows, ceiling, budget)
         if best is not None and best.objective < incumbent:
