@@ -101,7 +101,8 @@ def optimize(
         activation_compression_ratio: PipeDream model only; count activation transfers.
         memory_bytes: Plan for this device memory instead of the topology's.
         time_limit_s: The ILP's time limit (its default when None); the DP ignores it. If CBC
-            fails or finds nothing in time, the DP's plan (exact as well) is returned with a note.
+            fails or finds nothing in time, the DP's plan (exact as well, unless it reached its
+            work budget) is returned with a note.
 
     Raises:
         InfeasibleError: Nothing fits; the message says what would.
@@ -158,7 +159,9 @@ def _solve(cost: CostModel, solver: str, time_limit_s: float | None = None) -> P
         except PlanError as exc:  # CBC crashed or found nothing in time: the DP is exact too
             if start is None:
                 raise
-            return dataclasses.replace(start, note=f"{exc}; this is the DP's plan, also exact")
+            also = "also exact" if start.optimal else "not proven either"
+            note = "; ".join(x for x in (f"{exc}; this is the DP's plan, {also}", start.note) if x)
+            return dataclasses.replace(start, note=note)
     from planner.optimize import dp
 
     return dp.solve(cost)

@@ -36,14 +36,14 @@ def _profile(model: str) -> Profile:
 def _cases() -> list:
     """Every model x topology x schedule. The flushed schedules' searches (stage counts and
     all-reduce caps) take seconds to half a minute on 16 devices and on the larger graphs: slow;
-    alexnet and vgg16 on 8 and 2x4 stay in the quick tier."""
+    alexnet and vgg16 on 8 and 2x4 stay in the quick tier. GNMT on 2x8 under the flushed
+    schedules stops at the DP's work budget (its plan unproven): still never worse than a
+    baseline."""
     out = []
     for model in PIPEDREAM_MODELS:
         for topology in TOPOLOGIES:
             for schedule in PER_STAGE_SCHEDULES:
                 flushed = schedule is not Schedule.PIPEDREAM
-                if flushed and model == "gnmt" and topology == "2x8":
-                    continue  # minutes per case: the exact DP's known gap (RESULTS.md)
                 heavy = flushed and (topology == "2x8" or model not in ("alexnet", "vgg16"))
                 marks = [pytest.mark.slow] if heavy else []
                 out.append(pytest.param(model, topology, schedule, marks=marks))
