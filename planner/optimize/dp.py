@@ -48,10 +48,18 @@ wide. Below, ``b`` starts at 1.1 x the perfect balance ``total work / N`` and gr
 ``F <= M b`` (a plan with a stage slower than ``b`` costs more than ``M b``), or once
 ``F <= (M + 1) b`` when no one-stage plan costs less than ``F`` (a plan of two stages or more
 with a stage slower than ``b`` costs more than ``(M + 1) b``); otherwise ``b`` becomes ``F / M``
-(or ``F / (M + 1)``, or the next step if that is lower) and one more search certifies it. Stage
-counts that cannot beat the best objective found (or reach the best baseline's),
+(or ``F / (M + 1)``, or the next step if that is lower, unless the tables there cost more than
+twice the step's: :func:`~planner.optimize.dp_kernel.kernel_work`) and one more search certifies
+it. Stage counts that cannot beat the best objective found (or reach the best baseline's),
 ``(M + S - 1) x floor > F``, are not tracked, and neither are all-reduces of ``F - M x floor`` or
-more (``floor``: the larger of the floor and ``total work / N``).
+more (``floor``: the larger of the floor and ``total work / N``); the first table of a total
+tracks 16 stage counts, doubled while the best plan allows more. With idle devices allowed a
+flushed stage takes at most ``M + P - 1`` replicas (``P`` devices per outermost unit; past ``M``
+a replica adds only all-reduce, :func:`~planner.optimize.dp_kernel.build_problem`).
+
+Budget: a solve computes at most :data:`WORK_BUDGET` candidate cells once it holds a plan; past
+that it returns its best plan with ``optimal`` false and a note, and the certificate
+(:mod:`planner.optimize.bounds`) says how far it may be from the best.
 
 With idle devices allowed, multi-level topologies solve one program per total ``T`` modulo the
 devices of one outermost unit (levels only see positions modulo that size), largest first,
