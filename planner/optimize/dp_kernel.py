@@ -422,8 +422,10 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, cols, sync_cap, o_f
     # (j, w, d, variants, cols); the rest has one stage fewer
     counted = tab.counts > 0
     rest_cols = cols - 1 if counted else cols
-    variant_ix = np.arange(p.variants)[:, None]
-    rest_values = tab.value[rows[..., None, None], variant_ix, rest_cols[None, :]]
+    if rest_cols[-1] - rest_cols[0] + 1 == len(rest_cols):  # a slice, then rows: fastest
+        rest_values = tab.value[:, :, rest_cols[0] : rest_cols[-1] + 1][rows]
+    else:
+        rest_values = tab.value[rows][..., rest_cols]
     nxt = np.where((in_window & alive)[..., None, None], rest_values, np.inf)
     alpha = None
     if p.levels == 1:
@@ -432,19 +434,22 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, cols, sync_cap, o_f
         tail_l = np.zeros(tail.shape, dtype=np.int8)
     else:
         alpha = link_level(first[None, None, :], end, p.blocks)  # (j, w, d)
-        options = []
-        for lv in range(p.levels):
+        tail = np.full(nxt.shape[:3] + nxt.shape[4:], np.inf)
+        tail_l = np.zeros(tail.shape, dtype=np.int8)
+        for lv in range(p.levels):  # the cheapest level, the lowest on ties
             pick = np.where(
                 (alpha == lv)[..., None],
                 nxt[..., exact_variant(p, lv), :],
                 np.where((alpha < lv)[..., None], nxt[..., loose_variant(lv), :], np.inf),
             )
             out = _link(p, t.cut_bytes[js], lv)[:, None, None] * sh
-            options.append(np.maximum(out[..., None], pick))
-        stacked = np.stack(options)
-        tail_l = stacked.argmin(axis=0).astype(np.int8)
-        tail = np.take_along_axis(stacked, tail_l[None].astype(np.int64), axis=0)[0]
+            option = np.maximum(out[..., None], pick)
+            lower = option < tail
+            tail = np.where(lower, option, tail)
+            tail_l[lower] = lv
+    tail = np.where(tail <= limit, tail, np.inf)  # the link out counts towards the bound too
     n_d = len(rs)
+    d_ix, c_ix = np.arange(n_d)[:, None], np.arange(len(cols))[None, :]  # to read argmin's cells
     base_row = tab.offset[k] + rs[0] - tab.lo[k]
     variants = [0] if k == 0 else range(p.variants)
     beta = (
@@ -466,14 +471,13 @@ def _fill_chunk(p, tab, k, js, r_lo, r_hi, rs, total, limit, cols, sync_cap, o_f
                 valid = valid & ((beta <= level_in) if v % 2 == 0 else (beta == level_in))
         time = np.maximum(body, link_in) * sh
         time = np.where(valid & (time <= limit), time, np.inf)
-        cand = np.maximum(time[..., None], tail)  # (j, w, d, cols)
-        cand = np.where(cand <= limit, cand, np.inf)  # the link out counts towards the bound too
+        cand = np.maximum(time[..., None], tail)  # (j, w, d, cols): inf or within the bound
         flat = cand.reshape(-1, n_d, cand.shape[-1])
         best = flat.argmin(axis=0)  # (d, cols)
-        value = np.take_along_axis(flat, best[None], axis=0)[0]
-        bj, bw = np.unravel_index(best, reps.shape)
+        value = flat[best, d_ix, c_ix]
+        bj, bw = np.divmod(best, reps.shape[1])
         chosen_l = tail_l.reshape(-1, n_d, cand.shape[-1])
-        chosen_l = np.take_along_axis(chosen_l, best[None], axis=0)[0]
+        chosen_l = chosen_l[best, d_ix, c_ix]
         sl = slice(base_row, base_row + n_d)
         better = value < tab.value[sl, v, cols]  # earlier chunks may hold better cells
         if only is not None:
