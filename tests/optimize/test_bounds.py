@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
+import numpy as np
 import pytest
 from bruteforce import brute_force, count_candidates
 from hypothesis import HealthCheck, given, settings
@@ -256,3 +258,38 @@ def test_absurd_device_counts_are_bounded_quickly():
         )
         bound = lower_bound(cost)
         assert 0 < bound <= float(cost.compute_s.sum()) * (10**12 if schedule != "pipedream" else 1)
+
+
+@pytest.mark.parametrize(("seed", "microbatches"), [(0, 32), (1, 16), (1, 32)])
+def test_small_stages_bound_binds_and_stays_below_the_proven_optimum(
+    monkeypatch, seed, microbatches
+):
+    """Above 128 devices the all-reduce's share is bounded by the small-stages piece only: on a
+    chain of heavy layers (a complete state space, so the DP's proven plan is the optimum over
+    every partition) it raises the bound and stays below the optimum."""
+    from planner.optimize import bounds, dp
+
+    rng = random.Random(seed)
+    layers = tuple(
+        LayerProfile(
+            name=f"l{i}",
+            op="fake",
+            forward_ms=rng.choice([1, 2, 4]),
+            backward_ms=rng.choice([2, 4, 8]),
+            output_bytes=(rng.choice([1, 4]) * 2**20,),
+            parameter_bytes=rng.choice([0, 0, 50, 200, 800]) * 2**20,
+            inputs=(i - 1,) if i else (),
+        )
+        for i in range(4)
+    )
+    topology = Topology.from_args(
+        gpus=256, gpus_per_node=8, bandwidth_gbps=100, inter_node_bandwidth_gbps=5
+    )
+    options = SolverOptions(schedule=Schedule.ONE_F_ONE_B, microbatches=microbatches)
+    cost = CostModel(Profile(model="chain", batch_size=1, layers=layers), topology, options)
+    best = dp.solve(cost)
+    assert best.optimal and build_states(cost.profile).complete
+    bound = lower_bound(cost)
+    assert bound <= best.objective_s * (1 + 1e-9)
+    monkeypatch.setattr(bounds, "_split_allreduce", lambda c, w, s, f: np.zeros(len(s)))
+    assert bound > lower_bound(cost) * 1.05  # it is what binds here
