@@ -186,12 +186,11 @@ def solve(cost: CostModel, *, states: StateSpace | None = None) -> Partition:
 @dataclass(frozen=True)
 class Found:
     """A plan the search found: stages ``[(start state, end state, replicas), ...]`` on
-    contiguous ranks from rank 0, its objective and the devices the program was solved for;
-    ``proven``: optimal over the space (false when the search stopped at :data:`WORK_BUDGET`)."""
+    contiguous ranks from rank 0, and its objective; ``proven``: optimal over the space (false
+    when the search stopped at :data:`WORK_BUDGET`)."""
 
     objective: float
     path: list[tuple[int, int, int]]
-    total: int
     proven: bool = True
 
 
@@ -389,7 +388,7 @@ def _quick_plan(
             g, r, _ = root
             path = _walk(p, tab, total, r, 0, 0)
             slots = p.microbatches + len(path) - 1
-            return Found(slots * g + max(_syncs(p, path, total - r), default=0.0), path, total)
+            return Found(slots * g + max(_syncs(p, path, total - r), default=0.0), path)
         step = min(2 * step, 0.25)
         bound *= 1 + step
     return None
@@ -434,30 +433,30 @@ def _under(
     totals: list[int],
     best: Found | None,
     cutoff: float,
-    cert: float = np.inf,
-    least: float = 0.0,
-    windows: _WindowsOf | None = None,
-    budget: _Budget | None = None,
-    early: bool = True,
+    cert: float,
+    least: float,
+    windows: _WindowsOf,
+    budget: _Budget,
+    early: bool,
 ) -> Found | None:
     """The best plan with every stage at most ``bound`` (or ``best`` if that is better).
 
     ``cutoff``: an objective some plan of the space reaches (a baseline's, with slack), or inf;
     plans above it are not searched. ``cert``: what :func:`_certifies` allows under ``bound``.
     ``least``: a lower bound on every plan's slowest stage (:func:`floor_bound`). ``windows``:
-    the fewest-devices windows by bound (none: the kernel's own). ``budget``: once it is spent
-    (and a plan is known), the best plan so far is returned with ``proven`` false.
+    the fewest-devices windows by bound (they give None with few devices: the kernel's own).
+    ``budget``: once it is spent (and a plan is known), the best plan so far is returned with
+    ``proven`` false.
 
     ``1f1b``/``gpipe``: one table per total, filled once and then updated in place under each
-    lower all-reduce cap (:func:`~planner.optimize.dp_kernel.lower_cap`). Returns early, after
-    the first cap, when the plan found already shows that ``bound`` cannot certify (objective
-    above ``M x bound``); the caller then searches again under ``objective / M``, which
-    certifies in one round.
+    lower all-reduce cap (:func:`~planner.optimize.dp_kernel.lower_cap`). With ``early``, returns
+    after the first cap when the plan found already shows that ``bound`` cannot certify
+    (objective above ``M x bound``); the caller then searches again under ``objective / M``,
+    which certifies in one round.
     """
     work = float(p.t.compute_s[-1])
     m_count = p.microbatches
     n_states = len(p.t.compute_s)
-    budget = budget if budget is not None else _Budget(np.inf)
     for total in totals:
         # the slowest stage of any plan on ``total`` devices or fewer is at least this
         floor = max(work / total, least)
@@ -476,7 +475,7 @@ def _under(
             sync_cap = target * (1 + REL) - m_count * floor
         if not p.pipedream:
             counts = min(counts or n_states, total, n_states - 1)
-        fewest = windows(limit) if windows is not None else None
+        fewest = windows(limit)
         # many stage counts (many microbatches): fewer first; the plan they give bounds the
         # counts worth tracking, usually below what was tried
         tried = counts if p.pipedream else min(counts, _FIRST_COUNTS)
@@ -511,7 +510,7 @@ def _one_total(
     cert: float,
     floor: float,
     budget: _Budget,
-    early: bool = True,
+    early: bool,
 ) -> tuple[Found | None, str]:
     """The best plan on ``total`` devices with at most ``counts`` stages (``1f1b``/``gpipe``)
     under ``limit`` and the all-reduce caps (or ``best``), and how the search ended: ``done``,
@@ -531,7 +530,7 @@ def _one_total(
         syncs = [] if p.pipedream else _syncs(p, path, total - r)
         y = max(syncs, default=0.0)
         if best is None or g + y < best.objective:
-            best = Found(g + y, path, total)
+            best = Found(g + y, path)
         if p.pipedream or y <= 0 or g >= best.objective:
             break
         if early and g > cert * (1 + REL):

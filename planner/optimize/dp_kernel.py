@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.errors import PlanError
-from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, DownsetTables
+from planner.optimize.cost import OPTIMIZER_STATE_FACTOR, CostModel, DownsetTables, SolverOptions
 from planner.optimize.states import StateSpace
 from planner.schedules import Schedule
 
@@ -96,7 +96,7 @@ def build_problem(cost: CostModel, space: StateSpace) -> Problem:
     )
 
 
-def _most_replicas(o, n: int, blocks: tuple[int, ...]) -> int:
+def _most_replicas(o: SolverOptions, n: int, blocks: tuple[int, ...]) -> int:
     """Replicas one stage needs at most: ``n``; ``1f1b``/``gpipe`` with idle devices allowed,
     ``M + P - 1`` (``P`` devices in one outermost unit, 1 on one level).
 
@@ -223,6 +223,15 @@ def _windows(p: Problem, total: int, bound: float, fewest: Windows | None):
     return lo, hi, succ, limit, scale
 
 
+def _replicas(p: Problem, k: int, js: np.ndarray, most: int, lo: np.ndarray, scale: float):
+    """Replica counts a stage ``k -> js`` may take with at most ``most`` devices from ``k`` on:
+    enough for its compute within the bound (``1 / scale``), leaving the rest after ``j`` its
+    fewest (``lo[j]``); per next state, the first and last (empty when first > last)."""
+    work = p.t.compute_s
+    r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - REL).astype(np.int64))
+    return r_lo, np.minimum(p.max_replicas, most - lo[js])
+
+
 def kernel_work(
     p: Problem, total: int, bound: float, counts: int, fewest: Windows | None = None
 ) -> float:
@@ -232,7 +241,6 @@ def kernel_work(
     if bound <= 0:
         return 0.0
     lo, hi, succ, _, scale = _windows(p, total, bound, fewest)
-    work = p.t.compute_s
     width = np.maximum(hi - lo + 1, 0)
     per_cell = p.variants * (counts if counts else 1)
     out = 0.0
@@ -240,8 +248,7 @@ def kernel_work(
         js = succ[k]
         if len(js) == 0:
             continue
-        r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - REL))
-        r_hi = np.minimum(p.max_replicas, hi[k] - lo[js])
+        r_lo, r_hi = _replicas(p, int(k), js, int(hi[k]), lo, scale)
         span = float(np.clip(r_hi - r_lo + 1, 0, None).sum())
         out += span * int(width[k]) * per_cell + (CALL_CELLS if span > 0 else 0)
     return out
@@ -346,8 +353,6 @@ def lower_cap(
 def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
     """One state's row: every (devices from here, incoming variant, stage count) cell with
     ``r_from <= devices <= r_to`` (``only``: of those, the cells to write; None for all)."""
-    t = p.t
-    work = t.compute_s
     js = tab.succ[k]
     total, limit, scale, counts = tab.total, tab.limit, tab.scale, tab.active
     # the table columns written (stage counts; 0 alone without counts): under lower_cap only
@@ -359,9 +364,7 @@ def _fill(p, tab, k, r_from, r_to, sync_cap, only) -> None:
             return
     o_fac = 1 + (0 if p.pipedream else 1) + p.optimizer_factor
     rs = np.arange(r_from, r_to + 1)
-    # replicas: enough for the stage's compute within the bound, leaving the rest its minimum
-    r_lo = np.maximum(1, np.ceil((work[js] - work[k]) * scale - REL).astype(np.int64))
-    r_hi = np.minimum(p.max_replicas, rs[-1] - tab.lo[js])
+    r_lo, r_hi = _replicas(p, k, js, int(rs[-1]), tab.lo, scale)
     keep = r_lo <= r_hi
     if not keep.any():
         return
